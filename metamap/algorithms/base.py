@@ -1,0 +1,115 @@
+"""The one interface every meta-learner implements: a mapping from a support set to a predictor."""
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metamap.errors import MetamapError
+from metamap.tasks.batch import TaskBatch
+
+Predictor = Callable[[Tensor], Tensor]
+"""Query inputs ``[T, Q, *example_shape]`` -> outputs ``[T, Q, ways]`` (logits) or ``[T, Q, *target_shape]``."""
+
+
+class MetaLearner(nn.Module):
+    """Base class of all meta-learners.
+
+    A subclass says how it adapts, in :meth:`adapt_tasks`; training, sampling, checkpoints
+    and evaluation are shared. ``adapt`` accepts one task (``support_x [S, *example_shape]``)
+    or a batch of tasks (``[T, S, *example_shape]``) and returns a predictor of the same kind.
+
+    ``example_dims`` is the number of dimensions of one example (3 for ``[C, H, W]`` images,
+    1 for feature vectors), which tells a single task from a batch of tasks.
+    """
+
+    name: ClassVar[str] = "meta-learner"
+    family: ClassVar[str] = ""
+    # Adaptation that takes gradient steps needs autograd even at evaluation time.
+    adapts_with_gradients: ClassVar[bool] = False
+
+    def __init__(self, example_dims: int):
+        super().__init__()
+        self.example_dims = example_dims
+
+    # -- the mapping -------------------------------------------------------------------------
+    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        """Batched adaptation: ``support_x [T, S, ...]``, ``support_y [T, S]`` -> predictor."""
+        raise NotImplementedError
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, ways: int | None = None) -> Predictor:
+        """Adapt to one task or a batch of tasks; see the class docstring for shapes."""
+        support_x, support_y = torch.as_tensor(support_x), torch.as_tensor(support_y)
+        self.check_examples(support_x, "support_x")
+        batched = support_x.dim() == self.example_dims + 2
+        if not batched:
+            support_x, support_y = support_x.unsqueeze(0), support_y.unsqueeze(0)
+        if support_y.shape[:2] != support_x.shape[:2]:
+            raise MetamapError(f"adapt: support_y has shape {tuple(support_y.shape)} but support_x has "
+                               f"{support_x.shape[1]} examples per task; give one label per example")
+        classification = not torch.is_floating_point(support_y)
+        if ways is None:
+            ways = int(support_y.max()) + 1 if classification and support_y.numel() else 0
+        if classification:
+            present = torch.zeros(support_y.shape[0], ways, dtype=torch.bool).scatter_(1, support_y.cpu(), True)
+            if support_y.min() < 0 or not bool(present.all()):
+                raise MetamapError(f"adapt: support labels must cover every class 0..{ways - 1} of each task "
+                                   "(at least one example per class)")
+        predictor = self.adapt_tasks(support_x, support_y, ways)
+        if batched:
+            return self._checked(predictor)
+
+        def single(query_x: Tensor) -> Tensor:
+            self.check_examples(query_x, "query_x", single=True)
+            return predictor(query_x.unsqueeze(0)).squeeze(0)
+        return single
+
+    def _checked(self, predictor: Predictor) -> Predictor:
+        def batched(query_x: Tensor) -> Tensor:
+            self.check_examples(query_x, "query_x")
+            return predictor(query_x)
+        return batched
+
+    def check_examples(self, x: Tensor, what: str, single: bool | None = None) -> None:
+        allowed = {True: (self.example_dims + 1,), False: (self.example_dims + 2,),
+                   None: (self.example_dims + 1, self.example_dims + 2)}[single]
+        if x.dim() not in allowed:
+            raise MetamapError(
+                f"{what} has shape {tuple(x.shape)}; expected [examples, *example] (one task) or "
+                f"[tasks, examples, *example] (a batch) with a {self.example_dims}-dimensional example")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise MetamapError(f"{what} contains NaN or infinite values; clean the inputs first")
+
+    # -- what meta-training minimises ----------------------------------------------------------
+    def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        """Mean query loss over the tasks after adapting to their support sets, plus metrics."""
+        predictor = self.adapt_tasks(tasks.support_x, tasks.support_y, tasks.ways)
+        outputs = predictor(tasks.query_x)
+        return self.query_loss(outputs, tasks.query_y), self.task_metrics(outputs.detach(), tasks.query_y)
+
+    @staticmethod
+    def query_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy for class labels, mean squared error for real-valued targets."""
+        if torch.is_floating_point(targets):
+            return F.mse_loss(outputs.reshape(targets.shape), targets)
+        return F.cross_entropy(outputs.flatten(0, 1), targets.flatten())
+
+    @staticmethod
+    def per_task_score(outputs: Tensor, targets: Tensor) -> Tensor:
+        """``[T]``: accuracy per task (classification) or mean squared error per task (regression)."""
+        if torch.is_floating_point(targets):
+            return ((outputs.reshape(targets.shape) - targets) ** 2).flatten(1).mean(1)
+        return (outputs.argmax(-1) == targets).float().mean(1)
+
+    @classmethod
+    def task_metrics(cls, outputs: Tensor, targets: Tensor) -> dict[str, float]:
+        name = "mse" if torch.is_floating_point(targets) else "accuracy"
+        return {name: float(cls.per_task_score(outputs, targets).mean())}
+
+
+def embed_tasks(encoder: nn.Module, x: Tensor) -> Tensor:
+    """Run ``encoder`` over ``x [T, S, *example]`` as one batch -> ``[T, S, features]``."""
+    t, s = x.shape[:2]
+    return encoder(x.flatten(0, 1)).reshape(t, s, -1)

@@ -1,0 +1,179 @@
+"""Experiment configuration: defaults, TOML files, and ``key=value`` overrides.
+
+A config is a nested dict. Precedence, lowest first: built-in defaults, the config file,
+the learner's own defaults for keys the file leaves unset, then command-line overrides
+(``--set section.key=value`` and the named flags, each of which is an override of one key).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from metamap.errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "data": {
+        "name": "omniglot",       # omniglot | (others registered by their modules)
+        "split": "lake",          # omniglot: lake | vinyals
+        "image_size": 28,
+        "rotations": True,        # rotations by 90/180/270 degrees as extra training classes
+        "root": "",               # where archives live; "" = $METAMAP_DATA, else the per-user cache
+        "download": True,         # fetch missing archives from the official repository
+    },
+    "model": {"backbone": "conv4", "hidden": 64, "layers": 4},
+    "learner": {"name": "protonet"},
+    "episode": {"ways": 20, "shots": 1, "queries": 15, "tasks_per_batch": 1},
+    "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 0.0},
+    "schedule": {"name": "step", "step_size": 1500, "gamma": 0.5, "warmup": 0, "min_lr": 0.0},
+    "train": {
+        "steps": 3000,
+        "log_every": 20,
+        "val_every": 500,          # 0 = no validation; the last checkpoint is then also the best
+        "val_episodes": 300,
+        "val_seed": 7,
+        "checkpoint_every": 500,
+        "device": "cpu",
+        "threads": 0,              # 0 = torch's default (one per core)
+        "channels_last": True,     # faster convolutions on CPU
+        "tune_allocator": True,    # keep freed memory in-process (glibc mallopt); faster on CPU
+        "max_bad_steps": 10,       # non-finite losses/gradients tolerated before the run stops
+    },
+    "eval": {
+        "ways": [5, 20],           # every combination of ways x shots is evaluated
+        "shots": [1],
+        "queries": 15,
+        "episodes": 1000,
+        "seed": 2024,
+        "tasks_per_batch": 0,      # 0 = choose from the episode size
+    },
+}
+
+# Sections whose keys belong to a plug-in (a learner, a backbone): checked by the plug-in itself.
+OPEN_SECTIONS = ("learner", "model", "data")
+
+
+def deep_merge(base: dict, update: dict, path: str = "", strict: bool = True) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        where = f"{path}{key}"
+        if strict and key not in base and not any(where.startswith(s + ".") for s in OPEN_SECTIONS):
+            raise ConfigError(f"unknown config key {where!r}; known keys here: "
+                              f"{', '.join(sorted(base)) or '(none)'}")
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = deep_merge(base[key], value, where + ".", strict)
+        elif isinstance(base.get(key), dict) and not isinstance(value, dict):
+            raise ConfigError(f"config key {where!r} is a section; set one of its keys, e.g. {where}.name=...")
+        else:
+            out[key] = value
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """A TOML value (``3``, ``1e-3``, ``true``, ``[5, 20]``, ``"x"``), else the text as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    nested: dict = {parts[-1]: parse_value(text.strip())}
+    for p in reversed(parts[:-1]):
+        nested = {p: nested}
+    return nested
+
+
+def load_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}")
+
+
+def resolve(file: str | Path | None = None, overrides: list[str] | tuple = (),
+            base: dict | None = None) -> dict:
+    """Defaults <- ``base`` (e.g. a checkpoint's config) <- file <- learner defaults <- overrides."""
+    config = deep_merge(DEFAULTS, base or {})
+    if file:
+        config = deep_merge(config, load_file(file))
+    override_dicts = [parse_override(o) for o in overrides]
+    for o in override_dicts:
+        config = deep_merge(config, o)
+    from metamap.registry import learner_defaults  # late: the registry imports the learners
+    lower = learner_defaults(config["learner"]["name"])
+    if lower:
+        # A learner's defaults (say MAML's meta-batch of 32) sit below the file and the overrides
+        # but above the global defaults.
+        user = deep_merge({}, base or {}, strict=False)
+        if file:
+            user = deep_merge(user, load_file(file), strict=False)
+        for o in override_dicts:
+            user = deep_merge(user, o, strict=False)
+        config = deep_merge(deep_merge(DEFAULTS, lower), user)
+    validate(config)
+    return config
+
+
+def validate(config: dict) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+    t, e = config["train"], config["eval"]
+    need(isinstance(config["seed"], int), f"seed must be an integer, not {config['seed']!r}")
+    need(isinstance(t["steps"], int) and t["steps"] >= 0, f"train.steps must be >= 0, not {t['steps']!r}")
+    for k in ("ways", "shots", "queries", "tasks_per_batch"):
+        v = config["episode"][k]
+        need(isinstance(v, int) and v >= 1, f"episode.{k} must be a whole number >= 1, not {v!r}")
+    for k in ("ways", "shots"):
+        v = e[k] if isinstance(e[k], list) else [e[k]]
+        need(all(isinstance(x, int) and x >= 1 for x in v), f"eval.{k} must be whole numbers >= 1, not {e[k]!r}")
+    need(isinstance(e["episodes"], int) and e["episodes"] >= 1, f"eval.episodes must be >= 1, not {e['episodes']!r}")
+    lr = config["optim"]["lr"]
+    need(isinstance(lr, (int, float)) and lr > 0, f"optim.lr must be a positive number, not {lr!r}")
+    need(t["device"] in ("cpu", "cuda", "auto") or str(t["device"]).startswith("cuda:"),
+         f"train.device must be cpu, cuda or auto, not {t['device']!r}")
+
+
+def dumps(config: dict) -> str:
+    """The config as TOML text (for printing and for `config.toml` beside checkpoints)."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise ConfigError(f"cannot write {v!r} to TOML")
+
+    for k, v in config.items():
+        if not isinstance(v, dict):
+            lines.append(f"{k} = {value(v)}")
+    for k, v in config.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,51 @@
+"""Data sources: turn the ``[data]`` section of a config into task samplers.
+
+A source answers two questions: what does one example look like (:class:`DataInfo`), and
+which tasks make up a split (``train``, ``val``, ``test``). Episode-based sources share
+:class:`EpisodeSampler`; task families such as sinusoid regression bring their own sampler.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from metamap.data.dataset import ClassDataset
+from metamap.registry import DataInfo, options, register_data
+from metamap.tasks.sampler import EpisodeSampler, TaskSampler
+
+SPLITS = ("train", "val", "test")
+
+
+class ClassDataSource:
+    """Base for sources made of labelled classes: subclasses implement :meth:`datasets`."""
+
+    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
+        raise NotImplementedError
+
+    def info(self, config: dict) -> DataInfo:
+        train = self.datasets(config["data"])["train"]
+        return DataInfo(example_shape=train.example_shape, num_train_classes=train.num_classes,
+                        spec=train.spec, description=train.description)
+
+    def dataset(self, config: dict, split: str) -> ClassDataset:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        return self.datasets(config["data"])[split]
+
+    def sampler(self, config: dict, split: str, ways: int, shots: int, queries: int,
+                tasks_per_batch: int, seed: int) -> TaskSampler:
+        return EpisodeSampler(self.dataset(config, split), ways, shots, queries, tasks_per_batch, seed)
+
+
+@register_data("omniglot")
+class OmniglotSource(ClassDataSource):
+    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
+        o = options(data_cfg, {"split": "lake", "image_size": 28, "rotations": True, "root": "",
+                               "download": True}, "data")
+        return _omniglot(o["split"], o["image_size"], o["rotations"], o["root"], o["download"])
+
+
+@lru_cache(maxsize=4)
+def _omniglot(split: str, image_size: int, rotations: bool, root: str, download: bool):
+    from metamap.data.omniglot import load_omniglot
+    return load_omniglot(split=split, image_size=image_size, rotations=rotations, root=root or None,
+                         download=download)

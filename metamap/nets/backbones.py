@@ -1,0 +1,64 @@
+"""Backbones: plain ``nn.Module``s that also work through ``torch.func.functional_call``.
+
+Each takes a flat batch ``[B, *example_shape]`` and returns features ``[B, out_features]``
+(or outputs, for an MLP with an output layer). ``example_dims`` tells learners how many
+dimensions one example has.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def conv_block(in_channels: int, out_channels: int, norm: bool = True, pool: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1)]
+    if norm:
+        layers.append(nn.BatchNorm2d(out_channels))
+    layers.append(nn.ReLU())
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class Conv4(nn.Module):
+    """``layers`` x [conv 3x3 (``hidden`` channels), BatchNorm, ReLU, max-pool 2], flattened.
+
+    On 28x28 Omniglot images the output is ``hidden`` features (28 -> 14 -> 7 -> 3 -> 1);
+    on 84x84 images, ``hidden * 5 * 5``.
+    """
+
+    example_dims = 3
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, layers: int = 4, image_size: int = 28,
+                 norm: bool = True):
+        super().__init__()
+        self.features = nn.Sequential(*(conv_block(in_channels if i == 0 else hidden, hidden, norm)
+                                        for i in range(layers)))
+        side = image_size
+        for _ in range(layers):
+            side //= 2
+        if side < 1:
+            raise ValueError(f"Conv4: {layers} pooling layers shrink a {image_size}x{image_size} image to nothing")
+        self.out_features = hidden * side * side
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x).flatten(1)
+
+
+class MLP(nn.Module):
+    """Fully connected layers with ReLU between them, e.g. ``MLP(1, (40, 40), 1)`` for regression."""
+
+    example_dims = 1
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...] = (40, 40), out_features: int | None = None):
+        super().__init__()
+        sizes = [in_features, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        if out_features is not None:
+            layers.append(nn.Linear(sizes[-1], out_features))
+        self.net = nn.Sequential(*layers)
+        self.out_features = out_features if out_features is not None else sizes[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))

@@ -1,0 +1,114 @@
+"""Name -> builder tables for learners, backbones and data sources.
+
+A learner module registers itself with ``@register_learner("name", defaults={...})``; its
+builder gets the resolved config and a :class:`DataInfo` and returns a ``MetaLearner``.
+Every module in ``metamap.algorithms`` and ``metamap.data.sources`` is imported on first use,
+so a new algorithm is one new file.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from metamap.errors import ConfigError
+
+
+@dataclass
+class DataInfo:
+    """What a learner needs to know about the data to build itself."""
+
+    example_shape: tuple[int, ...]
+    problem: str = "classification"          # or "regression"
+    num_train_classes: int = 0               # for learners that pre-train a classifier
+    output_dim: int = 1                      # regression targets per example
+    spec: Any = None                         # ImageSpec of image data
+    description: str = ""
+
+
+@dataclass
+class LearnerEntry:
+    builder: Callable[[dict, DataInfo], nn.Module]
+    defaults: dict = field(default_factory=dict)
+    family: str = ""
+    summary: str = ""
+
+
+_LEARNERS: dict[str, LearnerEntry] = {}
+_BACKBONES: dict[str, Callable[[dict, DataInfo], nn.Module]] = {}
+_DATA: dict[str, Any] = {}
+_loaded = False
+
+
+def register_learner(name: str, defaults: dict | None = None, family: str = "", summary: str = ""):
+    def deco(builder):
+        _LEARNERS[name] = LearnerEntry(builder, defaults or {}, family, summary)
+        return builder
+    return deco
+
+
+def register_backbone(name: str):
+    def deco(builder):
+        _BACKBONES[name] = builder
+        return builder
+    return deco
+
+
+def register_data(name: str):
+    def deco(source):
+        _DATA[name] = source
+        return source
+    return deco
+
+
+def _load_plugins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import metamap.algorithms as algorithms
+    import metamap.data.sources as sources  # noqa: F401  (registers the built-in data sources)
+    import metamap.nets as nets
+    for pkg in (algorithms, nets):
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+
+
+def learners() -> dict[str, LearnerEntry]:
+    _load_plugins()
+    return dict(_LEARNERS)
+
+
+def _lookup(table: dict, name: str, what: str, key: str):
+    _load_plugins()
+    if name not in table:
+        raise ConfigError(f"unknown {what} {name!r} ({key}); choose one of: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def learner_defaults(name: str) -> dict:
+    return _lookup(_LEARNERS, name, "learner", "learner.name").defaults
+
+
+def data_source(config: dict):
+    return _lookup(_DATA, config["data"]["name"], "data set", "data.name")
+
+
+def build_backbone(config: dict, info: DataInfo) -> nn.Module:
+    return _lookup(_BACKBONES, config["model"]["backbone"], "backbone", "model.backbone")(config["model"], info)
+
+
+def build_learner(config: dict, info: DataInfo) -> nn.Module:
+    return _lookup(_LEARNERS, config["learner"]["name"], "learner", "learner.name").builder(config, info)
+
+
+def options(section: dict, allowed: dict[str, Any], where: str) -> dict:
+    """``section``'s values for the keys in ``allowed`` (default values), refusing unknown keys."""
+    unknown = set(section) - set(allowed) - {"name", "backbone"}
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} in [{where}]; "
+                          f"known: {', '.join(sorted(allowed))}")
+    return {k: section.get(k, v) for k, v in allowed.items()}

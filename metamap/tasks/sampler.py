@@ -1,0 +1,103 @@
+"""N-way K-shot Q-query episodes over any :class:`ClassDataset`.
+
+Every episode is a pure function of ``(seed, batch index, task position)``: no global RNG,
+no hidden state. So the same seed always gives the same episodes, resuming a run needs only
+the step counter, and several ranks can each draw their own share of a meta-batch and still
+see exactly the tasks a single process would.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from metamap.data.dataset import ClassDataset
+from metamap.errors import EpisodeError
+from metamap.tasks.batch import TaskBatch
+
+
+class TaskSampler(Protocol):
+    """Anything that yields meta-batches of tasks by index (episodes, regression tasks...)."""
+
+    tasks_per_batch: int
+
+    def batch(self, index: int, rank: int = 0, world_size: int = 1) -> TaskBatch: ...
+
+    def describe(self) -> str: ...
+
+
+def shard(n: int, rank: int, world_size: int) -> range:
+    """The positions ``0..n-1`` that ``rank`` of ``world_size`` owns (contiguous, near-equal)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+
+def check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise EpisodeError(f"{name} must be a whole number >= 1, not {v!r}")
+
+
+class EpisodeSampler:
+    """Draws ``tasks_per_batch`` N-way K-shot Q-query classification tasks per batch.
+
+    Support examples come class by class (labels ``[0]*K + [1]*K + ...``), as do queries;
+    which dataset class becomes label ``j`` is random per task.
+    """
+
+    def __init__(self, dataset: ClassDataset, ways: int, shots: int, queries: int,
+                 tasks_per_batch: int = 1, seed: int = 0):
+        check_positive(ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch)
+        if ways < 2:
+            raise EpisodeError(f"ways must be at least 2 for a classification task, not {ways}")
+        if ways > dataset.num_classes:
+            raise EpisodeError(
+                f"cannot draw {ways}-way tasks: {dataset.description or 'the data set'} has only "
+                f"{dataset.num_classes} classes; ask for at most {dataset.num_classes} ways")
+        counts = dataset.class_counts()
+        need = shots + queries
+        small = np.flatnonzero(counts < need)
+        if len(small):
+            names = ", ".join(f"{dataset.class_names[c]} ({counts[c]})" for c in small[:5])
+            more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+            raise EpisodeError(
+                f"{shots}-shot {queries}-query tasks need {need} examples per class, but "
+                f"{len(small)} of {dataset.num_classes} classes have fewer: {names}{more}; "
+                f"lower shots + queries to at most {int(counts.min())} or remove those classes")
+        self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
+        self.tasks_per_batch, self.seed = tasks_per_batch, int(seed)
+
+    def describe(self) -> str:
+        return f"{self.ways}-way {self.shots}-shot, {self.queries} queries/class"
+
+    def task_indices(self, index: int, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dataset positions ``[ways, shots+queries]`` and chosen classes ``[ways]`` of one task."""
+        rng = np.random.default_rng([self.seed, index, position])
+        classes = rng.choice(self.dataset.num_classes, self.ways, replace=False)
+        picks = np.stack([
+            self.dataset.indices_of(c)[rng.choice(len(self.dataset.indices_of(c)), self.shots + self.queries,
+                                                  replace=False)]
+            for c in classes])
+        return picks, classes
+
+    def batch(self, index: int, rank: int = 0, world_size: int = 1) -> TaskBatch:
+        """Meta-batch ``index``; with ``world_size > 1``, only this rank's share of its tasks."""
+        positions = shard(self.tasks_per_batch, rank, world_size)
+        picks, classes = zip(*(self.task_indices(index, p) for p in positions)) if len(positions) else ((), ())
+        picks = torch.from_numpy(np.stack(picks)) if picks else torch.zeros(0, self.ways, self.shots + self.queries,
+                                                                             dtype=torch.long)
+        k = self.shots
+        support_idx = picks[:, :, :k].flatten(1)             # [T, ways*shots], class-major
+        query_idx = picks[:, :, k:].flatten(1)               # [T, ways*queries]
+        labels = torch.arange(self.ways)
+        t = picks.shape[0]
+        return TaskBatch(
+            support_x=self.dataset.inputs(support_idx),
+            support_y=labels.repeat_interleave(k).expand(t, -1).clone(),
+            query_x=self.dataset.inputs(query_idx),
+            query_y=labels.repeat_interleave(self.queries).expand(t, -1).clone(),
+            ways=self.ways,
+            classes=torch.from_numpy(np.stack(classes)) if classes else None,
+        )

@@ -21,15 +21,10 @@ from metamap.errors import ConfigError
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    "data": {
-        "name": "omniglot",       # omniglot | (others registered by their modules)
-        "split": "lake",          # omniglot: lake | vinyals
-        "image_size": 28,
-        "rotations": True,        # rotations by 90/180/270 degrees as extra training classes
-        "root": "",               # where archives live; "" = $METAMAP_DATA, else the per-user cache
-        "download": True,         # fetch missing archives from the official repository
-    },
-    "model": {"backbone": "conv4", "hidden": 64, "layers": 4},
+    # The keys of [data], [model] and [learner] beyond the name come from the chosen data
+    # source, backbone and learner (their registered defaults), e.g. data.split for Omniglot.
+    "data": {"name": "omniglot"},
+    "model": {"backbone": "conv4"},
     "learner": {"name": "protonet"},
     "episode": {"ways": 20, "shots": 1, "queries": 15, "tasks_per_batch": 1},
     "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 0.0},
@@ -112,24 +107,20 @@ def load_file(path: str | Path) -> dict:
 
 def resolve(file: str | Path | None = None, overrides: list[str] | tuple = (),
             base: dict | None = None) -> dict:
-    """Defaults <- ``base`` (e.g. a checkpoint's config) <- file <- learner defaults <- overrides."""
-    config = deep_merge(DEFAULTS, base or {})
-    if file:
-        config = deep_merge(config, load_file(file))
-    override_dicts = [parse_override(o) for o in overrides]
-    for o in override_dicts:
-        config = deep_merge(config, o)
-    from metamap.registry import learner_defaults  # late: the registry imports the learners
-    lower = learner_defaults(config["learner"]["name"])
-    if lower:
-        # A learner's defaults (say MAML's meta-batch of 32) sit below the file and the overrides
-        # but above the global defaults.
-        user = deep_merge({}, base or {}, strict=False)
-        if file:
-            user = deep_merge(user, load_file(file), strict=False)
-        for o in override_dicts:
-            user = deep_merge(user, o, strict=False)
-        config = deep_merge(deep_merge(DEFAULTS, lower), user)
+    """Defaults <- plug-in defaults <- ``base`` (e.g. a checkpoint's config) <- file <- overrides.
+
+    Plug-in defaults are those of the chosen data source, backbone and learner: MAML, say,
+    brings a meta-batch of 32 tasks, which the file and the overrides can still change.
+    """
+    from metamap.registry import plugin_defaults  # late: the registry imports the plug-ins
+    user: dict = {}
+    for layer in [base or {}, load_file(file) if file else {}, *(parse_override(o) for o in overrides)]:
+        user = deep_merge(user, layer, strict=False)
+    config = deep_merge(DEFAULTS, user)           # strict: catches unknown sections and keys early
+    for kind, key in (("data", "name"), ("model", "backbone"), ("learner", "name")):
+        plugin = plugin_defaults(kind, config[kind][key])
+        config = deep_merge(config, plugin, strict=False)
+    config = deep_merge(config, user)
     validate(config)
     return config
 

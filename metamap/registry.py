@@ -40,28 +40,47 @@ class LearnerEntry:
 _LEARNERS: dict[str, LearnerEntry] = {}
 _BACKBONES: dict[str, Callable[[dict, DataInfo], nn.Module]] = {}
 _DATA: dict[str, Any] = {}
+# Defaults that a plug-in brings into the config (nested like the config itself).
+_DEFAULTS: dict[tuple[str, str], dict] = {}
 _loaded = False
 
 
 def register_learner(name: str, defaults: dict | None = None, family: str = "", summary: str = ""):
+    """``defaults`` is nested like a config and may touch any section, e.g.
+    ``{"learner": {"inner_steps": 5}, "episode": {"ways": 5, "tasks_per_batch": 32}}``;
+    it sits above the global defaults and below the user's file and overrides."""
     def deco(builder):
         _LEARNERS[name] = LearnerEntry(builder, defaults or {}, family, summary)
         return builder
     return deco
 
 
-def register_backbone(name: str):
+def register_backbone(name: str, defaults: dict | None = None):
+    """``defaults``: the backbone's keys of the ``[model]`` section."""
     def deco(builder):
         _BACKBONES[name] = builder
+        _DEFAULTS[("model", name)] = {"model": dict(defaults or {})}
         return builder
     return deco
 
 
-def register_data(name: str):
+def register_data(name: str, defaults: dict | None = None):
+    """``defaults``: the source's keys of the ``[data]`` section."""
     def deco(source):
         _DATA[name] = source
+        _DEFAULTS[("data", name)] = {"data": dict(defaults or {})}
         return source
     return deco
+
+
+def plugin_defaults(kind: str, name: str) -> dict:
+    """Config defaults that learner / data source / backbone ``name`` brings (``kind`` = learner|data|model)."""
+    _load_plugins()
+    if kind == "learner":
+        return learner_defaults(name)
+    table = {"data": (_DATA, "data set", "data.name"), "model": (_BACKBONES, "backbone", "model.backbone")}[kind]
+    _lookup(*table[:1], name, *table[1:])
+    return _DEFAULTS[(kind, name)]
 
 
 def _load_plugins() -> None:
@@ -70,9 +89,10 @@ def _load_plugins() -> None:
         return
     _loaded = True
     import metamap.algorithms as algorithms
-    import metamap.data.sources as sources  # noqa: F401  (registers the built-in data sources)
+    import metamap.data as data
     import metamap.nets as nets
-    for pkg in (algorithms, nets):
+    import metamap.tasks as tasks
+    for pkg in (algorithms, nets, data, tasks):
         for mod in pkgutil.iter_modules(pkg.__path__):
             importlib.import_module(f"{pkg.__name__}.{mod.name}")
 
@@ -90,11 +110,12 @@ def _lookup(table: dict, name: str, what: str, key: str):
 
 
 def learner_defaults(name: str) -> dict:
+    """A learner's defaults for any section (e.g. ``{"episode": {"tasks_per_batch": 32}}``)."""
     return _lookup(_LEARNERS, name, "learner", "learner.name").defaults
 
 
 def data_source(config: dict):
-    return _lookup(_DATA, config["data"]["name"], "data set", "data.name")
+    return _lookup(_DATA, config["data"]["name"], "data set", "data.name")()
 
 
 def build_backbone(config: dict, info: DataInfo) -> nn.Module:

@@ -36,11 +36,19 @@ class ClassDataSource:
         return EpisodeSampler(self.dataset(config, split), ways, shots, queries, tasks_per_batch, seed)
 
 
-@register_data("omniglot")
+OMNIGLOT_OPTIONS = {
+    "split": "lake",          # lake | vinyals
+    "image_size": 28,
+    "rotations": True,        # rotations by 90/180/270 degrees as extra training classes
+    "root": "",               # folder of the archives; "" = $METAMAP_DATA, else the per-user cache
+    "download": True,         # fetch missing archives from the official repository
+}
+
+
+@register_data("omniglot", defaults=OMNIGLOT_OPTIONS)
 class OmniglotSource(ClassDataSource):
     def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
-        o = options(data_cfg, {"split": "lake", "image_size": 28, "rotations": True, "root": "",
-                               "download": True}, "data")
+        o = options(data_cfg, OMNIGLOT_OPTIONS, "data")
         return _omniglot(o["split"], o["image_size"], o["rotations"], o["root"], o["download"])
 
 

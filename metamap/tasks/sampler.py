@@ -24,6 +24,8 @@ class TaskSampler(Protocol):
 
     def batch(self, index: int, rank: int = 0, world_size: int = 1) -> TaskBatch: ...
 
+    def episodes(self, ids) -> TaskBatch: ...
+
     def describe(self) -> str: ...
 
 
@@ -84,20 +86,25 @@ class EpisodeSampler:
 
     def batch(self, index: int, rank: int = 0, world_size: int = 1) -> TaskBatch:
         """Meta-batch ``index``; with ``world_size > 1``, only this rank's share of its tasks."""
-        positions = shard(self.tasks_per_batch, rank, world_size)
-        picks, classes = zip(*(self.task_indices(index, p) for p in positions)) if len(positions) else ((), ())
-        picks = torch.from_numpy(np.stack(picks)) if picks else torch.zeros(0, self.ways, self.shots + self.queries,
-                                                                             dtype=torch.long)
-        k = self.shots
-        support_idx = picks[:, :, :k].flatten(1)             # [T, ways*shots], class-major
-        query_idx = picks[:, :, k:].flatten(1)               # [T, ways*queries]
+        return self.tasks([(index, p) for p in shard(self.tasks_per_batch, rank, world_size)])
+
+    def episodes(self, ids) -> TaskBatch:
+        """Fixed evaluation episodes: episode ``e`` is task 0 of batch ``e``, whatever the chunking."""
+        return self.tasks([(int(e), 0) for e in ids])
+
+    def tasks(self, keys: list[tuple[int, int]]) -> TaskBatch:
+        """The tasks at ``(batch index, position)`` keys, stacked along the task dimension."""
+        if not keys:
+            raise EpisodeError("no tasks requested (is the meta-batch smaller than the number of ranks?)")
+        picks, classes = zip(*(self.task_indices(i, p) for i, p in keys))
+        picks = torch.from_numpy(np.stack(picks))             # [T, ways, shots+queries]
+        k, t = self.shots, len(keys)
         labels = torch.arange(self.ways)
-        t = picks.shape[0]
         return TaskBatch(
-            support_x=self.dataset.inputs(support_idx),
+            support_x=self.dataset.inputs(picks[:, :, :k].flatten(1)),   # class-major order
             support_y=labels.repeat_interleave(k).expand(t, -1).clone(),
-            query_x=self.dataset.inputs(query_idx),
+            query_x=self.dataset.inputs(picks[:, :, k:].flatten(1)),
             query_y=labels.repeat_interleave(self.queries).expand(t, -1).clone(),
             ways=self.ways,
-            classes=torch.from_numpy(np.stack(classes)) if classes else None,
+            classes=torch.from_numpy(np.stack(classes)),
         )

@@ -1,0 +1,5 @@
+import sys
+
+from metamap.cli import main
+
+sys.exit(main())

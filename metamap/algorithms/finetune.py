@@ -1,0 +1,143 @@
+"""The fine-tuning baseline (the transfer-learning recipe; "Baseline" and "Baseline++" of
+Chen, Liu, Kira, Wang & Huang, 2019).
+
+Meta-training is ordinary classification: the backbone and a classifier over *all* training
+classes learn from the episodes' examples with their global class ids. To adapt to a new task,
+a fresh head is fitted on the support set's features (a linear layer, or Baseline++'s cosine
+classifier), optionally fine-tuning a copy of the backbone with it.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metamap.algorithms.base import MetaLearner, Predictor, embed_tasks
+from metamap.errors import ConfigError, MetamapError
+from metamap.registry import DataInfo, build_backbone, options, register_learner
+from metamap.tasks.batch import TaskBatch
+
+HEADS = ("linear", "cosine")
+
+
+class CosineClassifier(nn.Module):
+    """Baseline++'s head: ``scale * cos(feature, class weight)``, ``[B, D]`` -> ``[B, classes]``."""
+
+    def __init__(self, features: int, classes: int, scale: float = 10.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(classes, features) * features ** -0.5)
+        self.scale = scale
+
+    def forward(self, z: Tensor) -> Tensor:
+        return cosine_logits(z, self.weight, self.scale)
+
+
+def cosine_logits(z: Tensor, weight: Tensor, scale: float) -> Tensor:
+    """``z [..., B, D]``, ``weight [..., N, D]`` -> ``scale * cosine`` ``[..., B, N]``."""
+    return scale * F.normalize(z, dim=-1) @ F.normalize(weight, dim=-1).transpose(-1, -2)
+
+
+class TaskHead:
+    """One new head per task, fitted on that task's support features.
+
+    ``linear``: ``z W^T + b`` from zeros (the problem is convex, so the start hardly matters and
+    zeros need no RNG); ``cosine``: Baseline++, started from the normalised class means.
+    """
+
+    def __init__(self, kind: str, support_z: Tensor, support_y: Tensor, ways: int, scale: float):
+        t, _, d = support_z.shape
+        self.kind, self.scale = kind, scale
+        if kind == "linear":
+            self.params = [support_z.new_zeros(t, ways, d), support_z.new_zeros(t, ways)]
+        else:
+            onehot = F.one_hot(support_y, ways).to(support_z.dtype).transpose(1, 2)        # [T, ways, S]
+            self.params = [onehot @ F.normalize(support_z.detach(), dim=-1)]
+        self.params = [p.requires_grad_() for p in self.params]
+
+    def __call__(self, z: Tensor) -> Tensor:
+        """``z [T, Q, D]`` -> logits ``[T, Q, ways]``."""
+        if self.kind == "linear":
+            weight, bias = self.params
+            return z @ weight.transpose(1, 2) + bias.unsqueeze(1)
+        return cosine_logits(z, self.params[0], self.scale)
+
+
+class FineTuneBaseline(MetaLearner):
+    name = "finetune"
+    family = "baseline"
+    adapts_with_gradients = True
+
+    def __init__(self, encoder: nn.Module, example_dims: int, features: int, num_classes: int,
+                 head: str = "linear", scale: float = 10.0, steps: int = 100, lr: float = 0.01,
+                 finetune_backbone: bool = False, backbone_lr: float = 0.001):
+        super().__init__(example_dims)
+        if head not in HEADS:
+            raise ConfigError(f"learner.head must be one of {', '.join(HEADS)}, not {head!r}")
+        if num_classes < 2:
+            raise ConfigError("the fine-tuning baseline pre-trains a classifier and needs at least 2 training classes")
+        self.encoder, self.head, self.scale = encoder, head, scale
+        self.steps, self.lr, self.finetune_backbone, self.backbone_lr = steps, lr, finetune_backbone, backbone_lr
+        self.classifier = nn.Linear(features, num_classes) if head == "linear" else \
+            CosineClassifier(features, num_classes, scale)
+
+    # -- pre-training: an ordinary classifier over all training classes -----------------------------
+    def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        if tasks.classes is None:
+            raise MetamapError("the fine-tuning baseline needs the episodes' global class ids (TaskBatch.classes)")
+        x = torch.cat([tasks.support_x, tasks.query_x], 1)
+        y = tasks.classes.gather(1, torch.cat([tasks.support_y, tasks.query_y], 1))          # global labels
+        logits = self.classifier(embed_tasks(self.encoder, x))                               # [T, E, classes]
+        return self.query_loss(logits, y), self.task_metrics(logits.detach(), y)
+
+    # -- adaptation: a new head on the support set ----------------------------------------------
+    def fit(self, encoder: nn.Module, support_x: Tensor, support_y: Tensor, ways: int) -> TaskHead:
+        """Fit a head (and, with ``finetune_backbone``, ``encoder``) by ``steps`` full-batch SGD steps."""
+        tune = [p for p in encoder.parameters() if p.requires_grad] if self.finetune_backbone else []
+        with torch.set_grad_enabled(bool(tune)):
+            z = embed_tasks(encoder, support_x)
+        head = TaskHead(self.head, z.detach(), support_y, ways, self.scale)
+        params, rates = head.params + tune, [self.lr] * len(head.params) + [self.backbone_lr] * len(tune)
+        velocity = [torch.zeros_like(p) for p in params]
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                features = embed_tasks(encoder, support_x) if tune else z.detach()
+                # Per-task means summed over tasks, so each task's head gets exactly its own gradient.
+                loss = F.cross_entropy(head(features).transpose(1, 2), support_y, reduction="none").mean(1).sum()
+                grads = torch.autograd.grad(loss, params)
+                with torch.no_grad():
+                    # Chen et al.'s recipe: SGD with momentum 0.9 and weight decay 1e-3.
+                    for p, v, g, lr in zip(params, velocity, grads, rates):
+                        p.sub_(lr * v.mul_(0.9).add_(g + 1e-3 * p))
+        head.params = [p.detach() for p in head.params]
+        return head
+
+    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        if not self.finetune_backbone:
+            head = self.fit(self.encoder, support_x, support_y, ways)
+            return lambda query_x: head(embed_tasks(self.encoder, query_x))
+        # Each task fine-tunes its own copy of the backbone.
+        tuned = [self.tuned_copy(support_x[i:i + 1], support_y[i:i + 1], ways) for i in range(support_x.shape[0])]
+
+        def predict(query_x: Tensor) -> Tensor:
+            return torch.cat([head(embed_tasks(enc, query_x[i:i + 1])) for i, (enc, head) in enumerate(tuned)])
+        return predict
+
+    def tuned_copy(self, support_x: Tensor, support_y: Tensor, ways: int) -> tuple[nn.Module, TaskHead]:
+        encoder = copy.deepcopy(self.encoder).requires_grad_(True)
+        head = self.fit(encoder, support_x, support_y, ways)
+        return encoder.requires_grad_(False), head
+
+
+@register_learner("finetune", family="baseline",
+                  summary="Fine-tuning baseline: pre-trained classifier, new linear or cosine (Baseline++) head")
+def _build(config: dict, info: DataInfo) -> FineTuneBaseline:
+    o = options(config["learner"], {"head": "linear", "scale": 10.0, "steps": 100, "lr": 0.01,
+                                    "finetune_backbone": False, "backbone_lr": 0.001}, "learner")
+    if info.problem != "classification":
+        raise ConfigError("the fine-tuning baseline is for classification data")
+    encoder = build_backbone(config, info)
+    return FineTuneBaseline(encoder, len(info.example_shape), encoder.out_features, info.num_train_classes,
+                            o["head"], float(o["scale"]), int(o["steps"]), float(o["lr"]),
+                            bool(o["finetune_backbone"]), float(o["backbone_lr"]))

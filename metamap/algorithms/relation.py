@@ -1,0 +1,95 @@
+"""Relation Networks (Sung, Yang, Zhang, Xiang, Torr & Hospedales, 2018).
+
+Instead of a fixed distance, a learned relation module scores each (class, query) pair: the
+class's summed support feature maps are concatenated with the query's along the channels and
+mapped to a relation score in [0, 1]. Training regresses the scores onto the one-hot match
+with a mean squared error, as in the paper.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metamap.algorithms.base import MetaLearner, Predictor
+from metamap.errors import ConfigError
+from metamap.nets.backbones import conv_block
+from metamap.registry import DataInfo, options, register_learner
+from metamap.tasks.batch import TaskBatch
+
+
+def relation_encoder(in_channels: int, hidden: int = 64, norm: bool = True) -> nn.Sequential:
+    """The paper's embedding module: four conv blocks, pooling only in the first two.
+
+    It keeps feature maps (``[B, hidden, H/4, W/4]``) for the relation module to compare.
+    """
+    return nn.Sequential(conv_block(in_channels, hidden, norm), conv_block(hidden, hidden, norm),
+                         conv_block(hidden, hidden, norm, pool=False), conv_block(hidden, hidden, norm, pool=False))
+
+
+class RelationModule(nn.Module):
+    """Two conv blocks and two fully connected layers: ``[B, 2C, H, W]`` -> scores ``[B]`` in [0, 1]."""
+
+    def __init__(self, channels: int, side: int, hidden: int = 8):
+        super().__init__()
+        self.convs = nn.Sequential(conv_block(2 * channels, channels), conv_block(channels, channels))
+        flat = channels * (side // 4) ** 2
+        if flat == 0:
+            raise ConfigError(f"relation module: {side}x{side} feature maps are too small for two poolings")
+        self.fc = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
+
+    def forward(self, pairs: Tensor) -> Tensor:
+        return self.fc(self.convs(pairs).flatten(1)).squeeze(-1)
+
+
+def embed_maps(encoder: nn.Module, x: Tensor) -> Tensor:
+    """``x [T, S, *example]`` -> feature maps ``[T, S, *map_shape]``."""
+    z = encoder(x.flatten(0, 1))
+    return z.reshape(*x.shape[:2], *z.shape[1:])
+
+
+def class_sums(maps: Tensor, labels: Tensor, ways: int) -> Tensor:
+    """``maps [T, S, *m]``, ``labels [T, S]`` -> per-class sums ``[T, ways, *m]`` (the paper sums K shots)."""
+    onehot = F.one_hot(labels, ways).to(maps.dtype).transpose(1, 2)       # [T, ways, S]
+    return (onehot @ maps.flatten(2)).reshape(maps.shape[0], ways, *maps.shape[2:])
+
+
+class RelationNetwork(MetaLearner):
+    name = "relation"
+    family = "metric"
+
+    def __init__(self, encoder: nn.Module, relation: nn.Module, example_dims: int):
+        super().__init__(example_dims)
+        self.encoder, self.relation = encoder, relation
+
+    def scores(self, classes: Tensor, queries: Tensor) -> Tensor:
+        """``classes [T, N, C, H, W]``, ``queries [T, Q, C, H, W]`` -> relation scores ``[T, Q, N]``."""
+        t, n, q = classes.shape[0], classes.shape[1], queries.shape[1]
+        pairs = torch.cat([classes.unsqueeze(1).expand(-1, q, -1, *classes.shape[2:]),
+                           queries.unsqueeze(2).expand(-1, -1, n, *queries.shape[2:])], dim=3)  # channels
+        return self.relation(pairs.flatten(0, 2)).view(t, q, n)
+
+    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        classes = class_sums(embed_maps(self.encoder, support_x), support_y, ways)
+        return lambda query_x: self.scores(classes, embed_maps(self.encoder, query_x))
+
+    def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        s = tasks.support_x.shape[1]
+        maps = embed_maps(self.encoder, torch.cat([tasks.support_x, tasks.query_x], 1))
+        scores = self.scores(class_sums(maps[:, :s], tasks.support_y, tasks.ways), maps[:, s:])
+        loss = F.mse_loss(scores, F.one_hot(tasks.query_y, tasks.ways).to(scores.dtype))
+        return loss, self.task_metrics(scores.detach(), tasks.query_y)
+
+
+@register_learner("relation", family="metric",
+                  summary="Relation Networks, learned relation module, MSE objective (Sung et al. 2018)")
+def _build(config: dict, info: DataInfo) -> RelationNetwork:
+    o = options(config["learner"], {"hidden": 8}, "learner")
+    model = options(config["model"], {"hidden": 64, "layers": 4, "norm": True}, "model")
+    if config["model"]["backbone"] != "conv4" or len(info.example_shape) != 3:
+        raise ConfigError("relation networks compare feature maps: use image data and model.backbone = \"conv4\"")
+    if model["layers"] != 4:
+        raise ConfigError("relation networks use the paper's 4-block embedding; leave model.layers at 4")
+    c, h, _ = info.example_shape
+    encoder = relation_encoder(c, model["hidden"], model["norm"])
+    return RelationNetwork(encoder, RelationModule(model["hidden"], h // 4, o["hidden"]), example_dims=3)

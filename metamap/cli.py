@@ -1,0 +1,157 @@
+"""``metamap train | eval | predict | learners``.
+
+Every flag of ``train`` and ``eval`` is a shorthand for one config key (``--steps 500`` is
+``--set train.steps=500``); user errors print one clear message and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from metamap import config as configlib
+from metamap.errors import MetamapError
+
+# flag -> (config key, type, help)
+FLAG_KEYS = {
+    "learner": ("learner.name", str, "meta-learner (see `metamap learners`)"),
+    "data": ("data.name", str, "data source, e.g. omniglot"),
+    "split": ("data.split", str, "class split of the data set (omniglot: lake | vinyals)"),
+    "data_root": ("data.root", str, "folder holding the data set archives (else $METAMAP_DATA, else the cache)"),
+    "steps": ("train.steps", int, "meta-training batches"),
+    "ways": ("episode.ways", int, "classes per training task (N)"),
+    "shots": ("episode.shots", int, "support examples per class in training tasks (K)"),
+    "queries": ("episode.queries", int, "query examples per class in training tasks"),
+    "meta_batch": ("episode.tasks_per_batch", int, "tasks per meta-batch"),
+    "lr": ("optim.lr", float, "outer (meta) learning rate"),
+    "seed": ("seed", int, "seed of every random choice"),
+    "device": ("train.device", str, "cpu | cuda | auto"),
+    "threads": ("train.threads", int, "CPU threads (0 = one per core)"),
+    "episodes": ("eval.episodes", int, "fixed test episodes per setting"),
+}
+
+
+def add_config_flags(p: argparse.ArgumentParser, names) -> None:
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set schedule.step_size=2000 (repeatable)")
+    for name in names:
+        key, typ, text = FLAG_KEYS[name]
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       help=f"{text} [{key}]")
+
+
+def overrides_from(args, names) -> list[str]:
+    out = []
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            key, typ, _ = FLAG_KEYS[name]
+            out.append(f"{key}={value!r}" if typ is str else f"{key}={value}")
+    return out + list(args.overrides)
+
+
+TRAIN_FLAGS = list(FLAG_KEYS)
+EVAL_FLAGS = ["episodes", "seed", "device", "threads", "data_root"]
+
+
+def cmd_train(args) -> int:
+    from metamap.train import checkpoint
+    from metamap.train.run import train
+    overrides = overrides_from(args, TRAIN_FLAGS)
+    if args.resume:
+        _, meta = checkpoint.read_meta(Path(args.resume) / "last")
+        config = configlib.resolve(args.config, overrides, base=meta["config"])
+    else:
+        config = configlib.resolve(args.config, overrides)
+    print("resolved config:\n" + configlib.dumps(config), flush=True)
+    train(config, run_dir=args.run_dir, resume=args.resume, progress=not args.quiet,
+          run_test=not args.no_test)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from metamap.train.run import evaluate_checkpoint
+    overrides = overrides_from(args, EVAL_FLAGS)
+    results = evaluate_checkpoint(args.checkpoint, overrides, split=args.split, progress=not args.quiet)
+    if args.json:
+        import json
+        Path(args.json).write_text(json.dumps([r.to_dict(with_scores=True) for r in results], indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from metamap.predict import predict_folders
+    rows = predict_folders(args.checkpoint, args.support, args.query)
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        writer = csv.writer(out)
+        writer.writerow(["file", "prediction", "score"])
+        for row in rows:
+            writer.writerow([row.file, row.prediction, f"{row.score:.6f}"])
+    finally:
+        if args.out:
+            out.close()
+    if args.out:
+        print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_learners(args) -> int:
+    from metamap.registry import learners
+    for name, entry in sorted(learners().items()):
+        print(f"{name:14s} {entry.family:13s} {entry.summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metamap", description="Meta-learning: train, evaluate and use few-shot learners.")
+    sub = p.add_subparsers(dest="command")
+
+    t = sub.add_parser("train", help="meta-train a learner (no arguments: ProtoNet on Omniglot, lake split)")
+    t.add_argument("config", nargs="?", help="TOML config file (see configs/); flags override it")
+    t.add_argument("--run-dir", help="where checkpoints, logs and results go (default runs/<learner>-<data>-<time>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    add_config_flags(t, TRAIN_FLAGS)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on fixed test episodes (mean ± 95%% CI)")
+    e.add_argument("--checkpoint", "-c", required=True, help="checkpoint folder or run folder")
+    e.add_argument("--split", default="test", choices=["test", "val"], help="which classes to evaluate on")
+    e.add_argument("--json", help="also write the results (with per-episode scores) to this JSON file")
+    e.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    add_config_flags(e, EVAL_FLAGS)
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("predict", help="classify new images from a few labelled examples of new classes")
+    r.add_argument("--checkpoint", "-c", required=True, help="checkpoint folder or run folder")
+    r.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
+    r.add_argument("--query", required=True, help="folder of images to classify")
+    r.add_argument("--out", help="CSV file to write (default: standard output)")
+    r.set_defaults(func=cmd_predict)
+
+    lst = sub.add_parser("learners", help="list the available meta-learners")
+    lst.set_defaults(func=cmd_learners)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except MetamapError as e:
+        print(f"metamap {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"metamap {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Run a network with *per-task* weights for a whole meta-batch of tasks at once.
+
+Gradient-based meta-learners give every task its own copy of the weights after the first
+inner step. Looping over tasks runs ``T`` small networks one after another; here the tasks run
+together instead:
+
+* convolution feature maps live in a *grouped* layout ``[N, T*C, H, W]`` (task-major channels),
+  so one ``conv2d(groups=T)`` applies every task's own kernels, and batch norm / ReLU /
+  max-pool act per channel, i.e. per task, with no reshuffling between layers;
+* layers whose weights are still shared by all tasks (ANIL's body, a frozen layer) run as one
+  large batch ``[T*N, ...]`` -- the cheapest formulation there is;
+* vectors with per-task weights live as ``[T, N, F]`` and use batched matmul.
+
+A weight is *shared* when its shape equals the module parameter's shape and *per task* when it
+has an extra leading ``T`` dimension. The network is described by a list of layer specs made by
+:func:`compile_layers`; unknown modules make it return ``None`` and callers fall back to a
+per-task loop over ``torch.func.functional_call``.
+
+Batch norm is written out from mean / variance / rsqrt where statistics must be per task but the
+layout is flat, and uses ``F.batch_norm`` in the grouped layout (one channel per task and
+feature). Both give exact second-order gradients outside ``vmap`` (see the tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metamap.nets.backbones import MLP, Conv4
+
+BN_MODES = ("transductive", "running")
+
+
+@dataclass
+class Layer:
+    """One step of a network: ``kind`` plus the module and the names of its parameters."""
+
+    kind: str                     # conv | bn | relu | maxpool | linear | flatten
+    module: nn.Module | None = None
+    weight: str | None = None     # parameter names (full dotted names in the root module)
+    bias: str | None = None
+    prefix: str = ""              # for batch norm buffers
+    extra: dict = field(default_factory=dict)
+
+
+def compile_layers(module: nn.Module, prefix: str = "") -> list[Layer] | None:
+    """Flatten ``module`` into :class:`Layer` specs, or ``None`` if it contains unknown modules."""
+    p = f"{prefix}." if prefix else ""
+
+    def named(name: str) -> str | None:
+        return p + name if getattr(module, name, None) is not None else None
+
+    if isinstance(module, nn.Sequential):
+        out: list[Layer] = []
+        for name, child in module.named_children():
+            sub = compile_layers(child, p + name)
+            if sub is None:
+                return None
+            out += sub
+        return out
+    if isinstance(module, Conv4):
+        # Conv4.forward is features(x).flatten(1).
+        body = compile_layers(module.features, p + "features")
+        return None if body is None else body + [Layer("flatten")]
+    if isinstance(module, MLP):
+        body = compile_layers(module.net, p + "net")
+        return None if body is None else [Layer("flatten")] + body
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return None
+        return [Layer("conv", module, named("weight"), named("bias"))]
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return [Layer("bn", module, named("weight"), named("bias"), prefix)]
+    if isinstance(module, nn.Linear):
+        return [Layer("linear", module, named("weight"), named("bias"))]
+    if isinstance(module, nn.ReLU):
+        return [Layer("relu")]
+    if isinstance(module, nn.MaxPool2d):
+        return [Layer("maxpool", module)]
+    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+        return [Layer("flatten")]
+    if isinstance(module, nn.Identity):
+        return []
+    return None
+
+
+# -- batch norm written out: exact under any transformation ------------------------------------
+def batch_norm_exact(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
+                     eps: float) -> Tensor:
+    """Normalise ``x`` with its mean and biased variance over ``dims`` (kept), then scale/shift.
+
+    ``weight``/``bias`` must broadcast against ``x``. Differentiable to any order.
+    """
+    mean = x.mean(dims, keepdim=True)
+    centred = x - mean
+    var = (centred * centred).mean(dims, keepdim=True)
+    y = centred * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class TaskBatchedNet:
+    """Evaluate a compiled network on ``x [T, N, *example]`` with shared or per-task weights.
+
+    ``bn_mode``: ``"transductive"`` normalises every task's examples with their own batch
+    statistics (as the reference MAML does, at training and at test time); ``"running"`` does so
+    while training and uses the module's running statistics at evaluation
+    (``use_running_stats=True``). Running statistics are never updated here: the learner does
+    that, outside the graph.
+    """
+
+    def __init__(self, layers: list[Layer]):
+        self.layers = layers
+        # A weight with one more dimension than the module's parameter is per task.
+        self.dims = {getattr(l, a): getattr(l.module, a).dim()
+                     for l in layers for a in ("weight", "bias") if getattr(l, a)}
+
+    def __call__(self, params: dict[str, Tensor], x: Tensor, num_tasks: int,
+                 use_running_stats: bool = False, channels_last: bool = False,
+                 record: dict[str, tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """``x [T, N, *example]`` -> ``[T, N, *output]``.
+
+        ``record``, if given, receives each batch-norm layer's batch mean and unbiased
+        variance averaged over tasks (detached), keyed by module name.
+        """
+        t, n = num_tasks, x.shape[1]
+        h = x.reshape(t * n, *x.shape[2:])
+        layout = "flat"          # flat [T*N, ...] | grouped [N, T*C, H, W] | tasks [T, N, F]
+
+        def per_task(name: str | None) -> bool:
+            return name is not None and params[name].dim() == self.dims[name] + 1
+
+        for layer in self.layers:
+            k = layer.kind
+            if k == "conv":
+                m = layer.module
+                w = params[layer.weight]
+                b = params[layer.bias] if layer.bias else None
+                if layout == "flat" and not per_task(layer.weight) and not per_task(layer.bias):
+                    h = F.conv2d(h, w, b, m.stride, m.padding, m.dilation)
+                    continue
+                if layout == "flat":
+                    h = to_grouped(h, t, channels_last)
+                    layout = "grouped"
+                w = w.reshape(-1, *w.shape[-3:]) if per_task(layer.weight) else w.repeat(t, 1, 1, 1)
+                if b is not None:
+                    b = b.reshape(-1) if per_task(layer.bias) else b.repeat(t)
+                h = F.conv2d(h, w, b, m.stride, m.padding, m.dilation, groups=t)
+            elif k == "bn":
+                h = self._bn(layer, params, h, layout, t, use_running_stats, record)
+            elif k == "relu":
+                h = F.relu(h)
+            elif k == "maxpool":
+                m = layer.module
+                h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+            elif k == "flatten":
+                if layout == "grouped":
+                    # [N, T*C, H, W] -> [T, N, C*H*W], the same order as flattening each example.
+                    h = h.reshape(n, t, -1).transpose(0, 1)
+                    layout = "tasks"
+                else:
+                    h = h.reshape(h.shape[0], -1) if layout == "flat" else h.reshape(t, n, -1)
+            elif k == "linear":
+                w = params[layer.weight]
+                b = params[layer.bias] if layer.bias else None
+                if layout == "flat" and not per_task(layer.weight) and not per_task(layer.bias):
+                    h = F.linear(h, w, b)
+                    continue
+                if layout == "flat":
+                    h = h.reshape(t, n, -1)
+                    layout = "tasks"
+                wt = (w if per_task(layer.weight) else w.expand(t, *w.shape)).transpose(1, 2)
+                if b is None:
+                    h = torch.bmm(h, wt)
+                else:
+                    bt = b if per_task(layer.bias) else b.expand(t, *b.shape)
+                    h = torch.baddbmm(bt.unsqueeze(1), h, wt)
+            else:  # pragma: no cover - compile_layers only makes the kinds above
+                raise AssertionError(k)
+        if layout == "grouped":
+            return h.reshape(n, t, -1, *h.shape[2:]).transpose(0, 1)
+        return h.reshape(t, n, *h.shape[1:]) if layout == "flat" else h
+
+    def _bn(self, layer: Layer, params: dict[str, Tensor], h: Tensor, layout: str, t: int,
+            use_running_stats: bool, record: dict | None) -> Tensor:
+        m = layer.module
+        w = params[layer.weight] if layer.weight else None
+        b = params[layer.bias] if layer.bias else None
+        c = m.num_features
+        if use_running_stats and m.running_mean is None:
+            raise ValueError("batch norm mode 'running' needs track_running_stats=True in the backbone")
+        if record is not None and not use_running_stats:
+            with torch.no_grad():
+                x = task_view(h, layout, t, c)
+                dims = (1,) + tuple(range(3, x.dim()))
+                count = x.numel() // (t * c)
+                record[layer.prefix] = (x.mean(dims).mean(0),
+                                        x.var(dims, correction=1).mean(0) if count > 1 else None)
+        if layout == "grouped":
+            # One channel per (task, feature): F.batch_norm's per-channel statistics are per task.
+            def rep(v: Tensor | None) -> Tensor | None:
+                if v is None:
+                    return None
+                return v.reshape(-1) if v.dim() == 2 else v.repeat(t)
+            if use_running_stats:
+                return F.batch_norm(h, m.running_mean.repeat(t), m.running_var.repeat(t), rep(w), rep(b),
+                                    False, 0.0, m.eps)
+            return F.batch_norm(h, None, None, rep(w), rep(b), True, 0.0, m.eps)
+        # flat [T*N, C, ...] or tasks [T, N, C]: view as [T, N, C, rest] and normalise per task.
+        x = task_view(h, layout, t, c)
+        shape = [1] * x.dim()
+        shape[2] = c
+
+        def bc(v: Tensor | None) -> Tensor | None:
+            if v is None:
+                return None
+            return v.reshape([t] + shape[1:]) if v.dim() == 2 else v.reshape(shape)   # per task [T, C]
+        if use_running_stats:
+            y = (x - m.running_mean.reshape(shape)) * torch.rsqrt(m.running_var.reshape(shape) + m.eps)
+            y = y * bc(w) if w is not None else y
+            y = y + bc(b) if b is not None else y
+        else:
+            y = batch_norm_exact(x, (1,) + tuple(range(3, x.dim())), bc(w), bc(b), m.eps)
+        return y.reshape(h.shape)
+
+
+def task_view(h: Tensor, layout: str, t: int, c: int) -> Tensor:
+    """Any layout -> ``[T, N, C, *spatial]`` (a copy only for the grouped layout)."""
+    if layout == "grouped":
+        return h.reshape(h.shape[0], t, c, *h.shape[2:]).transpose(0, 1)
+    return h.reshape(t, -1, *h.shape[1:]) if layout == "flat" else h
+
+
+def to_grouped(h: Tensor, t: int, channels_last: bool = False) -> Tensor:
+    """``[T*N, C, H, W]`` -> grouped ``[N, T*C, H, W]`` (task-major channels)."""
+    tn, c, hh, ww = h.shape
+    g = h.reshape(t, tn // t, c, hh, ww).transpose(0, 1).reshape(tn // t, t * c, hh, ww)
+    return g.contiguous(memory_format=torch.channels_last) if channels_last else g

@@ -1,0 +1,174 @@
+"""From a resolved config to a trained, evaluated checkpoint: what ``metamap train``/``eval`` do."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from metamap import config as configlib
+from metamap.errors import CheckpointError, EpisodeError
+from metamap.registry import DataInfo, build_learner, data_source
+from metamap.train import checkpoint
+from metamap.train.evaluate import EvalResult, evaluate
+from metamap.train.runtime import pick_device, set_threads, tune_allocator
+from metamap.train.trainer import Trainer
+
+
+def info_to_dict(info: DataInfo) -> dict:
+    d = asdict(info)
+    d["spec"] = info.spec.to_dict() if info.spec is not None else None
+    d["example_shape"] = list(info.example_shape)
+    return d
+
+
+def memory_format_for(config: dict, info: DataInfo):
+    images = len(info.example_shape) == 3
+    return torch.channels_last if images and config["train"]["channels_last"] else None
+
+
+def eval_settings(config: dict) -> list[tuple[int, int]]:
+    as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+    return [(w, s) for w in as_list(config["eval"]["ways"]) for s in as_list(config["eval"]["shots"])]
+
+
+def setup_runtime(config: dict) -> torch.device:
+    set_threads(config["train"]["threads"])
+    if config["train"]["tune_allocator"]:
+        tune_allocator()
+    return pick_device(config["train"]["device"])
+
+
+def build(config: dict, seed_offset: int = 0):
+    """The data source, its info and a freshly initialised learner (weights from ``config['seed']``)."""
+    source = data_source(config)
+    info = source.info(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"] + seed_offset)
+        learner = build_learner(config, info)
+    return source, info, learner
+
+
+def default_run_dir(config: dict) -> Path:
+    return Path("runs") / f"{config['learner']['name']}-{config['data']['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def test_samplers(config: dict, source, split: str = "test") -> list:
+    """One fixed-episode sampler per ``eval.ways x eval.shots`` setting (checked before any training)."""
+    e = config["eval"]
+    return [source.sampler(config, split, ways, shots, e["queries"], 1, e["seed"])
+            for ways, shots in eval_settings(config)]
+
+
+def test(learner, config: dict, samplers: list, device, memory_format=None, progress: bool = True,
+         episodes: int | None = None, rank: int = 0, world_size: int = 1) -> list[EvalResult]:
+    """Evaluate on fixed episodes of every sampler of :func:`test_samplers`."""
+    e = config["eval"]
+    return [evaluate(learner, sampler, episodes or e["episodes"], chunk=e["tasks_per_batch"], device=device,
+                     memory_format=memory_format, progress=progress, setting=sampler.describe(), rank=rank,
+                     world_size=world_size)
+            for sampler in samplers]
+
+
+def describe_split(config: dict, source, split: str) -> str:
+    try:
+        return source.dataset(config, split).description
+    except (AttributeError, KeyError):
+        return f"{config['data']['name']} {split} split"
+
+
+def report(results: list[EvalResult], config: dict, source, split: str = "test") -> str:
+    lines = [f"{split} data: {describe_split(config, source, split)}"]
+    lines += [f"  {r.summary()}  [95% CI = 1.96 * std / sqrt(n)]" for r in results]
+    return "\n".join(lines)
+
+
+def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | None = None,
+          progress: bool = True, run_test: bool = True, echo=print, rank: int = 0, world_size: int = 1) -> dict:
+    """Meta-train as ``config`` says (or resume ``resume``), then test the best checkpoint."""
+    device = setup_runtime(config)
+    run_dir = Path(resume) if resume else Path(run_dir) if run_dir else default_run_dir(config)
+    if not resume and (run_dir / "last").exists():
+        raise CheckpointError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
+                              "or choose another --run-dir")
+    source, info, learner = build(config)
+    memory_format = memory_format_for(config, info)
+    learner.to(device)
+    if memory_format is not None:
+        learner.to(memory_format=memory_format)
+    ep = config["episode"]
+    train_sampler = source.sampler(config, "train", ep["ways"], ep["shots"], ep["queries"],
+                                   ep["tasks_per_batch"], config["seed"])
+    samplers = test_samplers(config, source) if run_test else []   # a bad eval request fails now, not after training
+    validate = make_validation(learner, config, source, device, memory_format, rank, world_size)
+    meta = {"learner": config["learner"]["name"], "config": config, "data_info": info_to_dict(info)}
+    trainer = Trainer(learner, train_sampler, config, run_dir, meta, validate=validate, device=device,
+                      memory_format=memory_format, progress=progress, rank=rank, world_size=world_size)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(configlib.dumps(config))
+    if resume:
+        trainer.resume(run_dir / "last")
+        echo(f"resuming {run_dir} at step {trainer.step} of {config['train']['steps']}")
+    echo(f"meta-training {config['learner']['name']} on {info.description or config['data']['name']}: "
+         f"{train_sampler.describe()}, {train_sampler.tasks_per_batch} task(s) per batch, "
+         f"{config['train']['steps']} batches -> {run_dir}")
+    t0 = time.perf_counter()
+    trainer.fit()
+    wall = time.perf_counter() - t0
+    summary = {"run_dir": str(run_dir), "steps": trainer.step, "train_seconds": round(wall, 1),
+               "best": trainer.best}
+    if run_test:
+        best = checkpoint.resolve_path(run_dir / "best")
+        path, best_meta = checkpoint.read_meta(best)
+        checkpoint.load_state(learner, checkpoint.read_tensors(path, checkpoint.WEIGHTS, best_meta), path)
+        results = test(learner, config, samplers, device, memory_format, progress, rank=rank, world_size=world_size)
+        summary["test"] = [r.to_dict() for r in results]
+        echo(f"best checkpoint: {best} (step {best_meta['step']})")
+        echo(report(results, config, source))
+    if rank == 0:
+        (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def make_validation(learner, config: dict, source, device, memory_format, rank: int = 0, world_size: int = 1):
+    """Fixed validation episodes (``train.val_seed``) at the largest eval setting the split allows."""
+    t = config["train"]
+    if not t["val_every"]:
+        return None
+    try:
+        val = source.dataset(config, "val")
+        if val is None or val.num_classes < 2:
+            return None
+        limit = val.num_classes
+    except (AttributeError, KeyError):
+        limit = None
+    ways, shots = max(eval_settings(config))
+    ways = min(ways, limit) if limit else ways
+    try:
+        sampler = source.sampler(config, "val", ways, shots, config["eval"]["queries"], 1, t["val_seed"])
+    except EpisodeError:
+        return None
+    return lambda: evaluate(learner, sampler, t["val_episodes"], device=device, memory_format=memory_format,
+                            progress=False, setting=f"val {sampler.describe()}", rank=rank,
+                            world_size=world_size)
+
+
+def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str = "test",
+                        progress: bool = True, echo=print) -> list[EvalResult]:
+    """``metamap eval``: rebuild the learner of a checkpoint and test it on its data."""
+    from metamap.train.checkpoint import load_learner
+    path, meta = checkpoint.read_meta(path)
+    config = configlib.resolve(overrides=list(overrides), base=meta["config"])
+    device = setup_runtime(config)
+    learner = load_learner(path, device=str(device))
+    source = data_source(config)
+    memory_format = memory_format_for(config, learner.info)
+    if memory_format is not None:
+        learner.to(memory_format=memory_format)
+    results = test(learner, config, test_samplers(config, source, split), device, memory_format, progress)
+    echo(f"checkpoint: {path} ({meta['learner']}, step {meta['step']})")
+    echo(report(results, config, source, split))
+    return results

@@ -1,0 +1,245 @@
+"""The one trainer: meta-batches in, optimizer steps out, for every learner family.
+
+It owns the loop, the learning-rate schedule, logging, validation, checkpoints, resume,
+the divergence guard, clean stops on SIGINT/SIGTERM and gradient all-reduce across
+torch.distributed ranks. Learners only provide ``meta_loss``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from metamap.algorithms.base import MetaLearner
+from metamap.errors import DivergenceError, MetamapError
+from metamap.tasks.sampler import TaskSampler
+from metamap.train import checkpoint
+from metamap.train.evaluate import EvalResult
+from metamap.train.progress import progress_bar
+from metamap.train.schedule import lr_factor
+
+
+class Callback(Protocol):
+    def on_step(self, trainer: "Trainer", record: dict) -> None: ...
+    def on_validation(self, trainer: "Trainer", result: EvalResult, is_best: bool) -> None: ...
+
+
+class TrainingInterrupted(MetamapError):
+    """SIGINT or SIGTERM arrived; the step in flight finished and a checkpoint was written."""
+
+
+def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    name = cfg.get("name", "adam")
+    kw = {"lr": cfg["lr"], "weight_decay": cfg.get("weight_decay", 0.0)}
+    if name == "adam":
+        return torch.optim.Adam(params, **kw)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    if name == "sgd":
+        return torch.optim.SGD(params, momentum=cfg.get("momentum", 0.0), **kw)
+    raise MetamapError(f"unknown optim.name {name!r}; choose adam, adamw or sgd")
+
+
+class Trainer:
+    """Meta-trains ``learner`` on ``sampler`` for ``config['train']['steps']`` meta-batches.
+
+    ``validate`` (optional) returns an :class:`EvalResult` on fixed validation episodes; the
+    best one is kept in ``RUN/best``, the latest state in ``RUN/last``. ``meta`` is stored in
+    every checkpoint (the config and data info needed to rebuild the learner).
+    """
+
+    def __init__(self, learner: MetaLearner, sampler: TaskSampler, config: dict, run_dir: str | Path,
+                 meta: dict, validate: Callable[[], EvalResult] | None = None,
+                 device: torch.device | str = "cpu", memory_format=None, progress: bool = True,
+                 callbacks: list[Callback] = (), rank: int = 0, world_size: int = 1):
+        self.learner, self.sampler, self.config, self.meta = learner, sampler, config, meta
+        self.train_cfg, self.run_dir = config["train"], Path(run_dir)
+        self.validate, self.device, self.memory_format = validate, torch.device(device), memory_format
+        self.progress, self.callbacks, self.rank, self.world_size = progress, list(callbacks), rank, world_size
+        self.optimizer = build_optimizer([p for p in learner.parameters() if p.requires_grad], config["optim"])
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.step = 0
+        self.best: dict | None = None          # {"step", "metric", "mean"}
+        self.bad_steps = 0
+        self._stop_signal: int | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def checkpoint_meta(self) -> dict:
+        return {**self.meta, "step": self.step, "best": self.best, "bad_steps": self.bad_steps}
+
+    def save(self, name: str) -> Path:
+        return checkpoint.save(self.run_dir / name, self.learner, self.checkpoint_meta(), self.optimizer)
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint written by :meth:`save`: weights, optimizer, RNG, counters."""
+        path, meta = checkpoint.read_meta(path)
+        checkpoint.load_state(self.learner, checkpoint.read_tensors(path, checkpoint.WEIGHTS, meta), path)
+        training = checkpoint.read_tensors(path, checkpoint.TRAINING, meta)
+        if "optimizer" in meta:
+            self.optimizer.load_state_dict(checkpoint.unflatten_optimizer(training, meta["optimizer"]))
+        if "rng.torch" in training:
+            torch.set_rng_state(training["rng.torch"])
+        self.step, self.best, self.bad_steps = meta["step"], meta.get("best"), meta.get("bad_steps", 0)
+        self._truncate_log()
+
+    def _truncate_log(self) -> None:
+        # Records past the checkpoint were made by the run that died; the resumed run redoes them.
+        log = self.run_dir / "metrics.jsonl"
+        if self.is_main and log.exists():
+            keep = [line for line in log.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            log.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict | None:
+        steps = self.train_cfg["steps"]
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        old_handlers = self._install_signal_handlers()
+        bar = progress_bar(total=steps, desc="meta-train", enabled=self.progress and self.is_main, unit="batch")
+        bar.update(self.step)
+        tasks_done, t0 = 0, time.perf_counter()
+        try:
+            while self.step < steps:
+                record = self.train_step()
+                tasks_done += self.sampler.tasks_per_batch
+                if record is not None:
+                    record["tasks_per_s"] = tasks_done / (time.perf_counter() - t0)
+                    if self.step % self.train_cfg["log_every"] == 0 or self.step == steps:
+                        self.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", **{k: f"{v:.3f}" for k, v in record.items()
+                                                                    if k in ("accuracy", "mse")},
+                                    tasks_s=f"{record['tasks_per_s']:.1f}", refresh=False)
+                    for cb in self.callbacks:
+                        cb.on_step(self, record)
+                bar.update(1)
+                every = self.train_cfg["val_every"]
+                if self.validate is not None and every and (self.step % every == 0 or self.step == steps):
+                    self.run_validation()
+                if self.is_main and (self.step % self.train_cfg["checkpoint_every"] == 0 or self.step == steps):
+                    self.save("last")
+                if self._stop_signal is not None:
+                    if self.is_main:
+                        self.save("last")
+                    raise TrainingInterrupted(
+                        f"stopped by signal {signal.Signals(self._stop_signal).name} after step {self.step}; "
+                        f"resume with: metamap train --resume {self.run_dir}")
+        finally:
+            bar.close()
+            self._restore_signal_handlers(old_handlers)
+        if self.is_main and (self.validate is None or not self.train_cfg["val_every"]):
+            self.best = {"step": self.step, "metric": None, "mean": None}
+            self.save("best")
+        return self.best
+
+    def train_step(self) -> dict | None:
+        """One meta-batch. Returns its log record, or ``None`` if it was skipped as non-finite."""
+        index = self.step
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * lr_factor(index, self.train_cfg["steps"], {**self.config["schedule"], "base_lr": base})
+        batch = self.sampler.batch(index, self.rank, self.world_size).to(self.device, memory_format=self.memory_format)
+        self.learner.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, metrics = self.learner.meta_loss(batch)
+        ok = self._all_ok(bool(torch.isfinite(loss)))
+        if ok:
+            loss.backward()
+            self._all_reduce_gradients()       # a NaN on any rank reaches every rank here
+            ok = self._gradients_finite()
+        if not ok:
+            return self._skip(index, float(loss.detach()))
+        clip = self.config["optim"].get("grad_clip", 0.0)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.learner.parameters(), clip)
+        self.optimizer.step()
+        self.step += 1
+        return {"step": self.step, "loss": float(loss.detach()), **metrics,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def run_validation(self) -> EvalResult:
+        result = self.validate()
+        better = self.best is None or self.best.get("mean") is None or (
+            result.mean > self.best["mean"] if result.metric == "accuracy" else result.mean < self.best["mean"])
+        if better:
+            self.best = {"step": self.step, "metric": result.metric, "mean": result.mean}
+            if self.is_main:
+                self.save("best")
+        self.log({"step": self.step, "val_" + result.metric: result.mean, "val_ci95": result.ci95,
+                  "val_setting": result.setting, "best": better})
+        for cb in self.callbacks:
+            cb.on_validation(self, result, better)
+        return result
+
+    # -- guards --------------------------------------------------------------------------------
+    def _gradients_finite(self) -> bool:
+        return all(bool(torch.isfinite(p.grad).all()) for p in self.learner.parameters() if p.grad is not None)
+
+    def _all_ok(self, ok: bool) -> bool:
+        # Every rank must agree to skip a step, or their weights would drift apart.
+        if self.world_size == 1:
+            return ok
+        import torch.distributed as dist
+        flag = torch.tensor([0.0 if ok else 1.0])
+        dist.all_reduce(flag)
+        return bool(flag.item() == 0)
+
+    def _skip(self, index: int, loss: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        limit = self.train_cfg["max_bad_steps"]
+        self.log({"step": self.step, "event": "non-finite", "batch_index": index, "loss": loss if math.isfinite(loss)
+                  else str(loss), "bad_steps": self.bad_steps})
+        # The batch index is skipped for good (its episodes are logged above), so a run does not
+        # retry the same bad batch forever.
+        self.step += 1
+        if self.bad_steps > limit:
+            raise DivergenceError(
+                f"training diverged: {self.bad_steps} meta-batches gave a non-finite loss or gradient "
+                f"(limit train.max_bad_steps = {limit}; the last was batch {index}). The weights were not "
+                f"updated by those batches; the last good checkpoint is in {self.run_dir}. Lower optim.lr "
+                "or set optim.grad_clip, then resume with --resume.")
+        return None
+
+    def _all_reduce_gradients(self) -> None:
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+        for p in self.learner.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world_size
+
+    # -- signals -------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict:
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._on_signal)
+        return old
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:      # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    @staticmethod
+    def _restore_signal_handlers(old: dict) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

@@ -38,7 +38,7 @@ def http_files():
     """
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
     server.files, server.truncated = {}, set()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
 
@@ -56,3 +56,41 @@ def http_files():
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# -- small synthetic data, for tests of the core that must not depend on a real data set --------
+
+def _make_image_folder(root, classes: int = 10, per_class: int = 6, size: int = 20, seed: int = 0):
+    """One sub-folder per class; each class is a random pattern plus per-image noise (PNG, grey)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class{c:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, (size, size)).astype(float)
+        for i in range(per_class):
+            img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"img{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """A 10-class image folder (6 images each, 20x20 grey PNG)."""
+    return _make_image_folder(tmp_path_factory.mktemp("folder") / "data")
+
+
+@pytest.fixture
+def tiny_dataset():
+    """A ClassDataset of 12 classes x 5 random 1x8x8 uint8 images, with a plain ImageSpec."""
+    import torch
+
+    from metamap.data.dataset import ClassDataset
+    from metamap.data.images import ImageSpec
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (60, 1, 8, 8), generator=g, dtype=torch.uint8)
+    labels = torch.arange(12).repeat_interleave(5)
+    return ClassDataset(data, labels, [f"c{i}" for i in range(12)], ImageSpec(size=8), "tiny synthetic")

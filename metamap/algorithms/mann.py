@@ -184,7 +184,7 @@ def _flatten(cfg: dict, info: DataInfo) -> Flatten:
 
 
 @register_learner("mann", family="model",
-                  defaults={"model": {"backbone": "flatten"}, "data": {"image_size": 20},
+                  defaults={"model": {"backbone": "flatten"},
                             "episode": {"ways": 5, "shots": 1, "queries": 9, "tasks_per_batch": 16},
                             "eval": {"ways": [5]}},
                   summary="Memory-augmented neural network: LSTM controller, LRU-access memory (Santoro et al. 2016)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,7 +19,9 @@ def content_generator(seed: int, *tensors: Tensor) -> torch.Generator:
     for t in tensors:
         raw = t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy()
         crc = zlib.crc32(raw.tobytes(), crc)
-    return torch.Generator().manual_seed((int(seed) % 2**31) * 2**32 + crc)
+    # torch's CPU generator keeps only 32 bits of its seed, so mix seed and CRC into 32 bits.
+    mixed = int(np.random.SeedSequence([int(seed) % 2**63, crc]).generate_state(1)[0])
+    return torch.Generator().manual_seed(mixed)
 
 
 def shuffled_order(generator: torch.Generator, tasks: int, length: int) -> Tensor:

@@ -1,0 +1,140 @@
+"""Trainer, checkpoints, resume and the CLI, on a small synthetic image folder."""
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import metamap
+from metamap import config as configlib
+from metamap.cli import main
+from metamap.errors import CheckpointError
+from metamap.train import checkpoint
+from metamap.train.run import train
+
+
+def folder_config(folder, steps=8, **extra):
+    overrides = [f"data.name='folder'", f"data.path='{folder}'", "data.fractions=[0.5, 0.2, 0.3]",
+                 "model.hidden=8", f"train.steps={steps}", "train.val_every=4", "train.val_episodes=5",
+                 "train.checkpoint_every=2", "train.log_every=1", "episode.ways=3", "episode.queries=2",
+                 "episode.tasks_per_batch=2", "eval.ways=[3]", "eval.queries=2", "eval.episodes=10",
+                 "schedule.step_size=3"]
+    return configlib.resolve(overrides=overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def weights(run_dir, name="last"):
+    return load_file(run_dir / name / checkpoint.WEIGHTS)
+
+
+def metrics_without_timing(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tasks_per_s"} for r in rows]
+
+
+def test_train_writes_checkpoints_logs_and_results(image_folder, tmp_path):
+    summary = train(folder_config(image_folder), tmp_path / "run", progress=False, echo=lambda *_: None)
+    run = tmp_path / "run"
+    assert {"best", "last", "metrics.jsonl", "config.toml", "results.json"} <= {p.name for p in run.iterdir()}
+    meta = json.loads((run / "last" / checkpoint.META).read_text())
+    assert meta["step"] == 8 and meta["learner"] == "protonet" and meta["format"] == checkpoint.FORMAT
+    result = summary["test"][0]
+    assert result["episodes"] == 10 and 0.0 <= result["mean"] <= 1.0
+    assert configlib.load_file(run / "config.toml")["train"]["steps"] == 8
+    lrs = [r["lr"] for r in metrics_without_timing(run) if "lr" in r]
+    assert lrs[:4] == [1e-3, 1e-3, 1e-3, 5e-4]     # step schedule: halved every 3 batches
+
+
+def test_resume_is_exact(image_folder, tmp_path):
+    full = tmp_path / "full"
+    train(folder_config(image_folder, steps=8), full, progress=False, run_test=False, echo=lambda *_: None)
+    part = tmp_path / "part"
+    train(folder_config(image_folder, steps=4), part, progress=False, run_test=False, echo=lambda *_: None)
+    train(folder_config(image_folder, steps=8), resume=part, progress=False, run_test=False, echo=lambda *_: None)
+    a, b = weights(full), weights(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics_without_timing(full) == metrics_without_timing(part)
+
+
+def test_checkpoint_round_trip_and_load(image_folder, tmp_path):
+    train(folder_config(image_folder, steps=2), tmp_path / "run", progress=False, run_test=False,
+          echo=lambda *_: None)
+    learner = metamap.load(tmp_path / "run")                      # a run folder means its best checkpoint
+    saved = weights(tmp_path / "run", "best")
+    assert all(torch.equal(v, saved[k]) for k, v in learner.state_dict().items())
+    assert learner.spec.size == 28 and not learner.training
+    x = torch.randn(6, 1, 28, 28)
+    out = learner.adapt(x[:3], torch.tensor([0, 1, 2]))(x[3:])
+    assert out.shape == (3, 3)
+
+
+def test_damaged_checkpoints_fail_clearly(image_folder, tmp_path):
+    train(folder_config(image_folder, steps=2), tmp_path / "run", progress=False, run_test=False,
+          echo=lambda *_: None)
+    ckpt = tmp_path / "run" / "best"
+    w = ckpt / checkpoint.WEIGHTS
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        metamap.load(ckpt)
+    (ckpt / checkpoint.META).write_text("{not json")
+    with pytest.raises(CheckpointError, match="damaged"):
+        metamap.load(ckpt)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        metamap.load(tmp_path / "nowhere")
+    meta = json.loads((tmp_path / "run" / "last" / checkpoint.META).read_text())
+    meta["version"] = 99
+    (tmp_path / "run" / "last" / checkpoint.META).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="newer"):
+        metamap.load(tmp_path / "run" / "last")
+
+
+def test_architecture_mismatch_names_the_difference(image_folder, tmp_path):
+    train(folder_config(image_folder, steps=1), tmp_path / "run", progress=False, run_test=False,
+          echo=lambda *_: None)
+    meta = json.loads((tmp_path / "run" / "best" / checkpoint.META).read_text())
+    meta["config"]["model"]["hidden"] = 16
+    meta.pop("sha256")
+    (tmp_path / "run" / "best" / checkpoint.META).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        metamap.load(tmp_path / "run" / "best")
+
+
+def test_cli_train_eval_predict(image_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--data", "folder", "--set", f"data.path={image_folder}", "--set", "data.fractions=[0.5,0.2,0.3]",
+            "--steps", "3", "--ways", "3", "--queries", "2", "--set", "eval.ways=[3]", "--set", "eval.queries=2",
+            "--episodes", "7", "--set", "train.val_every=0", "--set", "model.hidden=8", "--run-dir", str(run), "-q"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "resolved config" in out and "3-way 1-shot, 2 queries/class" in out and "(7 episodes" in out
+    assert main(["eval", "--checkpoint", str(run), "--episodes", "9", "-q", "--json", str(tmp_path / "r.json")]) == 0
+    assert "(9 episodes" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "r.json").read_text())[0]["scores"]) == 9
+    # predict: two classes from the folder, their first images as support, the rest as queries.
+    support, query = tmp_path / "support", tmp_path / "query"
+    for c in ("class00", "class01"):
+        (support / c).mkdir(parents=True)
+        (support / c / "a.png").write_bytes((image_folder / c / "img0.png").read_bytes())
+    query.mkdir()
+    for c in ("class00", "class01"):
+        (query / f"{c}-q.png").write_bytes((image_folder / c / "img1.png").read_bytes())
+    assert main(["predict", "--checkpoint", str(run), "--support", str(support), "--query", str(query),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [r["file"] for r in rows] == ["class00-q.png", "class01-q.png"]
+    assert all(r["prediction"] in ("class00", "class01") and 0 < float(r["score"]) <= 1 for r in rows)
+
+
+def test_cli_user_errors_exit_2_without_traceback(image_folder, tmp_path, capsys):
+    assert main(["train", "--set", "optim.lr=-1"]) == 2
+    assert "optim.lr must be a positive number" in capsys.readouterr().err
+    assert main(["train", "--set", "train.nonsense=1"]) == 2
+    assert "unknown config key 'train.nonsense'" in capsys.readouterr().err
+    assert main(["train", "--learner", "nope"]) == 2
+    assert "unknown learner 'nope'" in capsys.readouterr().err
+    assert main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--ways", "50", "-q",
+                 "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "50-way" in err and "Traceback" not in err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -28,9 +28,9 @@ DEFAULTS: dict[str, Any] = {
     "learner": {"name": "protonet"},
     "episode": {"ways": 20, "shots": 1, "queries": 15, "tasks_per_batch": 1},
     "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 0.0},
-    "schedule": {"name": "step", "step_size": 1500, "gamma": 0.5, "warmup": 0, "min_lr": 0.0},
+    "schedule": {"name": "step", "step_size": 800, "gamma": 0.5, "warmup": 0, "min_lr": 0.0},
     "train": {
-        "steps": 3000,
+        "steps": 2400,
         "log_every": 20,
         "val_every": 500,          # 0 = no validation; the last checkpoint is then also the best
         "val_episodes": 300,

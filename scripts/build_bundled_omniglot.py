@@ -25,8 +25,10 @@ from metamap.data.omniglot import ARCHIVES, SETS
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archives", type=Path, required=True, help="folder with the two official archives")
-    p.add_argument("--out", type=Path, default=omniglot.BUNDLED_PATH, help="output .npz (default: %(default)s)")
-    p.add_argument("--size", type=int, default=omniglot.BUNDLED_SIZE, help="image side (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=omniglot.BUNDLED_PATH,
+                   help="output .npz (default: %(default)s)")
+    p.add_argument("--size", type=int, default=omniglot.BUNDLED_SIZE,
+                   help="image side in pixels (default: %(default)s)")
     p.add_argument("--stats", action="store_true", help="print the background set's pixel mean and std")
     p.add_argument("--skip-count-check", action="store_true",
                    help="accept archives with other numbers of characters (tests, subsets)")

@@ -162,8 +162,9 @@ def test_vinyals_split(bundled):
     names = {k: {n.split("@")[0] for n in ds.class_names} for k, ds in splits.items()}
     assert [len(names[k]) for k in ("train", "val", "test")] == [1028, 172, 423]
     assert splits["train"].num_classes == 4 * 1028
-    assert not (names["train"] & names["val"] or names["train"] & names["test"] or names["val"] & names["test"])
-    assert names["train"] | names["val"] | names["test"] == set(bundled["background"].names + bundled["evaluation"].names)
+    train, val, test = names["train"], names["val"], names["test"]
+    assert not (train & val or train & test or val & test)
+    assert train | val | test == set(bundled["background"].names + bundled["evaluation"].names)
     # The split must never change between versions: pin its test characters.
     digest = hashlib.sha256("\n".join(splits["test"].class_names).encode()).hexdigest()
     assert digest == VINYALS_TEST_SHA256
@@ -185,7 +186,8 @@ def test_size_28_needs_no_data_root(isolated_dirs, monkeypatch):
     assert not (isolated_dirs / "nowhere").exists()
 
 
-@pytest.mark.skipif(not (SHARED / ARCHIVES["background"]).is_file(), reason="real Omniglot archives not present")
+@pytest.mark.skipif(not all((SHARED / a).is_file() for a in ARCHIVES.values()),
+                    reason="the real Omniglot archives are not present")
 def test_real_members_match_bundled(bundled, tmp_path):
     spec = omniglot_spec(28)
     for name in omniglot.SETS:
@@ -232,12 +234,12 @@ def test_read_archive_rejects_wrong_layout(tmp_path, bad_member):
 
 
 def test_read_archive_rejects_damaged_files(tmp_path):
-    good = write_zip(tmp_path / "images_background.zip", archive_members("images_background", TINY_BACKGROUND[:2]))
+    members = archive_members("images_background", TINY_BACKGROUND[:2])
+    good = write_zip(tmp_path / "images_background.zip", members)
     for name, data in [("garbage.zip", b"not a zip at all"), ("cut.zip", good.read_bytes()[:300])]:
         (tmp_path / name).write_bytes(data)
         with pytest.raises(DataError, match="damaged|not a readable zip"):
             read_archive(tmp_path / name, omniglot_spec(28), top="images_background")
-    members = archive_members("images_background", TINY_BACKGROUND[:2])
     members[sorted(members)[1]] = b"\x89PNG broken"
     with pytest.raises(DataError, match="cannot read"):
         read_archive(write_zip(tmp_path / "images_background.zip", members), omniglot_spec(28))
@@ -310,7 +312,8 @@ def test_download_into_data_root(tiny_omniglot, isolated_dirs, monkeypatch, http
     monkeypatch.setenv("METAMAP_OMNIGLOT_URL", http_files.base + "/mirror")
     splits = load_omniglot(image_size=14, root=isolated_dirs / "root", progress=False)
     assert splits["test"].num_classes == 4
-    assert (isolated_dirs / "root" / "omniglot" / ARCHIVES["background"]).read_bytes() == source["background"].read_bytes()
+    fetched = isolated_dirs / "root" / "omniglot" / ARCHIVES["background"]
+    assert fetched.read_bytes() == source["background"].read_bytes()
 
     table[ARCHIVES["evaluation"]] = dict(table[ARCHIVES["evaluation"]], sha256="0" * 64)
     with pytest.raises(DownloadError, match="SHA256"):
@@ -344,7 +347,8 @@ def test_data_root_precedence(tmp_path, monkeypatch):
 
 # -- the build script --------------------------------------------------------------------
 def _build_script():
-    spec = importlib.util.spec_from_file_location("build_bundled_omniglot", REPO / "scripts" / "build_bundled_omniglot.py")
+    path = REPO / "scripts" / "build_bundled_omniglot.py"
+    spec = importlib.util.spec_from_file_location("build_bundled_omniglot", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -364,4 +368,5 @@ def test_build_script_is_reproducible(tmp_path, capsys):
     assert outputs[0] == outputs[1]
     assert f"sha256 {hashlib.sha256(outputs[0]).hexdigest()}" in capsys.readouterr().out
     sets, meta = omniglot.read_sets(tmp_path / "a.npz")
-    assert ImageSpec.from_dict(meta["spec"]) == omniglot_spec(12) and sets["evaluation"].names == TINY_EVALUATION
+    assert ImageSpec.from_dict(meta["spec"]) == omniglot_spec(12)
+    assert sets["evaluation"].names == TINY_EVALUATION

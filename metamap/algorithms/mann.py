@@ -147,8 +147,7 @@ class MemoryAugmentedNetwork(MetaLearner):
         rows = torch.arange(t, device=y.device).unsqueeze(1)
         x, y = x[rows, order], y[rows, order]
         logits, _ = self.run(x, y)
-        presentation = F.one_hot(y, tasks.ways).cumsum(1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        return logits[..., :tasks.ways], y, presentation
+        return logits[..., :tasks.ways], y, presentation_numbers(y, tasks.ways)
 
     def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         logits, y, presentation = self.sequence_outputs(tasks)
@@ -156,6 +155,11 @@ class MemoryAugmentedNetwork(MetaLearner):
         metrics = {"accuracy": float((logits.argmax(-1) == y).float().mean()),
                    **{f"acc@{k}": v for k, v in metrics.items()}}
         return self.query_loss(logits, y), metrics
+
+
+def presentation_numbers(labels: Tensor, ways: int) -> Tensor:
+    """``labels [T, L]`` -> ``[T, L]``: how many times each step's class has been shown so far, this one included."""
+    return F.one_hot(labels, ways).cumsum(1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def presentation_accuracy(logits: Tensor, labels: Tensor, presentation: Tensor,

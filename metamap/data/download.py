@@ -53,7 +53,8 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None, *, md5: str 
     except urllib.error.URLError as e:
         raise DownloadError(_advice(url, dest, f"cannot reach the server ({e.reason})")) from None
     except (http.client.HTTPException, ConnectionError, TimeoutError) as e:
-        raise DownloadError(_advice(url, dest, f"the transfer broke off ({e.__class__.__name__}: {e})")) from None
+        why = f"the transfer broke off ({e.__class__.__name__}: {e})"
+        raise DownloadError(_advice(url, dest, why)) from None
     except OSError as e:
         # Reached only for local failures: the network errors are caught above.
         raise DownloadError(f"Cannot save {dest}: {e}. Choose a writable data folder "

@@ -244,7 +244,10 @@ def write_sets(path: str | os.PathLike, sets: dict[str, CharacterSet], meta: dic
 
 
 def read_sets(path: str | os.PathLike) -> tuple[dict[str, CharacterSet], dict]:
-    """Inverse of :func:`write_sets`: ``(sets, meta)``. Raises ``OSError``/``ValueError``/``KeyError`` if damaged."""
+    """Inverse of :func:`write_sets`: ``(sets, meta)``.
+
+    A damaged file raises ``OSError``, ``ValueError``, ``KeyError`` or ``zipfile.BadZipFile``.
+    """
     with np.load(path, allow_pickle=False) as npz:
         meta = json.loads(str(npz["meta"].item()))
         sets = {}
@@ -328,7 +331,8 @@ def _cache_candidates(archives: dict[str, Path], image_size: int) -> list[Path]:
     return list(dict.fromkeys(f / name for f in folders))
 
 
-def read_archives(archives: dict[str, Path], spec: ImageSpec, progress: bool = True) -> dict[str, CharacterSet]:
+def read_archives(archives: dict[str, Path], spec: ImageSpec,
+                  progress: bool = True) -> dict[str, CharacterSet]:
     """Decode both official archives with ``spec``, checking each one's structure and counts."""
     sets = {}
     for s in SETS:
@@ -468,7 +472,7 @@ def make_splits(sets: dict[str, CharacterSet], split: str = "lake", rotations: b
 def load_omniglot(split: str = "lake", image_size: int = BUNDLED_SIZE, rotations: bool = True,
                   root: str | os.PathLike | None = None, download: bool = True, progress: bool = True,
                   *, base_url: str | None = None) -> dict[str, ClassDataset]:
-    """Omniglot as ``{"train", "val", "test"}`` :class:`ClassDataset` s.
+    """Omniglot as a dict ``{"train", "val", "test"} -> ClassDataset``.
 
     split: ``"lake"`` or ``"vinyals"`` (see the module docstring).
     image_size: side of the square images; 28 comes from the bundled copy.

@@ -1,0 +1,318 @@
+"""Optimization-based meta-learners: MAML, first-order MAML, ANIL, Meta-SGD (and MAML++ options).
+
+All adapt a network ``body -> head`` to each task with a few gradient steps on its support set,
+through the one inner loop of :mod:`metamap.algorithms.inner_loop`, and differ only in options:
+
+=============  ===========================================================================
+MAML           second order: the meta-gradient flows through the inner updates (Finn et al. 2017)
+first-order    ``first_order = true``: inner gradients are constants (FOMAML)
+ANIL           ``adapt = "head"``: only the head adapts; the body is meta-learned (Raghu et al. 2020)
+Meta-SGD       ``step_sizes = "per_element"``: a learned step size per weight (Li et al. 2017)
+MAML++         ``step_sizes = "per_layer_per_step"`` and ``multi_step_loss`` (Antoniou et al. 2019)
+=============  ===========================================================================
+
+Batch norm inside the inner loop (``bn``): ``"transductive"`` (default, as the reference MAML)
+normalises each task's support and query sets with their own batch statistics, at training
+and at test time; ``"running"`` does so in meta-training while tracking running statistics
+(from the query sets), and normalises with those running statistics at evaluation.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+from metamap.algorithms.base import MetaLearner, Predictor
+from metamap.algorithms.inner_loop import TaskForward, inner_loop, task_losses
+from metamap.errors import ConfigError, MetamapError
+from metamap.nets.functional import BN_MODES
+from metamap.registry import DataInfo, build_backbone, options, register_learner
+from metamap.tasks.batch import TaskBatch
+
+STEP_SIZE_MODES = ("fixed", "per_layer_per_step", "per_element")
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")          # ParameterDict keys may not contain dots
+
+
+class StepSizes(nn.Module):
+    """Inner-loop step sizes.
+
+    ``fixed``: one constant ``init`` for every weight and step (not learned).
+    ``per_layer_per_step``: a learned scalar per parameter tensor and inner step (MAML++ "LSLR");
+    steps beyond the trained number (more steps at test time) reuse the last one.
+    ``per_element``: a learned tensor shaped like each parameter, shared by all steps (Meta-SGD).
+    """
+
+    def __init__(self, shapes: dict[str, torch.Size], init: float, mode: str, steps: int):
+        super().__init__()
+        if mode not in STEP_SIZE_MODES:
+            raise ConfigError(f"learner.step_sizes must be one of {', '.join(STEP_SIZE_MODES)}, not {mode!r}")
+        self.mode, self.init = mode, float(init)
+        self.sizes = nn.ParameterDict()
+        if mode == "per_layer_per_step":
+            for n in shapes:
+                self.sizes[_key(n)] = nn.Parameter(torch.full((max(steps, 1),), self.init))
+        elif mode == "per_element":
+            for n, s in shapes.items():
+                self.sizes[_key(n)] = nn.Parameter(torch.full(tuple(s), self.init))
+
+    def get(self, name: str, step: int) -> Tensor | float:
+        if self.mode == "fixed":
+            return self.init
+        lr = self.sizes[_key(name)]
+        return lr[min(step, lr.shape[0] - 1)] if self.mode == "per_layer_per_step" else lr
+
+
+def msl_weights(steps: int, progress: float) -> Tensor:
+    """MAML++ multi-step loss weights ``[steps]`` (for the query loss after each inner step).
+
+    Uniform at the start; over ``progress`` 0 -> 1 the non-final weights fall linearly to
+    ``0.03 / steps`` and the final one takes up the rest, as in Antoniou et al. (2019).
+    """
+    if steps <= 1:
+        return torch.ones(max(steps, 1))
+    floor = 0.03 / steps
+    p = min(max(progress, 0.0), 1.0)
+    other = 1.0 / steps + p * (floor - 1.0 / steps)
+    w = torch.full((steps,), other)
+    w[-1] = 1.0 - other * (steps - 1)
+    return w
+
+
+class GradientLearner(MetaLearner):
+    """A network ``model = Sequential(body, head)`` adapted to each task by gradient descent.
+
+    Inputs ``[T, N, *example]``; the predictor returns ``[T, Q, ways]`` logits (classification)
+    or ``[T, Q, out_dim]`` (regression). See the module docstring for the options.
+    """
+
+    name = "maml"
+    family = "optimization"
+    adapts_with_gradients = True
+
+    def __init__(self, body: nn.Module, head: nn.Module, example_dims: int, *, ways: int = 0,
+                 inner_steps: int = 1, inner_steps_eval: int = 1, inner_lr: float = 0.4,
+                 first_order: bool = False, step_sizes: str = "fixed", adapt: str | list = "all",
+                 bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
+                 batched: bool = True, channels_last: bool = False):
+        super().__init__(example_dims)
+        for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"learner.{what} must be a whole number >= 0, not {v!r}")
+        if bn not in BN_MODES:
+            raise ConfigError(f"learner.bn must be one of {', '.join(BN_MODES)}, not {bn!r}")
+        self.model = nn.Sequential(OrderedDict(body=body, head=head))
+        self.ways, self.inner_steps, self.inner_steps_eval = ways, inner_steps, inner_steps_eval
+        self.first_order, self.bn = bool(first_order), bn
+        self.multi_step_loss, self.msl_anneal_steps = bool(multi_step_loss), int(msl_anneal_steps)
+        self.adapt_names = self._resolve_adapt(adapt)
+        if not self.adapt_names and max(inner_steps, inner_steps_eval) > 0:
+            raise ConfigError(f"learner.adapt = {adapt!r} selects no trainable parameter to adapt")
+        shapes = {n: p.shape for n, p in self.model.named_parameters() if n in self.adapt_names}
+        self.step_sizes = StepSizes(shapes, inner_lr, step_sizes, inner_steps)
+        # Outer steps taken so far: drives the multi-step-loss annealing and survives checkpoints.
+        self.register_buffer("outer_steps", torch.zeros((), dtype=torch.long))
+        # When the body does not adapt (ANIL), its features are computed once per task batch, as
+        # one large batch, and only the head runs in the inner loop.
+        self.body_adapts = any(n.startswith("body.") for n in self.adapt_names)
+        self.full = TaskForward(self.model, batched, channels_last, bn)
+        self.body_fn = TaskForward(self.model.body, batched, channels_last, bn)
+        self.head_fn = TaskForward(self.model.head, batched, channels_last, bn)
+
+    def _resolve_adapt(self, adapt: str | list) -> list[str]:
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if adapt == "all":
+            return names
+        if adapt == "head":
+            return [n for n in names if n.startswith("head.")]
+        if isinstance(adapt, str):
+            adapt = [adapt]
+        if not isinstance(adapt, (list, tuple)) or not all(isinstance(a, str) for a in adapt):
+            raise ConfigError(f"learner.adapt must be 'all', 'head' or a list of parameter name prefixes, "
+                              f"not {adapt!r}")
+        every = [n for n, _ in self.model.named_parameters()]
+        chosen = [n for n in every if any(n == a or n.startswith(a + ".") for a in adapt)]
+        missing = [a for a in adapt if not any(n == a or n.startswith(a + ".") for n in every)]
+        if missing:
+            raise ConfigError(f"learner.adapt: no parameter named {', '.join(missing)}; "
+                              f"parameters are: {', '.join(every)}")
+        return chosen
+
+    # -- adaptation ------------------------------------------------------------------------------
+    def steps(self) -> int:
+        return self.inner_steps if self.training else self.inner_steps_eval
+
+    def _adapt(self, support_x: Tensor, support_y: Tensor, steps: int, differentiable: bool):
+        """-> (list of parameter dicts after 0..steps steps, query forward ``(params, x) -> out``)."""
+        training = self.training
+        theta = dict(self.model.named_parameters())
+        if self.body_adapts:
+            def fwd(p, x, record=None):
+                return self.full(p, x, training, record)
+            history = inner_loop(fwd, theta, self.adapt_names, support_x, support_y, steps,
+                                 self.step_sizes.get, differentiable, not self.first_order)
+            return history, fwd
+        # Frozen body: features once for the support set; the inner loop runs on the head alone.
+        body_p = {n[5:]: v for n, v in theta.items() if n.startswith("body.")}
+        head_p = {n[5:]: v for n, v in theta.items() if n.startswith("head.")}
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            fs = self.body_fn(body_p, support_x, training)
+        history = inner_loop(lambda p, x: self.head_fn(p, x, training), head_p,
+                             [n[5:] for n in self.adapt_names], fs, support_y, steps,
+                             lambda n, k: self.step_sizes.get("head." + n, k), differentiable,
+                             not self.first_order)
+
+        def fwd(p, x, record=None):
+            return self.head_fn(p, self.body_fn(body_p, x, training, record), training)
+        return history, fwd
+
+    def _check_ways(self, support_y: Tensor, ways: int) -> None:
+        if not torch.is_floating_point(support_y) and ways != self.ways:
+            raise MetamapError(
+                f"this {self.name} learner's head has {self.ways} outputs, so it adapts to {self.ways}-way "
+                f"tasks only, not {ways}-way; train and evaluate with the same number of ways "
+                f"(e.g. eval.ways = [{self.ways}])")
+
+    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int, steps: int | None = None
+                    ) -> Predictor:
+        """Adapt to ``support_x [T, S, ...]``; ``steps`` overrides the number of inner steps."""
+        self._check_ways(support_y, ways)
+        differentiable = self.training and torch.is_grad_enabled()
+        history, fwd = self._adapt(support_x, support_y, self.steps() if steps is None else steps,
+                                   differentiable)
+        final = history[-1]
+
+        def predict(query_x: Tensor) -> Tensor:
+            with torch.set_grad_enabled(differentiable):
+                return fwd(final, query_x)
+        return predict
+
+    def adapt_trajectory(self, support_x: Tensor, support_y: Tensor, steps: int, ways: int = 0
+                         ) -> list[Predictor]:
+        """Predictors after ``0, 1, ..., steps`` inner steps (for plots and step sweeps)."""
+        self._check_ways(support_y, ways or self.ways)
+        history, fwd = self._adapt(support_x, support_y, steps, False)
+
+        def make(p):
+            def predict(query_x: Tensor) -> Tensor:
+                with torch.no_grad():
+                    return fwd(p, query_x)
+            return predict
+        return [make(p) for p in history]
+
+    # -- meta-training ---------------------------------------------------------------------------
+    def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        self._check_ways(tasks.support_y, tasks.ways)
+        differentiable = self.training and torch.is_grad_enabled()
+        steps = self.steps()
+        history, fwd = self._adapt(tasks.support_x, tasks.support_y, steps, differentiable)
+        record: dict | None = {} if self.training and self.bn == "running" else None
+        if self.training and self.multi_step_loss and steps > 1:
+            progress = float(self.outer_steps) / max(self.msl_anneal_steps, 1)
+            weights = msl_weights(steps, progress if self.msl_anneal_steps else 1.0)
+            loss = torch.zeros(())
+            for k in range(1, steps + 1):
+                outputs = fwd(history[k], tasks.query_x, record if k == steps else None)
+                loss = loss + weights[k - 1] * task_losses(outputs, tasks.query_y).mean()
+        else:
+            outputs = fwd(history[-1], tasks.query_x, record)
+            loss = self.query_loss(outputs, tasks.query_y)
+        if record:
+            self._update_running_stats(record)
+        if self.training:
+            self.outer_steps += 1
+        return loss, self.task_metrics(outputs.detach(), tasks.query_y)
+
+    def _update_running_stats(self, record: dict) -> None:
+        # Keys are module names relative to the network that ran the query (whole model or body).
+        root = self.model if self.body_adapts else self.model.body
+        with torch.no_grad():
+            for name, (mean, var) in record.items():
+                m = root.get_submodule(name)
+                momentum = 0.1 if m.momentum is None else m.momentum
+                m.running_mean.lerp_(mean, momentum)
+                if var is not None:
+                    m.running_var.lerp_(var, momentum)
+                m.num_batches_tracked += 1
+
+
+class Reptile(GradientLearner):
+    """Reptile (Nichol, Achiam & Schulman, 2018): move the initial weights toward the adapted ones.
+
+    ``meta_loss`` returns the surrogate ``0.5 * mean_t ||theta - phi_t||^2`` (``phi_t`` the
+    weights after ``inner_steps`` plain SGD steps on task ``t``'s support set, held constant),
+    whose gradient is ``theta - mean_t phi_t``. The trainer's outer optimizer applies it: with
+    ``optim.name = "sgd"`` and ``optim.lr = epsilon`` that is exactly Reptile's update
+    ``theta += epsilon * (mean_t phi_t - theta)`` -- the *batched* version for a meta-batch of
+    tasks, the *serial* one with ``episode.tasks_per_batch = 1``. (With Adam it is Reptile with
+    an Adam outer step.) The reported metrics are the query scores after adaptation.
+    """
+
+    name = "reptile"
+
+    def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        self._check_ways(tasks.support_y, tasks.ways)
+        history, fwd = self._adapt(tasks.support_x, tasks.support_y, self.steps(), False)
+        final = history[-1]
+        prefix = "" if self.body_adapts else "head."
+        loss = torch.zeros(())
+        for n, p in self.model.named_parameters():
+            key = n[len(prefix):] if n.startswith(prefix) else None
+            if key is not None and key in final and final[key].dim() == p.dim() + 1:
+                diff = p - final[key].detach()                      # [T, *shape]
+                loss = loss + 0.5 * (diff * diff).sum() / diff.shape[0]
+        with torch.no_grad():
+            outputs = fwd(final, tasks.query_x)
+        if self.training:
+            self.outer_steps += 1
+        return loss, self.task_metrics(outputs, tasks.query_y)
+
+
+# -- registration -----------------------------------------------------------------------------
+COMMON = {
+    "inner_steps": 1, "inner_steps_eval": 3, "inner_lr": 0.4, "first_order": False,
+    "step_sizes": "fixed", "adapt": "all", "bn": "transductive", "multi_step_loss": False,
+    "msl_anneal_steps": 0, "batched": True, "channels_last": True,
+}
+# Finn et al. (2017), Omniglot 5-way: meta-batch 32, Adam 1e-3, inner step size 0.4, one inner
+# step in training. Classification heads are built for ``episode.ways``, so evaluation defaults
+# to the same number of ways.
+EPISODE = {"ways": 5, "shots": 1, "queries": 15, "tasks_per_batch": 32}
+DEFAULTS = {"episode": EPISODE, "optim": {"lr": 1e-3}, "schedule": {"name": "constant"},
+            "eval": {"ways": [5], "shots": [1]}}
+
+
+def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner, **fixed) -> GradientLearner:
+    o = options(config["learner"], COMMON, "learner")
+    o.update(fixed)
+    body = build_backbone(config, info)
+    regression = info.problem == "regression"
+    ways = 0 if regression else config["episode"]["ways"]
+    head = nn.Linear(body.out_features, info.output_dim if regression else ways)
+    return cls(body, head, len(info.example_shape), ways=ways, **o)
+
+
+def _register(name: str, summary: str, cls=GradientLearner, learner_defaults: dict | None = None, **fixed):
+    defaults = dict(DEFAULTS)
+    if learner_defaults:
+        defaults["learner"] = learner_defaults
+
+    @register_learner(name, defaults=defaults, family="optimization", summary=summary)
+    def _build(config: dict, info: DataInfo):
+        learner = build_gradient_learner(config, info, cls, **fixed)
+        learner.name = name
+        return learner
+    return _build
+
+
+_register("maml", "MAML, second order (Finn et al. 2017); first_order, step_sizes, adapt, bn, "
+          "multi_step_loss options cover FOMAML, ANIL, Meta-SGD and MAML++")
+_register("fomaml", "first-order MAML (Finn et al. 2017)", learner_defaults={"first_order": True})
+_register("anil", "ANIL: only the head adapts (Raghu et al. 2020)", learner_defaults={"adapt": "head"})
+_register("metasgd", "Meta-SGD: learned per-weight step sizes (Li et al. 2017)",
+          learner_defaults={"step_sizes": "per_element"})
+_register("reptile", "Reptile (Nichol et al. 2018); optim.name = 'sgd' gives the classic outer update",
+          Reptile, learner_defaults={"inner_steps": 5, "inner_steps_eval": 10, "inner_lr": 0.1})

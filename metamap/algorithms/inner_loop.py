@@ -1,0 +1,123 @@
+"""The one functional inner loop shared by MAML, first-order MAML, Reptile, ANIL and Meta-SGD.
+
+Parameters travel as a dict ``name -> tensor``. A tensor shaped like the module's parameter is
+*shared* by all tasks; one with an extra leading ``T`` dimension belongs to each task. The loop
+starts from the shared initial weights ``theta``, expands the adapted ones to ``[T, ...]``
+(a view: no copy) and takes ``k`` gradient steps on the sum of the per-task support losses --
+since tasks do not interact, the gradient of that sum with respect to task ``t``'s copy is
+exactly task ``t``'s own gradient.
+
+Forward passes use :class:`~metamap.nets.functional.TaskBatchedNet` (all tasks at once, grouped
+convolutions) when the network is made of known layers, else a per-task loop over
+``torch.func.functional_call``; ``batched=False`` forces the loop (the reference formulation).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metamap.nets.functional import BN_MODES, TaskBatchedNet, compile_layers
+
+StepSize = Callable[[str, int], "Tensor | float"]
+"""``(parameter name, step index) -> step size`` (a float, a scalar or a per-element tensor)."""
+
+
+def task_losses(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``[T]`` per-task mean loss: cross-entropy for class labels, squared error for real targets.
+
+    ``outputs [T, N, ways]`` (logits) or ``[T, N, *target]``; ``targets [T, N]`` or ``[T, N, *target]``.
+    """
+    t = targets.shape[0]
+    if torch.is_floating_point(targets):
+        return ((outputs.reshape(targets.shape) - targets) ** 2).reshape(t, -1).mean(1)
+    return F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none").reshape(t, -1).mean(1)
+
+
+class TaskForward:
+    """Runs ``module`` on ``x [T, N, *example]`` with a parameter dict -> ``[T, N, *out]``."""
+
+    def __init__(self, module: nn.Module, batched: bool = True, channels_last: bool = False,
+                 bn_mode: str = "transductive"):
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, not {bn_mode!r}")
+        self.module, self.bn_mode, self.channels_last = module, bn_mode, channels_last
+        layers = compile_layers(module) if batched else None
+        self.net = TaskBatchedNet(layers) if layers is not None else None
+        self.shapes = {n: p.shape for n, p in module.named_parameters()}
+
+    @property
+    def batched(self) -> bool:
+        return self.net is not None
+
+    def __call__(self, params: dict[str, Tensor], x: Tensor, training: bool,
+                 record: dict | None = None) -> Tensor:
+        use_running = self.bn_mode == "running" and not training
+        if self.net is not None:
+            return self.net(params, x, x.shape[0], use_running, self.channels_last, record)
+        return self._loop(params, x, use_running)
+
+    def _loop(self, params: dict[str, Tensor], x: Tensor, use_running: bool) -> Tensor:
+        # The reference formulation: one functional_call per task. Batch norm layers see the
+        # module in train mode (batch statistics) unless running statistics are asked for; the
+        # running buffers are passed as copies so evaluation never changes the module.
+        buffers = {n: b.clone() for n, b in self.module.named_buffers()}
+        was = self.module.training
+        self.module.train(not use_running)
+        try:
+            outs = []
+            for t in range(x.shape[0]):
+                p = {n: (v[t] if v.dim() == len(self.shapes[n]) + 1 else v) for n, v in params.items()}
+                outs.append(functional_call(self.module, {**buffers, **p}, (x[t],)))
+        finally:
+            self.module.train(was)
+        return torch.stack(outs)
+
+
+def inner_loop(forward: Callable[[dict[str, Tensor], Tensor], Tensor], theta: dict[str, Tensor],
+               adapt: list[str], x: Tensor, y: Tensor, steps: int, step_size: StepSize,
+               differentiable: bool, second_order: bool) -> list[dict[str, Tensor]]:
+    """Adapt ``theta`` to each task of ``(x [T, S, ...], y [T, S])`` in ``steps`` gradient steps.
+
+    Returns the parameter dicts after ``0..steps`` steps: entries named in ``adapt`` are
+    per-task ``[T, *shape]``, the others are ``theta``'s shared tensors.
+
+    ``differentiable``: keep the graph from ``theta`` (and learned step sizes) to the adapted
+    weights, for a meta-gradient; ``second_order``: also differentiate through the inner
+    gradients (MAML) rather than treat them as constants (first-order MAML, Reptile).
+    At evaluation (``differentiable=False``) nothing is kept, whatever ``second_order`` says.
+
+    A parameter that the support loss does not reach gets a zero gradient (stays unchanged).
+    """
+    t = x.shape[0]
+    with torch.enable_grad():
+        fast = dict(theta)
+        for n in fast if not differentiable else adapt:
+            # At evaluation, cut every link to theta; a frozen weight (requires_grad=False) that
+            # is adapted still needs a gradient in the inner loop, so it becomes a fresh leaf.
+            if not differentiable or not fast[n].requires_grad:
+                fast[n] = fast[n].detach().requires_grad_(n in adapt)
+        # expand: a view, so the first step costs no copy; grads w.r.t. it come out per task.
+        fast.update({n: fast[n].expand(t, *fast[n].shape) for n in adapt})
+        history = [fast]
+        create_graph = differentiable and second_order
+        for k in range(steps):
+            loss = task_losses(forward(fast, x), y).sum()
+            grads = torch.autograd.grad(loss, [fast[n] for n in adapt], create_graph=create_graph,
+                                        allow_unused=True)
+            new = dict(fast)
+            for n, g in zip(adapt, grads):
+                if g is None:
+                    continue
+                lr = step_size(n, k)
+                if differentiable:
+                    new[n] = fast[n] - lr * g
+                else:
+                    with torch.no_grad():
+                        new[n] = (fast[n] - lr * g).requires_grad_()
+            fast = new
+            history.append(fast)
+    return history

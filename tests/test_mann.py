@@ -1,0 +1,121 @@
+"""MANN: memory read/write weights and the LRU usage update by hand, sequences, determinism, CLI."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from learner_helpers import cli_train_eval, episode, learner
+from metamap.algorithms.mann import (MemoryAugmentedNetwork, least_used, presentation_accuracy,
+                                     presentation_numbers, read_weights, updated_usage, write_weights)
+from metamap.errors import ConfigError
+
+
+def test_read_weights_are_a_softmax_of_cosine_similarities():
+    keys = torch.tensor([[[1.0, 0.0]]])
+    memory = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    cos = torch.tensor([1.0, 0.0, 1 / math.sqrt(2)])
+    assert torch.allclose(read_weights(keys, memory), (cos.exp() / cos.exp().sum()).view(1, 1, 3))
+
+
+def test_least_used_gives_each_head_its_own_slot_ties_to_the_lower_index():
+    usage = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
+    assert least_used(usage, 1).tolist() == [[[0, 1, 0, 0]]]
+    assert least_used(usage, 2).tolist() == [[[0, 1, 0, 0], [0, 0, 0, 1]]]
+
+
+def test_write_weights_mix_last_read_and_least_used():
+    gate = torch.tensor([[[0.25]]])
+    previous_read = torch.tensor([[[0.7, 0.2, 0.1, 0.0]]])
+    lu = torch.tensor([[[0.0, 0.0, 0.0, 1.0]]])
+    expected = [0.25 * 0.7, 0.25 * 0.2, 0.25 * 0.1, 0.75]
+    assert write_weights(gate, previous_read, lu).flatten().tolist() == pytest.approx(expected)
+
+
+def test_usage_decays_and_adds_reads_and_writes_over_heads():
+    usage = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
+    read = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]]])
+    write = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
+    expected = [0.95 * 0.5 + 0.5 + 1, 0.95 * 0.1 + 0.5, 0.95 * 0.3 + 0.5, 0.95 * 0.1 + 0.5 + 1]
+    assert updated_usage(usage, read, write, 0.95).flatten().tolist() == pytest.approx(expected)
+
+
+def controlled_mann():
+    """1 head, 4 slots of width 2; all weights zero, so h = 0, the key is tanh(key bias) and the gate 1/2."""
+    net = MemoryAugmentedNetwork(nn.Identity(), 1, features=2, classes=2, hidden=3, slots=4, width=2,
+                                 heads=1, gamma=0.5)
+    for p in net.parameters():
+        nn.init.zeros_(p)
+    with torch.no_grad():
+        net.key.bias.copy_(torch.atanh(torch.tensor([0.5, -0.5])))
+    return net
+
+
+def test_two_memory_steps_by_hand():
+    net = controlled_mann()
+    x, label = torch.zeros(1, 2), torch.zeros(1, 2)
+    _, s1 = net.step(x, label, net.initial_state(1, x))
+    # Step 1: no reads yet, so the head writes with weight 1/2 to the least used slot (0, a tie).
+    assert torch.allclose(s1.memory[0, 0], torch.tensor([0.25, -0.25]))
+    assert torch.allclose(s1.memory[0, 1:], torch.full((3, 2), 1e-6))
+    # The key matches slot 0 (cosine 1) and is orthogonal to the others (cosine 0).
+    read1 = torch.tensor([math.e, 1, 1, 1]) / (math.e + 3)
+    assert torch.allclose(s1.read[0, 0], read1)
+    assert torch.allclose(s1.usage[0], read1 + torch.tensor([0.5, 0, 0, 0]))
+    assert torch.allclose(s1.reads[0], read1 @ s1.memory[0])
+    # Step 2: slot 1 is now least used (ties go to the lower index); it is cleared, then written.
+    _, s2 = net.step(x, label, s1)
+    write2 = 0.5 * read1 + 0.5 * torch.tensor([0.0, 1, 0, 0])
+    key = torch.tensor([0.5, -0.5])
+    expected = s1.memory[0].clone()
+    expected[1] = 0
+    expected += write2.unsqueeze(1) * key
+    assert torch.allclose(s2.memory[0], expected)
+    assert torch.allclose(s2.usage[0], 0.5 * s1.usage[0] + s2.read[0, 0] + write2)
+
+
+def test_presentation_numbers_and_accuracy():
+    labels = torch.tensor([[0, 1, 0, 0, 1]])
+    assert presentation_numbers(labels, 2).tolist() == [[1, 1, 2, 3, 2]]
+    logits = torch.tensor([[[1.0, 0], [1, 0], [1, 0], [0, 1], [0, 1]]])     # right, wrong, right, wrong, right
+    acc = presentation_accuracy(logits, labels, presentation_numbers(labels, 2), which=(1, 2, 3, 5))
+    assert acc == {1: 0.5, 2: 1.0, 3: 0.0}
+
+
+def test_training_sequence_metrics_and_seeded_order():
+    net = learner("mann", "learner.hidden=16", "learner.slots=8", "learner.width=4", "learner.heads=2",
+                  shape=(1, 4, 4))
+    tasks = episode(ways=3, shots=1, queries=3, shape=(1, 4, 4))
+    state = torch.get_rng_state()
+    loss, metrics = net.meta_loss(tasks)
+    assert torch.equal(state, torch.get_rng_state())
+    assert set(metrics) == {"accuracy", "acc@1", "acc@2"} and math.isfinite(loss.item())
+    assert net.meta_loss(tasks)[0].item() == loss.item()
+    loss.backward()
+    assert net.controller.weight_ih.grad.abs().sum() > 0
+
+
+def test_queries_are_answered_independently():
+    net = learner("mann", "learner.hidden=16", "learner.slots=8", "learner.width=4", shape=(1, 4, 4)).eval()
+    tasks = episode(tasks=1, ways=3, queries=2, shape=(1, 4, 4))
+    predict = net.adapt(tasks.support_x[0], tasks.support_y[0], 3)
+    both = predict(tasks.query_x[0])
+    assert both.shape == (6, 3)
+    assert torch.allclose(predict(tasks.query_x[0, 2:3]), both[2:3], atol=1e-6)
+
+
+def test_deterministic_under_a_seed_and_too_many_ways_refused():
+    a, b = (learner("mann", "learner.hidden=16", "learner.slots=8", "learner.width=4", shape=(1, 4, 4), seed=1)
+            for _ in range(2))
+    tasks = episode(ways=3, shape=(1, 4, 4))
+    assert torch.equal(a.meta_loss(tasks)[0], b.meta_loss(tasks)[0])
+    assert a.classes == 5        # the paper's 5-way setting is MANN's default
+    small = learner("mann", "learner.classes=2", shape=(1, 4, 4))
+    with pytest.raises(ConfigError, match="3-way"):
+        small.meta_loss(tasks)
+
+
+def test_cli_train_eval_and_checkpoint_round_trip(tmp_path):
+    _, loaded = cli_train_eval(tmp_path, "mann", "learner.hidden=16", "learner.slots=8", "learner.width=4",
+                               "learner.heads=2", "episode.tasks_per_batch=2")
+    assert isinstance(loaded, MemoryAugmentedNetwork) and loaded.heads == 2

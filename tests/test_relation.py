@@ -12,9 +12,8 @@ from metamap.tasks.batch import TaskBatch
 class ProductRelation(nn.Module):
     """A stand-in relation module: score = (class map sum) * (query map sum) / 100."""
 
-    def forward(self, pairs):
-        c = pairs.shape[1] // 2
-        return pairs[:, :c].sum((1, 2, 3)) * pairs[:, c:].sum((1, 2, 3)) / 100
+    def forward(self, classes, queries):
+        return queries.sum((2, 3, 4)).unsqueeze(2) * classes.sum((2, 3, 4)).unsqueeze(1) / 100
 
 
 def maps(*values):
@@ -50,8 +49,20 @@ def test_paper_modules_shapes_and_score_range():
     assert encoder(torch.zeros(2, 1, 28, 28)).shape == (2, 8, 7, 7)
     assert relation_encoder(3, 8)(torch.zeros(1, 3, 84, 84)).shape == (1, 8, 21, 21)
     module = RelationModule(8, side=7, hidden=4)
-    scores = module(torch.randn(5, 16, 7, 7))
+    scores = module.score_pairs(torch.randn(5, 16, 7, 7))
     assert scores.shape == (5,) and bool(((scores > 0) & (scores < 1)).all())
+
+
+def test_split_first_convolution_equals_scoring_every_concatenated_pair():
+    module = RelationModule(4, side=8, hidden=3).eval()
+    with torch.no_grad():                                  # non-trivial BatchNorm statistics
+        for bn in (module.convs[0][1], module.convs[1][1]):
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+    classes, queries = torch.randn(2, 3, 4, 8, 8), torch.randn(2, 5, 4, 8, 8)
+    pairs = torch.cat([classes.unsqueeze(1).expand(-1, 5, -1, -1, -1, -1),
+                       queries.unsqueeze(2).expand(-1, -1, 3, -1, -1, -1)], dim=3)
+    assert torch.allclose(module(classes, queries), module.score_pairs(pairs.flatten(0, 2)).view(2, 5, 3),
+                          atol=1e-6)
 
 
 def test_learner_trains_and_predicts():

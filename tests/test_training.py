@@ -35,7 +35,7 @@ def metrics_without_timing(run_dir):
 def test_train_writes_checkpoints_logs_and_results(image_folder, tmp_path):
     summary = train(folder_config(image_folder), tmp_path / "run", progress=False, echo=lambda *_: None)
     run = tmp_path / "run"
-    assert {"best", "last", "metrics.jsonl", "config.toml", "results.json"} <= {p.name for p in run.iterdir()}
+    assert {"best", "last", "metrics.jsonl", "config.toml", "results.json", "curves.png"} <= {p.name for p in run.iterdir()}
     meta = json.loads((run / "last" / checkpoint.META).read_text())
     assert meta["step"] == 8 and meta["learner"] == "protonet" and meta["format"] == checkpoint.FORMAT
     result = summary["test"][0]

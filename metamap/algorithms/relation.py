@@ -28,7 +28,7 @@ def relation_encoder(in_channels: int, hidden: int = 64, norm: bool = True) -> n
 
 
 class RelationModule(nn.Module):
-    """Two conv blocks and two fully connected layers: ``[B, 2C, H, W]`` -> scores ``[B]`` in [0, 1]."""
+    """Two conv blocks and two fully connected layers: a (class, query) pair of feature maps -> a score in [0, 1]."""
 
     def __init__(self, channels: int, side: int, hidden: int = 8):
         super().__init__()
@@ -38,8 +38,25 @@ class RelationModule(nn.Module):
             raise ConfigError(f"relation module: {side}x{side} feature maps are too small for two poolings")
         self.fc = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
 
-    def forward(self, pairs: Tensor) -> Tensor:
+    def score_pairs(self, pairs: Tensor) -> Tensor:
+        """The module as the paper draws it: concatenated maps ``[B, 2C, H, W]`` -> ``[B]``."""
         return self.fc(self.convs(pairs).flatten(1)).squeeze(-1)
+
+    def forward(self, classes: Tensor, queries: Tensor) -> Tensor:
+        """Every pair of ``classes [T, N, C, H, W]`` and ``queries [T, Q, C, H, W]`` -> ``[T, Q, N]``.
+
+        Same result as :meth:`score_pairs` on all Q*N concatenations, but cheaper: a convolution
+        of a concatenation is the sum of convolutions of its parts, so the first (and costliest)
+        convolution runs on the N + Q maps once instead of on Q*N pairs.
+        """
+        t, n, c = classes.shape[:3]
+        q = queries.shape[1]
+        conv = self.convs[0][0]
+        per_class = F.conv2d(classes.flatten(0, 1), conv.weight[:, :c], conv.bias, padding=conv.padding)
+        per_query = F.conv2d(queries.flatten(0, 1), conv.weight[:, c:], padding=conv.padding)
+        first = per_class.unflatten(0, (t, 1, n)) + per_query.unflatten(0, (t, q, 1))   # [T, Q, N, C, H, W]
+        x = self.convs[1](self.convs[0][1:](first.flatten(0, 2)))
+        return self.fc(x.flatten(1)).view(t, q, n)
 
 
 def embed_maps(encoder: nn.Module, x: Tensor) -> Tensor:
@@ -62,21 +79,14 @@ class RelationNetwork(MetaLearner):
         super().__init__(example_dims)
         self.encoder, self.relation = encoder, relation
 
-    def scores(self, classes: Tensor, queries: Tensor) -> Tensor:
-        """``classes [T, N, C, H, W]``, ``queries [T, Q, C, H, W]`` -> relation scores ``[T, Q, N]``."""
-        t, n, q = classes.shape[0], classes.shape[1], queries.shape[1]
-        pairs = torch.cat([classes.unsqueeze(1).expand(-1, q, -1, *classes.shape[2:]),
-                           queries.unsqueeze(2).expand(-1, -1, n, *queries.shape[2:])], dim=3)  # channels
-        return self.relation(pairs.flatten(0, 2)).view(t, q, n)
-
     def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
         classes = class_sums(embed_maps(self.encoder, support_x), support_y, ways)
-        return lambda query_x: self.scores(classes, embed_maps(self.encoder, query_x))
+        return lambda query_x: self.relation(classes, embed_maps(self.encoder, query_x))
 
     def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         s = tasks.support_x.shape[1]
         maps = embed_maps(self.encoder, torch.cat([tasks.support_x, tasks.query_x], 1))
-        scores = self.scores(class_sums(maps[:, :s], tasks.support_y, tasks.ways), maps[:, s:])
+        scores = self.relation(class_sums(maps[:, :s], tasks.support_y, tasks.ways), maps[:, s:])
         loss = F.mse_loss(scores, F.one_hot(tasks.query_y, tasks.ways).to(scores.dtype))
         return loss, self.task_metrics(scores.detach(), tasks.query_y)
 

@@ -13,6 +13,7 @@ from metamap.errors import CheckpointError, EpisodeError
 from metamap.registry import DataInfo, build_learner, data_source
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult, evaluate
+from metamap.train.plots import plot_curves
 from metamap.train.runtime import pick_device, set_threads, tune_allocator
 from metamap.train.trainer import Trainer
 
@@ -130,6 +131,9 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
         echo(report(results, config, source))
     if rank == 0:
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        curves = plot_curves(run_dir)
+        if curves:
+            echo(f"learning curves: {curves}")
     return summary
 
 

@@ -1,0 +1,96 @@
+"""ProtoNet training speed on Omniglot shapes, side by side in one run.
+
+    python benchmarks/protonet_speed.py [--steps 30] [--repeats 3]
+
+Episodes/s of metamap's training step (20-way 1-shot, 15 queries/class, Conv-4, 28x28) with
+its CPU levers on and off, against a plain-PyTorch reference step (nn.Module Conv-4,
+torch.cdist, default memory format and allocator). Each variant runs in its own process
+(the allocator setting is process-wide), repeated round-robin; medians are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import facts_line, median, save  # noqa: E402
+
+VARIANTS = {
+    "plain PyTorch reference": dict(kind="reference", channels_last=False, allocator=False),
+    "metamap, levers off": dict(kind="metamap", channels_last=False, allocator=False),
+    "metamap + channels-last": dict(kind="metamap", channels_last=True, allocator=False),
+    "metamap + allocator": dict(kind="metamap", channels_last=False, allocator=True),
+    "metamap default (both)": dict(kind="metamap", channels_last=True, allocator=True),
+}
+
+
+def worker(kind: str, channels_last: bool, allocator: bool, steps: int) -> float:
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from metamap import config as configlib
+    from metamap.train.run import build
+    from metamap.train.runtime import tune_allocator
+    if allocator:
+        tune_allocator()
+    cfg = configlib.resolve()
+    source, info, learner = build(cfg)
+    sampler = source.sampler(cfg, "train", 20, 1, 15, 1, 0)
+    fmt = torch.channels_last if channels_last else None
+    if fmt is not None:
+        learner.to(memory_format=fmt)
+    opt = torch.optim.Adam(learner.parameters(), 1e-3)
+
+    def reference_loss(b):
+        enc = learner.encoder
+        s = enc(b.support_x[0]).flatten(1)
+        q = enc(b.query_x[0]).flatten(1)
+        protos = torch.stack([s[b.support_y[0] == c].mean(0) for c in range(b.ways)])
+        return F.cross_entropy(-torch.cdist(q, protos) ** 2, b.query_y[0])
+
+    times = []
+    for i in range(steps + 5):
+        b = sampler.batch(i).to(memory_format=fmt)
+        t = time.perf_counter()
+        loss = reference_loss(b) if kind == "reference" else learner.meta_loss(b)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i >= 5:                        # warm-up steps are not timed
+            times.append(time.perf_counter() - t)
+    return 1.0 / median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(**json.loads(args.worker), steps=args.steps)))
+        return
+    print(facts_line(), flush=True)
+    rates = {name: [] for name in VARIANTS}
+    for _ in range(args.repeats):
+        for name, v in VARIANTS.items():
+            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", json.dumps(v)],
+                                 capture_output=True, text=True, check=True, env=os.environ.copy())
+            rates[name].append(float(out.stdout.strip().splitlines()[-1]))
+    ref = median(rates["plain PyTorch reference"])
+    print("\n| variant | episodes/s (median) | vs reference |")
+    print("|---|---|---|")
+    for name, rs in rates.items():
+        print(f"| {name} | {median(rs):.2f} | {median(rs) / ref:.2f}x |")
+    save("protonet_speed", {"command": "python benchmarks/protonet_speed.py " + " ".join(sys.argv[1:]),
+                            "episodes_per_s": rates})
+
+
+if __name__ == "__main__":
+    main()

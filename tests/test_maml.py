@@ -1,0 +1,375 @@
+"""Correctness of the gradient-based learners against hand-written references (float64).
+
+The reference meta-gradient unrolls the inner loop by hand, one task at a time, with plain
+modules and ``torch.autograd``; the library's batched formulation (grouped convolutions, task
+batched matmuls) and its per-task fallback must both match it to 1e-8 relative error -- the
+tolerance that catches e.g. F.batch_norm's wrong second-order gradients under vmap (3e-3).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metamap.algorithms.gradient import GradientLearner, Reptile, StepSizes, msl_weights
+from metamap.errors import ConfigError, MetamapError
+from metamap.nets.backbones import MLP, Conv4
+from metamap.tasks.batch import TaskBatch
+
+T, W, S, Q = 3, 3, 3, 6
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def conv_learner(norm=True, **kw) -> GradientLearner:
+    torch.manual_seed(0)
+    body = Conv4(in_channels=1, hidden=4, layers=2, image_size=8, norm=norm)
+    return GradientLearner(body, nn.Linear(body.out_features, W), 3, ways=W, channels_last=False, **kw)
+
+
+def conv_tasks(seed=1) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    return TaskBatch(torch.randn(T, S, 1, 8, 8, generator=g), torch.arange(W).repeat(T, 1),
+                     torch.randn(T, Q, 1, 8, 8, generator=g),
+                     torch.arange(W).repeat_interleave(Q // W).repeat(T, 1), W)
+
+
+def unrolled_meta_grad(learner: GradientLearner, tasks: TaskBatch, steps: int, lr, adapt=None,
+                       first_order=False) -> dict[str, torch.Tensor]:
+    """Task by task, step by step, with the plain module (batch statistics per task)."""
+    model = learner.model.train()
+    theta = dict(model.named_parameters())
+    adapt = list(theta) if adapt is None else adapt
+    lr_of = lr if callable(lr) else (lambda n, k: lr)
+    total = 0.0
+    for t in range(tasks.num_tasks):
+        fast = dict(theta)
+        for k in range(steps):
+            loss = F.cross_entropy(functional_call(model, fast, (tasks.support_x[t],)), tasks.support_y[t])
+            grads = torch.autograd.grad(loss, [fast[n] for n in adapt], create_graph=not first_order)
+            for n, g in zip(adapt, grads):
+                fast[n] = fast[n] - lr_of(n, k) * (g.detach() if first_order else g)
+        total = total + F.cross_entropy(functional_call(model, fast, (tasks.query_x[t],)), tasks.query_y[t])
+    params = [p for p in learner.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(total / tasks.num_tasks, params, allow_unused=True)
+    names = {id(p): n for n, p in learner.named_parameters()}
+    return {names[id(p)]: (torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)}
+
+
+def library_meta_grad(learner: GradientLearner, tasks: TaskBatch) -> dict[str, torch.Tensor]:
+    learner.train()
+    loss, _ = learner.meta_loss(tasks)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    names = {id(p): n for n, p in learner.named_parameters()}
+    return {names[id(p)]: (torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)}
+
+
+def rel_err(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    x = torch.cat([a[k].flatten() for k in a])
+    y = torch.cat([b[k].flatten() for k in a])
+    return float((x - y).norm() / y.norm())
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_second_order_maml_matches_unrolled_loop(steps, norm, batched):
+    learner = conv_learner(norm=norm, inner_steps=steps, inner_lr=0.4, batched=batched)
+    assert learner.full.batched == batched
+    tasks = conv_tasks()
+    ref = unrolled_meta_grad(learner, tasks, steps, 0.4)
+    got = library_meta_grad(learner, tasks)
+    assert rel_err(got, ref) < 1e-8
+    # Second-order terms matter here: the first-order gradient is far from it.
+    assert rel_err(unrolled_meta_grad(learner, tasks, steps, 0.4, first_order=True), ref) > 1e-3
+
+
+def test_first_order_maml_matches_unrolled_first_order_loop():
+    learner = conv_learner(inner_steps=2, inner_lr=0.3, first_order=True)
+    tasks = conv_tasks()
+    assert rel_err(library_meta_grad(learner, tasks),
+                   unrolled_meta_grad(learner, tasks, 2, 0.3, first_order=True)) < 1e-8
+
+
+# -- closed forms on a quadratic: linear regression y = x @ w, mean squared error -------------
+def quadratic(steps=1, lr=0.1, cls=GradientLearner, **kw):
+    torch.manual_seed(0)
+    learner = cls(nn.Identity(), nn.Linear(4, 1, bias=False), 1, inner_steps=steps, inner_lr=lr, **kw)
+    g = torch.Generator().manual_seed(3)
+    tasks = TaskBatch(torch.randn(T, 5, 4, generator=g), torch.randn(T, 5, generator=g),
+                      torch.randn(T, 7, 4, generator=g), torch.randn(T, 7, generator=g))
+    return learner, tasks
+
+
+def grad_mse(w, x, y):
+    """Gradient of mean((x w - y)^2) w.r.t. w: (2/n) x^T (x w - y);  x [n, d], y [n], w [d]."""
+    return 2.0 / x.shape[0] * x.T @ (x @ w - y)
+
+
+def test_fomaml_and_maml_closed_forms_on_quadratic():
+    lr = 0.1
+    for first_order in (True, False):
+        learner, tasks = quadratic(lr=lr, first_order=first_order)
+        theta = learner.model.head.weight.detach()[0]
+        expected = torch.zeros(4)
+        for t in range(T):
+            xs, ys, xq, yq = tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t]
+            phi = theta - lr * grad_mse(theta, xs, ys)
+            gq = grad_mse(phi, xq, yq)
+            hessian = 2.0 / xs.shape[0] * xs.T @ xs
+            expected += gq if first_order else (torch.eye(4) - lr * hessian) @ gq
+        got = library_meta_grad(learner, tasks)["model.head.weight"][0]
+        torch.testing.assert_close(got, expected / T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_reptile_closed_form_on_quadratic(steps):
+    lr = 0.05
+    learner, tasks = quadratic(steps=steps, lr=lr, cls=Reptile)
+    theta = learner.model.head.weight.detach()[0]
+    phis = []
+    for t in range(T):
+        phi = theta.clone()
+        for _ in range(steps):
+            phi = phi - lr * grad_mse(phi, tasks.support_x[t], tasks.support_y[t])
+        phis.append(phi)
+    got = library_meta_grad(learner, tasks)["model.head.weight"][0]
+    # The surrogate's gradient is theta - mean(phi): an SGD outer step of size eps is Reptile's.
+    torch.testing.assert_close(got, theta - torch.stack(phis).mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_reptile_sgd_outer_step_is_the_reptile_update():
+    learner, tasks = quadratic(steps=3, lr=0.05, cls=Reptile)
+    theta = learner.model.head.weight.detach().clone()
+    learner.eval()
+    history, _ = learner._adapt(tasks.support_x, tasks.support_y, 3, False)
+    phi_mean = history[-1]["weight"].mean(0)      # no body weights: the head runs alone
+    opt = torch.optim.SGD(learner.parameters(), lr=0.5)
+    learner.train()
+    loss, _ = learner.meta_loss(tasks)
+    loss.backward()
+    opt.step()
+    torch.testing.assert_close(learner.model.head.weight.detach(), theta + 0.5 * (phi_mean - theta))
+
+
+# -- ANIL, Meta-SGD, MAML++ ---------------------------------------------------------------------
+def test_anil_leaves_body_untouched_and_matches_unrolled_loop():
+    learner = conv_learner(inner_steps=2, adapt="head")
+    assert learner.adapt_names == ["head.weight", "head.bias"]
+    tasks = conv_tasks()
+    learner.eval()
+    history, _ = learner._adapt(tasks.support_x, tasks.support_y, 2, False)
+    # Only head weights exist in the inner loop, and they differ per task after adapting.
+    assert set(history[-1]) == {"weight", "bias"} and history[-1]["weight"].shape == (T, W, 16)
+    assert not torch.equal(history[-1]["weight"][0], history[-1]["weight"][1])
+    body_before = {n: p.detach().clone() for n, p in learner.model.body.named_parameters()}
+    ref = unrolled_meta_grad(learner, tasks, 2, 0.4, adapt=["head.weight", "head.bias"])
+    got = library_meta_grad(learner, tasks)
+    assert rel_err(got, ref) < 1e-8
+    assert float(got["model.body.features.0.0.weight"].abs().sum()) > 0      # the body is meta-learned
+    for n, p in learner.model.body.named_parameters():
+        assert torch.equal(p, body_before[n])
+
+
+def test_meta_sgd_step_sizes_get_exact_gradients():
+    learner = conv_learner(inner_steps=2, inner_lr=0.2, step_sizes="per_element")
+    with torch.no_grad():          # distinct step sizes per element, so a mix-up would show
+        for p in learner.step_sizes.parameters():
+            p.mul_(torch.rand_like(p) + 0.5)
+    tasks = conv_tasks()
+    lr = lambda n, k: learner.step_sizes.get(n, k)  # noqa: E731
+    ref = unrolled_meta_grad(learner, tasks, 2, lr)
+    got = library_meta_grad(learner, tasks)
+    assert rel_err(got, ref) < 1e-8
+    sizes = [k for k in got if k.startswith("step_sizes.")]
+    assert len(sizes) == len(list(learner.model.parameters()))
+    assert all(float(got[k].abs().sum()) > 0 for k in sizes)
+
+
+def test_maml_plus_plus_step_sizes_and_multi_step_loss():
+    learner = conv_learner(inner_steps=3, inner_lr=0.2, step_sizes="per_layer_per_step",
+                           multi_step_loss=True, msl_anneal_steps=10)
+    with torch.no_grad():
+        for p in learner.step_sizes.parameters():
+            p.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    tasks = conv_tasks()
+    learner.train()
+    loss, _ = learner.meta_loss(tasks)
+    # By hand: the weighted sum of the query losses after steps 1, 2, 3 (uniform at the start).
+    model, theta = learner.model, dict(learner.model.named_parameters())
+    expected = 0.0
+    for t in range(T):
+        fast = dict(theta)
+        for k in range(3):
+            l = F.cross_entropy(functional_call(model, fast, (tasks.support_x[t],)), tasks.support_y[t])
+            g = torch.autograd.grad(l, list(fast.values()), create_graph=True)
+            fast = {n: v - 0.1 * (k + 1) * gi for (n, v), gi in zip(fast.items(), g)}
+            q = F.cross_entropy(functional_call(model, fast, (tasks.query_x[t],)), tasks.query_y[t])
+            expected = expected + q / 3
+    torch.testing.assert_close(loss, expected / T, rtol=1e-10, atol=0)
+    grads = torch.autograd.grad(loss, list(learner.step_sizes.parameters()))
+    assert all(bool((g != 0).all()) for g in grads)           # every layer and step gets a gradient
+    assert int(learner.outer_steps) == 1
+
+
+def test_msl_weights_anneal_from_uniform_to_final():
+    torch.testing.assert_close(msl_weights(4, 0.0), torch.full((4,), 0.25))
+    end = msl_weights(4, 1.0)
+    torch.testing.assert_close(end, torch.tensor([0.0075, 0.0075, 0.0075, 0.9775]))
+    torch.testing.assert_close(msl_weights(4, 0.5).sum(), torch.tensor(1.0))
+
+
+def test_step_sizes_modes():
+    shapes = {"a": torch.Size([2, 3])}
+    assert StepSizes(shapes, 0.4, "fixed", 2).get("a", 5) == 0.4
+    lslr = StepSizes(shapes, 0.4, "per_layer_per_step", 2)
+    assert lslr.get("a", 0).shape == () and lslr.get("a", 7) is not None   # beyond training: last one
+    assert StepSizes(shapes, 0.4, "per_element", 2).get("a", 0).shape == (2, 3)
+    with pytest.raises(ConfigError):
+        StepSizes(shapes, 0.4, "adam", 1)
+
+
+# -- options: steps at train/test, frozen and unused parameters, batch-norm modes, eval ----------
+def test_inner_steps_differ_between_training_and_evaluation():
+    learner = conv_learner(inner_steps=1, inner_steps_eval=4)
+    tasks = conv_tasks()
+    learner.train()
+    assert learner.steps() == 1
+    learner.eval()
+    assert learner.steps() == 4
+    out = learner.adapt_tasks(tasks.support_x, tasks.support_y, W)(tasks.query_x)
+    by_hand = learner.adapt_trajectory(tasks.support_x, tasks.support_y, 4)
+    torch.testing.assert_close(out, by_hand[4](tasks.query_x), rtol=0, atol=0)
+    assert not out.requires_grad                               # no graph kept at evaluation
+
+
+def test_frozen_parameters_are_neither_adapted_nor_meta_learned():
+    learner = conv_learner(inner_steps=2)
+    first = learner.model.body.features[0][0]
+    first.weight.requires_grad_(False)
+    learner = GradientLearner(learner.model.body, learner.model.head, 3, ways=W, inner_steps=2,
+                              channels_last=False)
+    assert "body.features.0.0.weight" not in learner.adapt_names
+    tasks = conv_tasks()
+    adapt = [n for n in learner.adapt_names]
+    ref = unrolled_meta_grad(learner, tasks, 2, 0.4, adapt=adapt)
+    got = library_meta_grad(learner, tasks)
+    assert "model.body.features.0.0.weight" not in got
+    assert rel_err(got, ref) < 1e-8
+
+
+def test_explicitly_adapted_frozen_weight_and_unused_parameters_work():
+    class HeadWithSpare(nn.Module):        # an unknown module: the per-task loop runs it
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(16, W)
+            self.spare = nn.Parameter(torch.ones(3))      # never used in forward
+
+        def forward(self, x):
+            return self.linear(x)
+
+    torch.manual_seed(0)
+    body = Conv4(1, 4, 2, 8)
+    body.features[0][0].bias.requires_grad_(False)
+    learner = GradientLearner(body, HeadWithSpare(), 3, ways=W, inner_steps=2,
+                              adapt=["body.features.0.0.bias", "head"], channels_last=False)
+    assert not learner.full.batched
+    tasks = conv_tasks()
+    learner.train()
+    loss, _ = learner.meta_loss(tasks)
+    loss.backward()
+    assert learner.model.head.spare.grad is None or float(learner.model.head.spare.grad.abs().sum()) == 0
+    assert body.features[0][0].bias.grad is None                      # frozen: not meta-learned
+    learner.eval()
+    history, _ = learner._adapt(tasks.support_x, tasks.support_y, 2, False)
+    assert not torch.equal(history[-1]["body.features.0.0.bias"][0], body.features[0][0].bias)
+    torch.testing.assert_close(history[-1]["head.spare"], torch.ones(3).expand(T, 3))
+
+
+def test_running_batch_norm_mode_tracks_and_uses_running_statistics():
+    learner = conv_learner(inner_steps=1, bn="running")
+    bn = learner.model.body.features[0][1]
+    tasks = conv_tasks()
+    learner.train()
+    learner.meta_loss(tasks)[0].backward()
+    assert int(bn.num_batches_tracked) == 1 and not torch.equal(bn.running_mean, torch.zeros(4))
+    # Evaluation normalises with the running statistics: the same as the module in eval mode.
+    learner.eval()
+    out = learner.adapt_trajectory(tasks.support_x, tasks.support_y, 0)[0](tasks.query_x)
+    ref = torch.stack([learner.model(tasks.query_x[t]) for t in range(T)])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # ... unlike transductive mode, which uses each task's query statistics.
+    learner.bn = "transductive"
+    learner.full.bn_mode = "transductive"
+    out_t = learner.adapt_trajectory(tasks.support_x, tasks.support_y, 0)[0](tasks.query_x)
+    assert (out_t - ref).abs().max() > 1e-3
+
+
+def test_evaluation_mode_is_first_order_and_keeps_no_graph():
+    learner = conv_learner(inner_steps=2, inner_steps_eval=2)
+    tasks = conv_tasks()
+    learner.eval()
+    out = learner.adapt_tasks(tasks.support_x, tasks.support_y, W)(tasks.query_x)
+    learner.train()
+    ref = learner.adapt_trajectory(tasks.support_x, tasks.support_y, 2)[2](tasks.query_x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert out.grad_fn is None
+
+
+def test_batched_and_per_task_loop_agree_in_float32():
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    body = Conv4(1, 8, 4, 28)
+    tasks = TaskBatch(torch.randn(4, 5, 1, 28, 28), torch.arange(5).repeat(4, 1),
+                      torch.randn(4, 10, 1, 28, 28), torch.arange(5).repeat_interleave(2).repeat(4, 1), 5)
+    grads = []
+    for batched, cl in ((False, False), (True, False), (True, True)):
+        learner = GradientLearner(body, nn.Linear(8, 5), 3, ways=5, inner_steps=2, batched=batched,
+                                  channels_last=cl)
+        torch.manual_seed(1)
+        learner.model.head.reset_parameters()
+        grads.append(library_meta_grad(learner, tasks))
+    assert rel_err(grads[1], grads[0]) < 1e-4 and rel_err(grads[2], grads[0]) < 1e-4
+
+
+def test_mlp_regression_maml_matches_unrolled_loop():
+    torch.manual_seed(0)
+    learner = GradientLearner(MLP(1, (8, 8)), nn.Linear(8, 1), 1, inner_steps=2, inner_lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    tasks = TaskBatch(torch.randn(T, 5, 1, generator=g), torch.randn(T, 5, generator=g),
+                      torch.randn(T, 7, 1, generator=g), torch.randn(T, 7, generator=g))
+    model, theta = learner.model, dict(learner.model.named_parameters())
+    total = 0.0
+    for t in range(T):
+        fast = dict(theta)
+        for _ in range(2):
+            out = functional_call(model, fast, (tasks.support_x[t],))[:, 0]
+            g_ = torch.autograd.grad(F.mse_loss(out, tasks.support_y[t]), list(fast.values()), create_graph=True)
+            fast = {n: v - 0.01 * gi for (n, v), gi in zip(fast.items(), g_)}
+        total = total + F.mse_loss(functional_call(model, fast, (tasks.query_x[t],))[:, 0], tasks.query_y[t])
+    ref = torch.autograd.grad(total / T, list(theta.values()))
+    ref = {"model." + n: r for n, r in zip(theta, ref)}
+    assert rel_err(library_meta_grad(learner, tasks), ref) < 1e-8
+
+
+def test_wrong_ways_and_bad_options_give_clear_errors():
+    learner = conv_learner()
+    tasks = conv_tasks()
+    with pytest.raises(MetamapError, match="3-way tasks only"):
+        learner.adapt_tasks(tasks.support_x[:, :2], tasks.support_y[:, :2] % 2, 2)
+    with pytest.raises(ConfigError, match="no parameter named"):
+        conv_learner(adapt=["body.nothing"])
+    with pytest.raises(ConfigError, match="bn"):
+        conv_learner(bn="batch")
+    with pytest.raises(ConfigError, match="inner_steps"):
+        conv_learner(inner_steps=-1)

@@ -48,7 +48,7 @@ def mann_presentations(run_dir: Path, episodes: int = 1000, seed: int = 2024) ->
     sampler = data_source(config).sampler(config, "test", 5, 1, 9, 50, seed)
     logits, labels, shown = [], [], []
     with torch.no_grad():
-        for i in range(episodes // 50):
+        for i in range(max(1, episodes // 50)):
             out, y, k = learner.sequence_outputs(sampler.batch(i))
             logits.append(out), labels.append(y), shown.append(k)
     return presentation_accuracy(torch.cat(logits), torch.cat(labels), torch.cat(shown), tuple(range(1, 11)))
@@ -75,8 +75,8 @@ def plot_presentations(curve: dict[int, float], path: Path, note: str) -> None:
     plt.close(fig)
 
 
-def run(name: str) -> dict:
-    config = configlib.resolve(ROOT / RUNS[name])
+def run(name: str, overrides: list[str]) -> dict:
+    config = configlib.resolve(ROOT / RUNS[name], overrides)
     run_dir = ROOT / "runs" / "omniglot_metric" / name
     if run_dir.exists():
         import shutil
@@ -84,11 +84,12 @@ def run(name: str) -> dict:
     t0 = time.perf_counter()
     summary = train(config, run_dir, progress=False)
     total = time.perf_counter() - t0
-    result = {"command": f"python benchmarks/omniglot_metric.py {name}", "config_file": RUNS[name],
+    command = " ".join(["python benchmarks/omniglot_metric.py", name, *(f"--set {o}" for o in overrides)])
+    result = {"command": command, "config_file": RUNS[name],
               "config": config, "summary": summary, "total_seconds": round(total, 1),
               "test_seconds": round(total - summary["train_seconds"], 1)}
     if name == "mann":
-        curve = mann_presentations(run_dir)
+        curve = mann_presentations(run_dir, config["eval"]["episodes"], config["eval"]["seed"])
         result["presentations"] = curve
         plot_presentations(curve, RESULTS / "omniglot_metric-mann-presentations.png",
                            f"{config['train']['steps']} batches x 16 episodes, "
@@ -106,11 +107,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", default=DEFAULT, choices=sorted(RUNS), metavar="NAME",
                    help=f"which runs ({', '.join(RUNS)}); default: {' '.join(DEFAULT)}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied to every run (e.g. train.steps=10 for a smoke test)")
     args = p.parse_args()
     print(facts_line(), flush=True)
     print("| run | setting | test accuracy (95% CI) | training wall time | total |\n|---|---|---|---|---|", flush=True)
     for name in args.names:
-        run(name)
+        run(name, args.overrides)
 
 
 if __name__ == "__main__":

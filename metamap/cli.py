@@ -143,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from metamap.train.trainer import TrainingInterrupted
     try:
         return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"metamap {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except MetamapError as e:
         print(f"metamap {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,10 @@ class Callback(Protocol):
 class TrainingInterrupted(MetamapError):
     """SIGINT or SIGTERM arrived; the step in flight finished and a checkpoint was written."""
 
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
 
 def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     name = cfg.get("name", "adam")
@@ -137,7 +141,7 @@ class Trainer:
                         self.save("last")
                     raise TrainingInterrupted(
                         f"stopped by signal {signal.Signals(self._stop_signal).name} after step {self.step}; "
-                        f"resume with: metamap train --resume {self.run_dir}")
+                        f"resume with: metamap train --resume {self.run_dir}", self._stop_signal)
         finally:
             bar.close()
             self._restore_signal_handlers(old_handlers)

@@ -64,9 +64,15 @@ def cmd_train(args) -> int:
         config = configlib.resolve(args.config, overrides, base=meta["config"])
     else:
         config = configlib.resolve(args.config, overrides)
-    print("resolved config:\n" + configlib.dumps(config), flush=True)
+    from metamap.train.distributed import init_from_env
+    from metamap.train.runtime import pick_device
+    rank, world_size = init_from_env(pick_device(config["train"]["device"]))
+    if world_size > 1 and not args.run_dir and not args.resume:
+        raise configlib.ConfigError("with several ranks, give --run-dir so that all ranks agree on it")
+    echo = print if rank == 0 else (lambda *a, **k: None)
+    echo("resolved config:\n" + configlib.dumps(config), flush=True)
     train(config, run_dir=args.run_dir, resume=args.resume, progress=not args.quiet,
-          run_test=not args.no_test)
+          run_test=not args.no_test, echo=echo, rank=rank, world_size=world_size)
     return 0
 
 

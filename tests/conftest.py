@@ -37,6 +37,7 @@ def http_files():
     ``serve.base`` is the server's base URL.
     """
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
+    server.daemon_threads = True
     server.files, server.truncated = {}, set()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

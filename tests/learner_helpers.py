@@ -1,6 +1,7 @@
 """Small builders shared by the tests of the metric, memory and baseline learners (issue 4)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,8 @@ def image_folder(root: Path, classes=15, per_class=4, size=16, seed=0) -> Path:
 
 
 def cli_train_eval(tmp_path: Path, learner_name: str, *sets: str) -> tuple[Path, "torch.nn.Module"]:
-    """Train 2 steps through ``metamap train`` on a tiny image folder, evaluate, and load it back."""
+    """Train 2 steps through ``metamap train`` on a tiny image folder, then ``eval``, ``predict``
+    and ``metamap.load`` the result."""
     import metamap
     from metamap.cli import main
     data = image_folder(tmp_path / "images")
@@ -54,4 +56,16 @@ def cli_train_eval(tmp_path: Path, learner_name: str, *sets: str) -> tuple[Path,
     run = tmp_path / "run"
     assert main(["train", *flags, "--run-dir", str(run)]) == 0
     assert main(["eval", "--checkpoint", str(run), "--episodes", "3", "--quiet"]) == 0
+    # `metamap predict`: one labelled image for each of 3 classes, two images to classify.
+    support, query = tmp_path / "support", tmp_path / "query"
+    query.mkdir()
+    for c in range(3):
+        (support / f"c{c}").mkdir(parents=True)
+        shutil.copy(data / f"class{c}" / "0.png", support / f"c{c}" / "0.png")
+    for i in (1, 2):
+        shutil.copy(data / f"class{i}" / "1.png", query / f"q{i}.png")
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", "--checkpoint", str(run), "--support", str(support), "--query", str(query),
+                 "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 3          # header + 2 predictions
     return run, metamap.load(run)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learner_helpers import cli_train_eval, episode, learner
+from tests.learner_helpers import cli_train_eval, episode, learner
 from metamap.algorithms.finetune import CosineClassifier, FineTuneBaseline, TaskHead
 from metamap.errors import MetamapError
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from learner_helpers import cli_train_eval, episode, learner
+from tests.learner_helpers import cli_train_eval, episode, learner
 from metamap.algorithms.mann import (MemoryAugmentedNetwork, least_used, presentation_accuracy,
                                      presentation_numbers, read_weights, updated_usage, write_weights)
 from metamap.errors import ConfigError

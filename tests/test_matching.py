@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from learner_helpers import cli_train_eval, episode, learner
+from tests.learner_helpers import cli_train_eval, episode, learner
 from metamap.algorithms.matching import (FullContextEmbedding, MatchingNetwork, class_log_attention,
                                          cosine_similarities)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from learner_helpers import cli_train_eval, episode, learner
+from tests.learner_helpers import cli_train_eval, episode, learner
 from metamap.algorithms.relation import RelationModule, RelationNetwork, class_sums, relation_encoder
 from metamap.errors import ConfigError
 from metamap.tasks.batch import TaskBatch

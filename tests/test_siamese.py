@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from learner_helpers import cli_train_eval, episode, learner
+from tests.learner_helpers import cli_train_eval, episode, learner
 from metamap.algorithms.siamese import (SiameseNetwork, balanced_pairs, contrastive_loss, euclidean,
                                         nearest_support_class)
 from metamap.errors import ConfigError

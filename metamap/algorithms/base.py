@@ -110,6 +110,14 @@ class MetaLearner(nn.Module):
 
 
 def embed_tasks(encoder: nn.Module, x: Tensor) -> Tensor:
-    """Run ``encoder`` over ``x [T, S, *example]`` as one batch -> ``[T, S, features]``."""
+    """Run ``encoder`` over ``x [T, S, *example]`` -> ``[T, S, features]``.
+
+    In training mode each task goes through the encoder on its own, so BatchNorm statistics
+    are per task: a task's result does not depend on the other tasks of the meta-batch, nor on
+    how a meta-batch is split across processes. At evaluation (running statistics) all tasks
+    run as one batch.
+    """
     t, s = x.shape[:2]
+    if encoder.training and t > 1:
+        return torch.stack([encoder(task) for task in x.unbind(0)]).reshape(t, s, -1)
     return encoder(x.flatten(0, 1)).reshape(t, s, -1)

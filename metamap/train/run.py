@@ -119,6 +119,9 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
     t0 = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - t0
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()              # rank 0 has finished writing best/ before anyone reads it
     summary = {"run_dir": str(run_dir), "steps": trainer.step, "train_seconds": round(wall, 1),
                "best": trainer.best}
     if run_test:

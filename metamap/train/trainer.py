@@ -162,7 +162,7 @@ class Trainer:
         ok = self._all_ok(bool(torch.isfinite(loss)))
         if ok:
             loss.backward()
-            self._all_reduce_gradients()       # a NaN on any rank reaches every rank here
+            self._all_reduce_gradients(batch.num_tasks)   # a NaN on any rank reaches every rank here
             ok = self._gradients_finite()
         if not ok:
             return self._skip(index, float(loss.detach()))
@@ -170,6 +170,9 @@ class Trainer:
         if clip:
             torch.nn.utils.clip_grad_norm_(self.learner.parameters(), clip)
         self.optimizer.step()
+        if self.world_size > 1:
+            from metamap.train.distributed import average_buffers
+            average_buffers(self.learner)
         self.step += 1
         return {"step": self.step, "loss": float(loss.detach()), **metrics,
                 "lr": self.optimizer.param_groups[0]["lr"]}
@@ -218,14 +221,10 @@ class Trainer:
                 "or set optim.grad_clip, then resume with --resume.")
         return None
 
-    def _all_reduce_gradients(self) -> None:
-        if self.world_size == 1:
-            return
-        import torch.distributed as dist
-        for p in self.learner.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= self.world_size
+    def _all_reduce_gradients(self, local_tasks: int) -> None:
+        if self.world_size > 1:
+            from metamap.train.distributed import all_reduce_weighted_gradients
+            all_reduce_weighted_gradients(self.learner, local_tasks / self.sampler.tasks_per_batch)
 
     # -- signals -------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:

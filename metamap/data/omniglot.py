@@ -161,7 +161,9 @@ def archive_members(zf: zipfile.ZipFile, top: str, where: str) -> list[zipfile.Z
         members.append(info)
     if not members:
         raise DataError(f"{where}: holds no drawings; expected files {layout}")
-    return sorted(members, key=lambda m: m.filename)
+    # By path components, not the whole string, so characters come out in sorted name order
+    # even when one name is a prefix of another ("A/c" before "A/c-1").
+    return sorted(members, key=lambda m: m.filename.split("/"))
 
 
 def _decode(zf: zipfile.ZipFile, info: zipfile.ZipInfo, spec: ImageSpec, where: str) -> np.ndarray:

@@ -158,6 +158,8 @@ class Trainer:
         batch = self.sampler.batch(index, self.rank, self.world_size).to(self.device, memory_format=self.memory_format)
         self.learner.train()
         self.optimizer.zero_grad(set_to_none=True)
+        # Running statistics change in the forward pass; a skipped batch must not leave them changed.
+        buffers = [b.clone() for b in self.learner.buffers()]
         loss, metrics = self.learner.meta_loss(batch)
         ok = self._all_ok(bool(torch.isfinite(loss)))
         if ok:
@@ -165,6 +167,9 @@ class Trainer:
             self._all_reduce_gradients(batch.num_tasks)   # a NaN on any rank reaches every rank here
             ok = self._gradients_finite()
         if not ok:
+            with torch.no_grad():
+                for b, saved in zip(self.learner.buffers(), buffers):
+                    b.copy_(saved)
             return self._skip(index, float(loss.detach()))
         clip = self.config["optim"].get("grad_clip", 0.0)
         if clip:

@@ -43,6 +43,12 @@ def test_meta_loss_is_negative_log_attention_on_the_true_class():
     assert metrics["accuracy"] == 1.0
 
 
+def test_scale_sharpens_the_attention():
+    net = MatchingNetwork(nn.Identity(), example_dims=1, scale=3.0)
+    probs = net.adapt(torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1]))(torch.tensor([[5.0, 0.0]])).exp()
+    assert torch.allclose(probs, torch.tensor([[math.exp(3), 1.0]]) / (math.exp(3) + 1))   # cosines 1, 0
+
+
 def test_fce_with_zero_weights_is_the_identity():
     # All-zero LSTMs output h = 0 (c stays 0), so g = g' and each step returns h = f'.
     fce = FullContextEmbedding(4, steps=3)

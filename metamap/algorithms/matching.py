@@ -69,17 +69,18 @@ class MatchingNetwork(MetaLearner):
     name = "matching"
     family = "metric"
 
-    def __init__(self, encoder: nn.Module, example_dims: int, fce: FullContextEmbedding | None = None):
+    def __init__(self, encoder: nn.Module, example_dims: int, fce: FullContextEmbedding | None = None,
+                 scale: float = 1.0):
         super().__init__(example_dims)
-        self.encoder = encoder
-        self.fce = fce
+        self.encoder, self.fce, self.scale = encoder, fce, scale
 
     def log_probs(self, support_z: Tensor, support_y: Tensor, query_z: Tensor, ways: int) -> Tensor:
         """Embeddings ``[T, S, D]``, ``[T, Q, D]`` -> log class probabilities ``[T, Q, ways]``."""
         if self.fce is not None:
             support_z = self.fce.support(support_z)
             query_z = self.fce.query(query_z, support_z)
-        return class_log_attention(cosine_similarities(query_z, support_z), support_y, ways)
+        # scale = 1 is the paper's softmax over raw cosines; a larger scale sharpens the attention.
+        return class_log_attention(self.scale * cosine_similarities(query_z, support_z), support_y, ways)
 
     def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
         support_z = embed_tasks(self.encoder, support_x)
@@ -96,7 +97,7 @@ class MatchingNetwork(MetaLearner):
 @register_learner("matching", family="metric",
                   summary="Matching Networks, cosine attention, optional full-context embeddings (Vinyals et al. 2016)")
 def _build(config: dict, info: DataInfo) -> MatchingNetwork:
-    o = options(config["learner"], {"fce": False, "fce_steps": 5}, "learner")
+    o = options(config["learner"], {"fce": False, "fce_steps": 5, "scale": 1.0}, "learner")
     encoder = build_backbone(config, info)
     fce = FullContextEmbedding(encoder.out_features, o["fce_steps"]) if o["fce"] else None
-    return MatchingNetwork(encoder, example_dims=len(info.example_shape), fce=fce)
+    return MatchingNetwork(encoder, example_dims=len(info.example_shape), fce=fce, scale=float(o["scale"]))

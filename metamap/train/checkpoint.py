@@ -11,7 +11,6 @@ leaves either the previous checkpoint or the new one, never a mixture.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from metamap.data.download import file_digest as sha256_file
 from metamap.errors import CheckpointError
 
 FORMAT = "metamap-checkpoint"
@@ -30,14 +30,6 @@ VERSION = 1
 META = "checkpoint.json"
 WEIGHTS = "weights.safetensors"
 TRAINING = "training.safetensors"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:

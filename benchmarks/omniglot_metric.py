@@ -37,7 +37,7 @@ RUNS = {
     "finetune-cosine": "configs/finetune-omniglot-cosine.toml",
     "mann": "configs/mann-omniglot-5way.toml",
 }
-DEFAULT = ["matching", "siamese", "relation", "finetune", "mann"]
+DEFAULT = ["matching", "siamese", "finetune", "mann", "relation"]
 
 
 def mann_presentations(run_dir: Path, episodes: int = 1000, seed: int = 2024) -> dict[int, float]:

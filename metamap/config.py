@@ -7,6 +7,7 @@ the learner's own defaults for keys the file leaves unset, then command-line ove
 from __future__ import annotations
 
 import copy
+import math
 import json
 import sys
 from pathlib import Path
@@ -129,18 +130,27 @@ def validate(config: dict) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
+    def whole(v, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
     t, e = config["train"], config["eval"]
-    need(isinstance(config["seed"], int), f"seed must be an integer, not {config['seed']!r}")
-    need(isinstance(t["steps"], int) and t["steps"] >= 0, f"train.steps must be >= 0, not {t['steps']!r}")
+    need(whole(config["seed"], 0), f"seed must be a whole number >= 0, not {config['seed']!r}")
+    need(whole(e["seed"], 0), f"eval.seed must be a whole number >= 0, not {e['seed']!r}")
+    need(whole(t["steps"], 0), f"train.steps must be a whole number >= 0, not {t['steps']!r}")
     for k in ("ways", "shots", "queries", "tasks_per_batch"):
         v = config["episode"][k]
-        need(isinstance(v, int) and v >= 1, f"episode.{k} must be a whole number >= 1, not {v!r}")
+        need(whole(v, 1), f"episode.{k} must be a whole number >= 1, not {v!r}")
     for k in ("ways", "shots"):
         v = e[k] if isinstance(e[k], list) else [e[k]]
-        need(all(isinstance(x, int) and x >= 1 for x in v), f"eval.{k} must be whole numbers >= 1, not {e[k]!r}")
-    need(isinstance(e["episodes"], int) and e["episodes"] >= 1, f"eval.episodes must be >= 1, not {e['episodes']!r}")
+        need(all(whole(x, 1) for x in v), f"eval.{k} must be whole numbers >= 1, not {e[k]!r}")
+    need(whole(e["episodes"], 1), f"eval.episodes must be a whole number >= 1, not {e['episodes']!r}")
     lr = config["optim"]["lr"]
-    need(isinstance(lr, (int, float)) and lr > 0, f"optim.lr must be a positive number, not {lr!r}")
+    need(isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0,
+         f"optim.lr must be a positive number, not {lr!r}")
+    for k in ("log_every", "checkpoint_every"):
+        need(whole(t[k], 1), f"train.{k} must be a whole number >= 1, not {t[k]!r}")
+    for k in ("val_every", "max_bad_steps", "threads"):
+        need(whole(t[k], 0), f"train.{k} must be a whole number >= 0, not {t[k]!r}")
     need(t["device"] in ("cpu", "cuda", "auto") or str(t["device"]).startswith("cuda:"),
          f"train.device must be cpu, cuda or auto, not {t['device']!r}")
 

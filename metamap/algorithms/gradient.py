@@ -285,9 +285,8 @@ DEFAULTS = {"episode": EPISODE, "optim": {"lr": 1e-3}, "schedule": {"name": "con
             "eval": {"ways": [5], "shots": [1]}}
 
 
-def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner, **fixed) -> GradientLearner:
+def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) -> GradientLearner:
     o = options(config["learner"], COMMON, "learner")
-    o.update(fixed)
     body = build_backbone(config, info)
     regression = info.problem == "regression"
     ways = 0 if regression else config["episode"]["ways"]
@@ -295,14 +294,12 @@ def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner, **
     return cls(body, head, len(info.example_shape), ways=ways, **o)
 
 
-def _register(name: str, summary: str, cls=GradientLearner, learner_defaults: dict | None = None, **fixed):
-    defaults = dict(DEFAULTS)
-    if learner_defaults:
-        defaults["learner"] = learner_defaults
+def _register(name: str, summary: str, cls=GradientLearner, **learner_defaults):
+    defaults = {**DEFAULTS, "learner": {**COMMON, **learner_defaults}}
 
     @register_learner(name, defaults=defaults, family="optimization", summary=summary)
     def _build(config: dict, info: DataInfo):
-        learner = build_gradient_learner(config, info, cls, **fixed)
+        learner = build_gradient_learner(config, info, cls)
         learner.name = name
         return learner
     return _build
@@ -310,9 +307,8 @@ def _register(name: str, summary: str, cls=GradientLearner, learner_defaults: di
 
 _register("maml", "MAML, second order (Finn et al. 2017); first_order, step_sizes, adapt, bn, "
           "multi_step_loss options cover FOMAML, ANIL, Meta-SGD and MAML++")
-_register("fomaml", "first-order MAML (Finn et al. 2017)", learner_defaults={"first_order": True})
-_register("anil", "ANIL: only the head adapts (Raghu et al. 2020)", learner_defaults={"adapt": "head"})
-_register("metasgd", "Meta-SGD: learned per-weight step sizes (Li et al. 2017)",
-          learner_defaults={"step_sizes": "per_element"})
+_register("fomaml", "first-order MAML (Finn et al. 2017)", first_order=True)
+_register("anil", "ANIL: only the head adapts (Raghu et al. 2020)", adapt="head")
+_register("metasgd", "Meta-SGD: learned per-weight step sizes (Li et al. 2017)", step_sizes="per_element")
 _register("reptile", "Reptile (Nichol et al. 2018); optim.name = 'sgd' gives the classic outer update",
-          Reptile, learner_defaults={"inner_steps": 5, "inner_steps_eval": 10, "inner_lr": 0.1})
+          Reptile, inner_steps=5, inner_steps_eval=10, inner_lr=0.1)

@@ -103,9 +103,12 @@ class ImageSpec:
                 return self.prepare(im)
         except DataError:
             raise
+        except Image.DecompressionBombError:
+            raise DataError(f"{path}: the image is larger than the {MAX_PIXELS:,}-pixel limit; "
+                            "shrink it first") from None
         except FileNotFoundError:
             raise DataError(f"{path}: no such file") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise DataError(f"{path}: cannot read this image ({e.__class__.__name__}: {e}); "
                             "it is corrupt or not an image - remove or replace it") from None
 

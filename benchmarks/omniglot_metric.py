@@ -105,14 +105,14 @@ def run(name: str, overrides: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="*", default=DEFAULT, choices=sorted(RUNS), metavar="NAME",
+    p.add_argument("names", nargs="*", choices=sorted(RUNS), metavar="NAME",
                    help=f"which runs ({', '.join(RUNS)}); default: {' '.join(DEFAULT)}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every run (e.g. train.steps=10 for a smoke test)")
     args = p.parse_args()
     print(facts_line(), flush=True)
     print("| run | setting | test accuracy (95% CI) | training wall time | total |\n|---|---|---|---|---|", flush=True)
-    for name in args.names:
+    for name in args.names or DEFAULT:
         run(name, args.overrides)
 
 

@@ -104,7 +104,7 @@ def learners() -> dict[str, LearnerEntry]:
 
 def _lookup(table: dict, name: str, what: str, key: str):
     _load_plugins()
-    if name not in table:
+    if not isinstance(name, str) or name not in table:
         raise ConfigError(f"unknown {what} {name!r} ({key}); choose one of: {', '.join(sorted(table))}")
     return table[name]
 

@@ -7,6 +7,7 @@ training images went through.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,7 +96,11 @@ class ImageSpec:
         try:
             if path.stat().st_size == 0:
                 raise DataError(f"{path}: the file is empty; remove it or replace it with a real image")
-            with Image.open(path) as im:
+            with warnings.catch_warnings():
+                # Our own pixel limit below is stricter; PIL's warning would only add noise.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(path)
+            with im:
                 if im.width * im.height > MAX_PIXELS:
                     raise DataError(f"{path}: {im.width}x{im.height} pixels is larger than the "
                                     f"{MAX_PIXELS:,}-pixel limit; shrink the image first")

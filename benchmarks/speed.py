@@ -106,7 +106,8 @@ IMPLEMENTATIONS = {
     "plain loop (torch.func, per task)": plain_loop,
     "higher 0.2.1": with_higher,
     "TorchOpt": with_torchopt,
-    "metamap (default: grouped, channels-last)": with_metamap,
+    "metamap (default: grouped, channels-last, fused BN-ReLU-pool)": with_metamap,
+    "metamap, fuse_bn_pool=false": lambda m, s: with_metamap(m, s, fuse_bn_pool=False),
     "metamap, channels_last=false": lambda m, s: with_metamap(m, s, channels_last=False),
     "metamap, batched=false (per-task loop)": lambda m, s: with_metamap(m, s, batched=False),
 }

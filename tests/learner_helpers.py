@@ -16,7 +16,7 @@ from metamap.tasks.batch import TaskBatch
 def episode(tasks=2, ways=3, shots=1, queries=2, shape=(1, 16, 16), seed=0, classes=12) -> TaskBatch:
     """Random inputs with the sampler's class-major labels and random global class ids."""
     g = torch.Generator().manual_seed(seed)
-    labels = lambda k: torch.arange(ways).repeat_interleave(k).expand(tasks, -1).clone()  # noqa: E731
+    labels = lambda k: torch.arange(ways).repeat_interleave(k).expand(tasks, -1).clone()
     return TaskBatch(torch.randn(tasks, ways * shots, *shape, generator=g), labels(shots),
                      torch.randn(tasks, ways * queries, *shape, generator=g), labels(queries), ways,
                      torch.stack([torch.randperm(classes, generator=g)[:ways] for _ in range(tasks)]))
@@ -41,7 +41,7 @@ def image_folder(root: Path, classes=15, per_class=4, size=16, seed=0) -> Path:
     return root
 
 
-def cli_train_eval(tmp_path: Path, learner_name: str, *sets: str) -> tuple[Path, "torch.nn.Module"]:
+def cli_train_eval(tmp_path: Path, learner_name: str, *sets: str) -> tuple[Path, torch.nn.Module]:
     """Train 2 steps through ``metamap train`` on a tiny image folder, then ``eval``, ``predict``
     and ``metamap.load`` the result."""
     import metamap

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.learner_helpers import cli_train_eval, episode, learner
 from metamap.algorithms.finetune import CosineClassifier, FineTuneBaseline, TaskHead
 from metamap.errors import MetamapError
+from tests.learner_helpers import cli_train_eval, episode, learner
 
 
 def test_cosine_classifier_by_hand():

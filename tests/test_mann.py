@@ -5,10 +5,17 @@ import pytest
 import torch
 from torch import nn
 
-from tests.learner_helpers import cli_train_eval, episode, learner
-from metamap.algorithms.mann import (MemoryAugmentedNetwork, least_used, presentation_accuracy,
-                                     presentation_numbers, read_weights, updated_usage, write_weights)
+from metamap.algorithms.mann import (
+    MemoryAugmentedNetwork,
+    least_used,
+    presentation_accuracy,
+    presentation_numbers,
+    read_weights,
+    updated_usage,
+    write_weights,
+)
 from metamap.errors import ConfigError
+from tests.learner_helpers import cli_train_eval, episode, learner
 
 
 def test_read_weights_are_a_softmax_of_cosine_similarities():

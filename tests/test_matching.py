@@ -5,9 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from metamap.algorithms.matching import FullContextEmbedding, MatchingNetwork, class_log_attention, cosine_similarities
 from tests.learner_helpers import cli_train_eval, episode, learner
-from metamap.algorithms.matching import (FullContextEmbedding, MatchingNetwork, class_log_attention,
-                                         cosine_similarities)
 
 
 def test_cosine_similarities_by_hand():

@@ -100,7 +100,7 @@ def test_a_few_maml_steps_reduce_the_adapted_loss():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
 
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from tests.learner_helpers import cli_train_eval, episode, learner
 from metamap.algorithms.relation import RelationModule, RelationNetwork, class_sums, relation_encoder
 from metamap.errors import ConfigError
 from metamap.tasks.batch import TaskBatch
+from tests.learner_helpers import cli_train_eval, episode, learner
 
 
 class ProductRelation(nn.Module):

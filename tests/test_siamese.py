@@ -5,10 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from tests.learner_helpers import cli_train_eval, episode, learner
-from metamap.algorithms.siamese import (SiameseNetwork, balanced_pairs, contrastive_loss, euclidean,
-                                        nearest_support_class)
+from metamap.algorithms.siamese import (
+    SiameseNetwork,
+    balanced_pairs,
+    contrastive_loss,
+    euclidean,
+    nearest_support_class,
+)
 from metamap.errors import ConfigError
+from tests.learner_helpers import cli_train_eval, episode, learner
 
 
 def test_contrastive_loss_by_hand():
@@ -55,7 +60,7 @@ def test_pairs_are_balanced_valid_and_seeded():
     assert torch.equal(truth, same) and bool((first != second).all())
     again = balanced_pairs(labels, 40, torch.Generator().manual_seed(1))
     other = balanced_pairs(labels, 40, torch.Generator().manual_seed(2))
-    assert all(torch.equal(a, b) for a, b in zip((first, second, same), again))
+    assert all(torch.equal(a, b) for a, b in zip((first, second, same), again, strict=True))
     assert not torch.equal(first, other[0])
 
 

@@ -14,6 +14,10 @@ from metamap.train import checkpoint
 from metamap.train.run import train
 
 
+# Log fields that measure the machine, not the training.
+MACHINE_DEPENDENT = {"tasks_per_s", "rss_mb", "peak_rss_mb", "cuda_peak_mb"}
+
+
 def folder_config(folder, steps=8, **extra):
     overrides = [f"data.name='folder'", f"data.path='{folder}'", "data.fractions=[0.5, 0.2, 0.3]",
                  "model.hidden=8", f"train.steps={steps}", "train.val_every=4", "train.val_episodes=5",
@@ -29,7 +33,7 @@ def weights(run_dir, name="last"):
 
 def metrics_without_timing(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tasks_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in MACHINE_DEPENDENT} for r in rows]
 
 
 def test_train_writes_checkpoints_logs_and_results(image_folder, tmp_path):
@@ -138,3 +142,36 @@ def test_cli_user_errors_exit_2_without_traceback(image_folder, tmp_path, capsys
     assert "50-way" in err and "Traceback" not in err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_chunked_meta_batch_gives_the_same_gradient(tiny_dataset, image_folder, tmp_path):
+    from metamap.algorithms.protonet import PrototypicalNetwork
+    from metamap.nets import Conv4
+    from metamap.tasks.sampler import EpisodeSampler
+    from metamap.train.trainer import Trainer
+    sampler = EpisodeSampler(tiny_dataset, 3, 1, 2, tasks_per_batch=5, seed=0)
+    grads = []
+    for chunk in (0, 2):
+        torch.manual_seed(0)
+        learner = PrototypicalNetwork(Conv4(hidden=8, image_size=8, layers=2), example_dims=3).double()
+        config = folder_config(image_folder, **{"train.chunk_tasks": chunk})
+        trainer = Trainer(learner, sampler, config, tmp_path / f"c{chunk}", meta={}, progress=False)
+        batch = sampler.batch(0)
+        batch = type(batch)(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y, 3)
+        loss, _ = trainer._forward_backward(batch)
+        grads.append((loss, [p.grad.clone() for p in learner.parameters()]))
+    (l0, g0), (l1, g1) = grads
+    assert torch.allclose(l0, l1, rtol=1e-12)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14), (a - b).abs().max()
+
+
+def test_memory_is_logged_and_bf16_autocast_trains(image_folder, tmp_path):
+    train(folder_config(image_folder, steps=3, **{"train.precision": "'bf16'"}), tmp_path / "run", progress=False,
+          run_test=False, echo=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert steps and all(r["peak_rss_mb"] > 10 and r["rss_mb"] > 10 for r in steps)
+    with pytest.raises(Exception, match="fp16 needs a CUDA device"):
+        train(folder_config(image_folder, steps=1, **{"train.precision": "'fp16'"}), tmp_path / "r2",
+              progress=False, run_test=False, echo=lambda *_: None)

@@ -108,7 +108,7 @@ class FineTuneBaseline(MetaLearner):
                 grads = torch.autograd.grad(loss, params)
                 with torch.no_grad():
                     # Chen et al.'s recipe: SGD with momentum 0.9 and weight decay 1e-3.
-                    for p, v, g, lr in zip(params, velocity, grads, rates):
+                    for p, v, g, lr in zip(params, velocity, grads, rates, strict=True):
                         p.sub_(lr * v.mul_(0.9).add_(g + 1e-3 * p))
         head.params = [p.detach() for p in head.params]
         return head

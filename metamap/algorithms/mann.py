@@ -61,7 +61,7 @@ class MemoryState:
     h: Tensor             # [B, hidden] controller state
     c: Tensor
 
-    def repeat(self, n: int) -> "MemoryState":
+    def repeat(self, n: int) -> MemoryState:
         """Each sequence's state ``n`` times over (``[B*n, ...]``), to run queries independently."""
         return MemoryState(*(getattr(self, f.name).repeat_interleave(n, 0) for f in fields(self)))
 

@@ -53,18 +53,24 @@ class TaskBatch:
     def is_classification(self) -> bool:
         return not torch.is_floating_point(self.support_y)
 
-    def to(self, device=None, dtype=None, memory_format=None) -> "TaskBatch":
+    def to(self, device=None, dtype=None, memory_format=None, non_blocking: bool = False) -> "TaskBatch":
         """Move to a device; ``dtype`` and ``memory_format`` apply to the inputs only."""
         def move_x(x: Tensor) -> Tensor:
-            x = x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else None)
+            x = x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else None,
+                     non_blocking=non_blocking)
             if memory_format is not None and x.dim() == 5:
                 # channels-last applies to [N, C, H, W]; fold the task dimension in and out.
                 t = x.shape[0]
                 x = x.flatten(0, 1).contiguous(memory_format=memory_format).unflatten(0, (t, -1))
             return x
-        return TaskBatch(move_x(self.support_x), self.support_y.to(device), move_x(self.query_x),
-                         self.query_y.to(device), self.ways,
+        return TaskBatch(move_x(self.support_x), self.support_y.to(device, non_blocking=non_blocking),
+                         move_x(self.query_x), self.query_y.to(device, non_blocking=non_blocking), self.ways,
                          None if self.classes is None else self.classes.to(device))
+
+    def pin_memory(self) -> "TaskBatch":
+        """Page-locked copies, so that a later ``to("cuda", non_blocking=True)`` overlaps with compute."""
+        return TaskBatch(self.support_x.pin_memory(), self.support_y.pin_memory(), self.query_x.pin_memory(),
+                         self.query_y.pin_memory(), self.ways, self.classes)
 
     def task(self, i: int) -> "TaskBatch":
         """Task ``i`` alone, still with a leading task dimension of 1."""

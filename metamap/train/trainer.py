@@ -6,17 +6,21 @@ torch.distributed ranks. Learners only provide ``meta_loss``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from torch import Tensor
 
 from metamap.algorithms.base import MetaLearner
 from metamap.errors import DivergenceError, MetamapError
+from metamap.tasks.batch import TaskBatch
 from metamap.tasks.sampler import TaskSampler
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult
@@ -35,6 +39,21 @@ class TrainingInterrupted(MetamapError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+def memory_use(device: torch.device) -> dict[str, float]:
+    """Resident memory now and at its peak (MB), and the CUDA peak of the last step where there is one."""
+    import resource
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss_mb"] = round(int(f.read().split()[1]) * resource.getpagesize() / 2**20, 1)
+    except OSError:
+        pass
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
 
 
 def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
@@ -67,6 +86,17 @@ class Trainer:
         self.progress, self.callbacks, self.rank, self.world_size = progress, list(callbacks), rank, world_size
         self.optimizer = build_optimizer([p for p in learner.parameters() if p.requires_grad], config["optim"])
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        precision = self.train_cfg.get("precision", "fp32")
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise MetamapError(f"train.precision must be fp32, bf16 or fp16, not {precision!r}")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise MetamapError("train.precision = fp16 needs a CUDA device; on CPU use bf16")
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        prefetch = self.train_cfg.get("prefetch", "auto")
+        if prefetch == "auto":
+            prefetch = self.device.type == "cuda"
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="metamap-prefetch") if prefetch else None
+        self._pending = None
         self.step = 0
         self.best: dict | None = None          # {"step", "metric", "mean"}
         self.bad_steps = 0
@@ -145,6 +175,9 @@ class Trainer:
         finally:
             bar.close()
             self._restore_signal_handlers(old_handlers)
+            if self._prefetch is not None:
+                self._prefetch.shutdown(wait=True, cancel_futures=True)
+                self._prefetch = None
         if self.is_main and (self.validate is None or not self.train_cfg["val_every"]):
             self.best = {"step": self.step, "metric": None, "mean": None}
             self.save("best")
@@ -155,32 +188,95 @@ class Trainer:
         index = self.step
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * lr_factor(index, self.train_cfg["steps"], {**self.config["schedule"], "base_lr": base})
-        batch = self.sampler.batch(index, self.rank, self.world_size).to(self.device, memory_format=self.memory_format)
+        batch = self._batch(index)
         self.learner.train()
         self.optimizer.zero_grad(set_to_none=True)
         # Running statistics change in the forward pass; a skipped batch must not leave them changed.
         buffers = [b.clone() for b in self.learner.buffers()]
-        loss, metrics = self.learner.meta_loss(batch)
+        loss, metrics = self._forward_backward(batch)
         ok = self._all_ok(bool(torch.isfinite(loss)))
         if ok:
-            loss.backward()
             self._all_reduce_gradients(batch.num_tasks)   # a NaN on any rank reaches every rank here
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             ok = self._gradients_finite()
+            if not ok and self.scaler is not None:
+                # fp16 overflow: the scaler lowers its scale; not a divergence of the model.
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self._restore(buffers)
+                self.step += 1
+                return None
         if not ok:
-            with torch.no_grad():
-                for b, saved in zip(self.learner.buffers(), buffers):
-                    b.copy_(saved)
+            self._restore(buffers)
             return self._skip(index, float(loss.detach()))
         clip = self.config["optim"].get("grad_clip", 0.0)
         if clip:
             torch.nn.utils.clip_grad_norm_(self.learner.parameters(), clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.world_size > 1:
             from metamap.train.distributed import average_buffers
             average_buffers(self.learner)
         self.step += 1
-        return {"step": self.step, "loss": float(loss.detach()), **metrics,
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        return {"step": self.step, "loss": float(loss), **metrics, "lr": self.optimizer.param_groups[0]["lr"],
+                **memory_use(self.device)}
+
+    def _forward_backward(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        """Mean loss over the batch's tasks and its gradients, accumulated chunk by chunk.
+
+        With ``train.chunk_tasks = c`` the meta-batch runs ``c`` tasks at a time: each chunk's
+        loss is weighted by its share of the tasks, so the accumulated gradient equals the
+        whole batch's (per-task losses are independent), in a fraction of the memory.
+        """
+        n = batch.num_tasks
+        size = self.train_cfg.get("chunk_tasks", 0) or n
+        total, metrics = torch.zeros((), dtype=torch.float64), {}
+        for start in range(0, n, size):
+            part = batch.slice(start, start + size)
+            weight = part.num_tasks / n
+            with self._autocast():
+                loss, m = self.learner.meta_loss(part)
+            if loss.dtype in (torch.float16, torch.bfloat16):
+                loss = loss.float()
+            scaled = loss * weight
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            total = total + scaled.detach().cpu()
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + weight * v
+        return total, metrics
+
+    def _autocast(self):
+        precision = self.train_cfg.get("precision", "fp32")
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _batch(self, index: int) -> TaskBatch:
+        """Batch ``index``, on the device; drawn in a background thread one step ahead if prefetching."""
+        if self._prefetch is not None:
+            pending, self._pending = self._pending, None
+            batch = pending.result() if pending is not None and pending.index == index else self._load(index)
+            if index + 1 < self.train_cfg["steps"]:
+                self._pending = self._prefetch.submit(self._load, index + 1)
+                self._pending.index = index + 1
+            return batch
+        return self._load(index)
+
+    def _load(self, index: int) -> TaskBatch:
+        batch = self.sampler.batch(index, self.rank, self.world_size)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.device, memory_format=self.memory_format, non_blocking=self.device.type == "cuda")
+
+    def _restore(self, buffers: list[Tensor]) -> None:
+        with torch.no_grad():
+            for b, saved in zip(self.learner.buffers(), buffers):
+                b.copy_(saved)
 
     def run_validation(self) -> EvalResult:
         result = self.validate()

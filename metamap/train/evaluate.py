@@ -1,6 +1,7 @@
 """The one evaluator: a fixed set of episodes, mean ± 95% confidence interval."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -54,11 +55,12 @@ def default_chunk(sampler: TaskSampler) -> int:
 
 def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, chunk: int = 0,
              device: str | torch.device = "cpu", memory_format=None, progress: bool = True,
-             setting: str = "", rank: int = 0, world_size: int = 1) -> EvalResult:
+             setting: str = "", rank: int = 0, world_size: int = 1, precision: str = "fp32") -> EvalResult:
     """Score ``learner`` on episodes ``0 .. episodes-1`` of ``sampler`` (fixed by its seed).
 
     With several ranks, each evaluates its share of the episodes and the scores are gathered,
-    so the result is the same as one process evaluating them all.
+    so the result is the same as one process evaluating them all. ``precision`` (bf16/fp16)
+    runs the learner under autocast, as in training.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, not {episodes}")
@@ -70,11 +72,13 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
     bar = progress_bar(total=len(mine), desc=f"eval {setting}".strip(), enabled=progress and rank == 0,
                        unit="ep")
     try:
-        with torch.set_grad_enabled(learner.adapts_with_gradients):
+        autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                    if precision != "fp32" else contextlib.nullcontext())
+        with torch.set_grad_enabled(learner.adapts_with_gradients), autocast:
             for start in range(0, len(mine), chunk):
                 tasks = sampler.episodes(mine[start:start + chunk]).to(device, memory_format=memory_format)
                 outputs = learner.adapt_tasks(tasks.support_x, tasks.support_y, tasks.ways)(tasks.query_x)
-                score = learner.per_task_score(outputs.detach(), tasks.query_y).cpu()
+                score = learner.per_task_score(outputs.detach().float(), tasks.query_y).cpu()
                 scores.append(score)
                 bar.update(len(score))
                 bar.set_postfix(mean=f"{float(torch.cat(scores).mean()):.4f}", refresh=False)

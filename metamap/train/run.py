@@ -69,7 +69,7 @@ def test(learner, config: dict, samplers: list, device, memory_format=None, prog
     e = config["eval"]
     return [evaluate(learner, sampler, episodes or e["episodes"], chunk=e["tasks_per_batch"], device=device,
                      memory_format=memory_format, progress=progress, setting=sampler.describe(), rank=rank,
-                     world_size=world_size)
+                     world_size=world_size, precision=config["train"]["precision"])
             for sampler in samplers]
 
 
@@ -160,7 +160,7 @@ def make_validation(learner, config: dict, source, device, memory_format, rank: 
         return None
     return lambda: evaluate(learner, sampler, t["val_episodes"], device=device, memory_format=memory_format,
                             progress=False, setting=f"val {sampler.describe()}", rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, precision=t["precision"])
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str = "test",

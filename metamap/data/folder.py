@@ -1,11 +1,19 @@
 """Your own images: one sub-folder per class (``data.name = "folder"``, ``data.path = ...``).
 
 Classes, not images, are split into train / val / test (new classes at test time is the
-point of few-shot learning). The split is a seeded permutation of the sorted class names,
-so the same folder and seed always give the same split.
+point of few-shot learning). The first run draws the split (a seeded permutation of the
+sorted class names) and writes it to a JSON file (``data.split_file``, default
+``<folder>/metamap-split.json``, or the per-user cache if the folder is read-only); later
+runs reuse that file, so adding images or re-running with another seed never moves a class
+between train and test. Corrupt images are refused by path (``data.on_bad_file = "error"``)
+or reported and skipped (``"skip"``).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,12 +22,14 @@ import torch
 
 from metamap.data.dataset import ClassDataset
 from metamap.data.images import ImageSpec, list_images
+from metamap.data.paths import atomic_write, user_cache_dir
 from metamap.data.sources import ClassDataSource
 from metamap.errors import ConfigError, DataError
 from metamap.registry import options, register_data
 
 FOLDER_OPTIONS = {"path": "", "image_size": 28, "channels": 1, "invert": False, "resample": "lanczos",
-                  "fractions": [0.6, 0.2, 0.2], "split_seed": 0, "on_bad_file": "error"}
+                  "fractions": [0.6, 0.2, 0.2], "split_seed": 0, "split_file": "", "on_bad_file": "error"}
+SPLIT_NAMES = ("train", "val", "test")
 
 
 def scan(root: Path) -> dict[str, list[Path]]:
@@ -44,6 +54,40 @@ def split_classes(names: list[str], fractions, seed: int) -> dict[str, list[str]
     return {s: sorted(names[i] for i in p) for s, p in zip(("train", "val", "test"), parts)}
 
 
+def split_file_for(root: Path, given: str) -> Path:
+    if given:
+        return Path(given).expanduser()
+    default = root / "metamap-split.json"
+    if default.exists() or os.access(root, os.W_OK):
+        return default
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return user_cache_dir() / "splits" / f"{root.name}-{digest}.json"
+
+
+def load_or_make_split(root: Path, names: list[str], fractions, seed: int, given: str) -> dict[str, list[str]]:
+    """The class split recorded in the split file, or a new one written there."""
+    path = split_file_for(root, given)
+    if path.exists():
+        try:
+            split = json.loads(path.read_text())["classes"]
+            assert all(isinstance(split[s], list) for s in SPLIT_NAMES)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            raise DataError(f"split file {path} is damaged; delete it to draw a new split") from None
+        listed = {c for s in SPLIT_NAMES for c in split[s]}
+        new = sorted(set(names) - listed)
+        if new:
+            raise DataError(f"{len(new)} class folder(s) of {root} are not in the split file {path}: "
+                            f"{', '.join(new[:5])}{' ...' if len(new) > 5 else ''}; add them to one of its "
+                            "lists, or delete the file to draw a new split")
+        present = set(names)
+        return {s: [c for c in split[s] if c in present] for s in SPLIT_NAMES}
+    split = split_classes(names, fractions, seed)
+    with atomic_write(path) as f:
+        f.write(json.dumps({"folder": str(root.resolve()), "seed": seed, "fractions": list(fractions),
+                            "classes": split}, indent=1).encode())
+    return split
+
+
 def read_split(classes: dict[str, list[Path]], names: list[str], spec: ImageSpec, on_bad: str,
                description: str) -> ClassDataset:
     arrays, labels, kept = [], [], []
@@ -52,9 +96,10 @@ def read_split(classes: dict[str, list[Path]], names: list[str], spec: ImageSpec
         for p in classes[name]:
             try:
                 good.append(spec.load(p))
-            except DataError:
+            except DataError as e:
                 if on_bad != "skip":
-                    raise
+                    raise DataError(f"{e} (or set data.on_bad_file = 'skip' to leave such files out)") from None
+                warnings.warn(f"skipped: {e}", stacklevel=2)
         if good:
             labels += [len(kept)] * len(good)
             arrays += good
@@ -65,12 +110,12 @@ def read_split(classes: dict[str, list[Path]], names: list[str], spec: ImageSpec
 
 @lru_cache(maxsize=4)
 def load_folder(path: str, image_size: int, channels: int, invert: bool, resample: str,
-                fractions: tuple, split_seed: int, on_bad_file: str) -> dict[str, ClassDataset]:
+                fractions: tuple, split_seed: int, on_bad_file: str, split_file: str = "") -> dict[str, ClassDataset]:
     if on_bad_file not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_file must be 'error' or 'skip', not {on_bad_file!r}")
     root = Path(path).expanduser()
     classes = scan(root)
-    split = split_classes(list(classes), fractions, split_seed)
+    split = load_or_make_split(root, list(classes), fractions, split_seed, split_file)
     raw = ImageSpec(image_size, channels, invert, resample, (0.0,) * channels, (1.0,) * channels)
     out = {s: read_split(classes, split[s], raw, on_bad_file, f"image folder {root}, {s} classes ({len(split[s])})")
            for s in ("train", "val", "test")}
@@ -91,4 +136,4 @@ class FolderSource(ClassDataSource):
         if not o["path"]:
             raise ConfigError("data.name = 'folder' needs data.path: a folder with one sub-folder of images per class")
         return load_folder(str(o["path"]), o["image_size"], o["channels"], o["invert"], o["resample"],
-                           tuple(o["fractions"]), o["split_seed"], o["on_bad_file"])
+                           tuple(o["fractions"]), o["split_seed"], o["on_bad_file"], o["split_file"])

@@ -103,6 +103,20 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from metamap.report import write_report
+    print(f"wrote {write_report(args.run_dir, episodes=not args.no_episodes)}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from metamap.report import compare
+    plot, table = compare(args.run_dirs, args.out)
+    print(table)
+    print(f"plot: {plot}")
+    return 0
+
+
 def cmd_learners(args) -> int:
     from metamap.registry import learners
     for name, entry in sorted(learners().items()):
@@ -137,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--query", required=True, help="folder of images to classify")
     r.add_argument("--out", help="CSV file to write (default: standard output)")
     r.set_defaults(func=cmd_predict)
+
+    rep = sub.add_parser("report", help="(re)generate a run's curves, test-episode grid and HTML report")
+    rep.add_argument("run_dir")
+    rep.add_argument("--no-episodes", action="store_true", help="skip the grid of test episodes")
+    rep.set_defaults(func=cmd_report)
+
+    cmp_ = sub.add_parser("compare", help="several runs on one plot and one table")
+    cmp_.add_argument("run_dirs", nargs="+")
+    cmp_.add_argument("--out", default="compare.png", help="plot file to write (default compare.png)")
+    cmp_.set_defaults(func=cmd_compare)
 
     lst = sub.add_parser("learners", help="list the available meta-learners")
     lst.set_defaults(func=cmd_learners)

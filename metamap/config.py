@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
         "precision": "fp32",       # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU)
         "chunk_tasks": 0,          # run a meta-batch this many tasks at a time (same gradient, less memory)
         "prefetch": "auto",        # draw the next batch in a background thread (auto = on CUDA)
+        "report": True,            # write report.html (curves, test episodes, results) at the end
+        "tensorboard": False,      # also log scalars to RUN/tensorboard (needs the tensorboard package)
     },
     "eval": {
         "ways": [5, 20],           # every combination of ways x shots is evaluated

@@ -105,8 +105,13 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
     samplers = test_samplers(config, source) if run_test else []   # a bad eval request fails now, not after training
     validate = make_validation(learner, config, source, device, memory_format, rank, world_size)
     meta = {"learner": config["learner"]["name"], "config": config, "data_info": info_to_dict(info)}
+    callbacks = []
+    if config["train"]["tensorboard"] and rank == 0:
+        from metamap.train.callbacks import TensorBoardLogger
+        callbacks.append(TensorBoardLogger(run_dir))
     trainer = Trainer(learner, train_sampler, config, run_dir, meta, validate=validate, device=device,
-                      memory_format=memory_format, progress=progress, rank=rank, world_size=world_size)
+                      memory_format=memory_format, progress=progress, callbacks=callbacks, rank=rank,
+                      world_size=world_size)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(configlib.dumps(config))
@@ -134,9 +139,13 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
         echo(report(results, config, source))
     if rank == 0:
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
-        curves = plot_curves(run_dir)
-        if curves:
-            echo(f"learning curves: {curves}")
+        if config["train"].get("report", True):
+            from metamap.report import write_report
+            echo(f"report: {write_report(run_dir, episodes=run_test)}")
+        else:
+            curves = plot_curves(run_dir)
+            if curves:
+                echo(f"learning curves: {curves}")
     return summary
 
 

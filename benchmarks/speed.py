@@ -110,6 +110,7 @@ IMPLEMENTATIONS = {
     "metamap, fuse_bn_pool=false": lambda m, s: with_metamap(m, s, fuse_bn_pool=False),
     "metamap, channels_last=false": lambda m, s: with_metamap(m, s, channels_last=False),
     "metamap, batched=false (per-task loop)": lambda m, s: with_metamap(m, s, batched=False),
+    "metamap, bf16=true (bfloat16 autocast)": lambda m, s: with_metamap(m, s, bf16=True),
 }
 SKIP_KEYS = {"higher": "higher", "torchopt": "TorchOpt", "loop": "plain loop"}
 
@@ -197,6 +198,8 @@ def main() -> None:
     ap.add_argument("--steps", default="1,5", help="inner steps to measure, comma separated")
     ap.add_argument("--rounds", type=int, default=3, help="timed meta-batches per implementation")
     ap.add_argument("--skip", default="", help="comma separated: loop, higher, torchopt")
+    ap.add_argument("--only", default="", help="comma separated substrings of implementation names to run "
+                                               "(the first one listed is the reference)")
     ap.add_argument("--no-allocator", action="store_true", help="leave glibc's allocator settings alone")
     args = ap.parse_args()
     if not args.no_allocator:
@@ -204,6 +207,8 @@ def main() -> None:
         tune_allocator()
     skip = {SKIP_KEYS[s] for s in args.skip.split(",") if s}
     names = [n for n in IMPLEMENTATIONS if not any(n.startswith(s) for s in skip)]
+    if args.only:
+        names = [n for key in args.only.split(",") for n in names if key in n]
     print(f"machine: {machine()}")
     peak = matmul_peak()
     print(f"fp32 matmul 2048^3 now: {peak / 1e9:.0f} GFLOP/s (the 'peak' below)\n")

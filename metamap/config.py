@@ -28,7 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "model": {"backbone": "conv4"},
     "learner": {"name": "protonet"},
     "episode": {"ways": 20, "shots": 1, "queries": 15, "tasks_per_batch": 1},
-    "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 0.0},
+    "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 0.0,
+              "momentum": 0.0, "nesterov": False},   # momentum/nesterov: for name = "sgd"
     "schedule": {"name": "step", "step_size": 800, "gamma": 0.5, "warmup": 0, "min_lr": 0.0},
     "train": {
         "steps": 2400,

@@ -373,3 +373,22 @@ def test_wrong_ways_and_bad_options_give_clear_errors():
         conv_learner(bn="batch")
     with pytest.raises(ConfigError, match="inner_steps"):
         conv_learner(inner_steps=-1)
+
+
+def test_fused_bn_relu_pool_handles_negative_gammas_exactly():
+    # Half the batch-norm scales negative: those channels must min-pool, in both layouts.
+    for adapt in ("all", "head"):
+        learner = conv_learner(inner_steps=2, adapt=adapt)
+        assert any(l.kind == "bn_relu_pool" for l in learner.full.net.layers)
+        with torch.no_grad():
+            for m in learner.model.body.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.copy_(torch.linspace(-1.5, 1.5, m.num_features))
+                    m.bias.normal_()
+        tasks = conv_tasks()
+        names = None if adapt == "all" else ["head.weight", "head.bias"]
+        assert rel_err(library_meta_grad(learner, tasks), unrolled_meta_grad(learner, tasks, 2, 0.4, names)) < 1e-8
+        unfused = conv_learner(inner_steps=2, adapt=adapt, fuse_bn_pool=False)
+        unfused.load_state_dict(learner.state_dict())
+        assert all(l.kind != "bn_relu_pool" for l in unfused.full.net.layers)
+        assert rel_err(library_meta_grad(unfused, tasks), library_meta_grad(learner, tasks)) < 1e-8

@@ -41,10 +41,10 @@ class TaskForward:
     """Runs ``module`` on ``x [T, N, *example]`` with a parameter dict -> ``[T, N, *out]``."""
 
     def __init__(self, module: nn.Module, batched: bool = True, channels_last: bool = False,
-                 bn_mode: str = "transductive", fuse: bool = True):
+                 bn_mode: str = "transductive", fuse: bool = True, bf16: bool = False):
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, not {bn_mode!r}")
-        self.module, self.bn_mode, self.channels_last = module, bn_mode, channels_last
+        self.module, self.bn_mode, self.channels_last, self.bf16 = module, bn_mode, channels_last, bf16
         layers = compile_layers(module) if batched else None
         self.net = TaskBatchedNet(layers, fuse) if layers is not None else None
         self.shapes = {n: p.shape for n, p in module.named_parameters()}
@@ -56,6 +56,14 @@ class TaskForward:
     def __call__(self, params: dict[str, Tensor], x: Tensor, training: bool,
                  record: dict | None = None) -> Tensor:
         use_running = self.bn_mode == "running" and not training
+        if self.bf16:
+            # bfloat16 convolutions and matmuls (AMX on recent Xeons), float32 outputs and losses.
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                out = self._run(params, x, use_running, record)
+            return out.float()
+        return self._run(params, x, use_running, record)
+
+    def _run(self, params, x, use_running, record):
         if self.net is not None:
             return self.net(params, x, x.shape[0], use_running, self.channels_last, record)
         return self._loop(params, x, use_running)

@@ -197,12 +197,7 @@ class TaskBatchedNet:
         if use_running_stats and m.running_mean is None:
             raise ValueError("batch norm mode 'running' needs track_running_stats=True in the backbone")
         if record is not None and not use_running_stats:
-            with torch.no_grad():
-                x = task_view(h, layout, t, c)
-                dims = (1,) + tuple(range(3, x.dim()))
-                count = x.numel() // (t * c)
-                record[layer.prefix] = (x.mean(dims).mean(0),
-                                        x.var(dims, correction=1).mean(0) if count > 1 else None)
+            self._record(layer, h, layout, t, record)
         if layout == "grouped":
             # One channel per (task, feature): F.batch_norm's per-channel statistics are per task.
             def rep(v: Tensor | None) -> Tensor | None:
@@ -232,14 +227,14 @@ class TaskBatchedNet:
 
     def _bn_relu_pool(self, layer: Layer, params: dict[str, Tensor], h: Tensor, layout: str, t: int,
                       use_running_stats: bool, record: dict | None) -> Tensor:
-        """max-pool(ReLU(BN(x))) computed as ReLU(|a| * max-pool(sign(a) * x) + b).
+        """max-pool(ReLU(gamma * xhat + beta)) computed as ReLU(gamma * max-pool(xhat) + beta).
 
-        Batch norm is the per-channel affine map ``a x + b`` (``a = gamma / sqrt(var + eps)``,
-        ``b = beta - a * mean``), and an increasing map commutes with max-pooling; so the affine
-        map and the ReLU run on the pooled tensor, a quarter of the size -- on CPU these
-        element-wise passes over the largest activations cost more than the convolutions. Where
-        ``a < 0`` the channel is negated before pooling. Same values and gradients as the three
-        separate layers (up to rounding), to any order of differentiation.
+        ``xhat`` (``x`` normalised, no affine part) is an increasing function of ``x`` per channel,
+        and ``v -> ReLU(gamma v + beta)`` is increasing where ``gamma > 0``, so it commutes with
+        max-pooling and can run on the pooled tensor, a quarter of the size: on CPU the
+        element-wise passes over the largest activations cost more than the convolutions.
+        Channels with ``gamma < 0`` pool ``-xhat`` instead (min-pooling). Same values and
+        gradients as the three separate layers up to rounding, to any order.
         """
         m, pool = layer.module, layer.extra["pool"]
         w = params[layer.weight] if layer.weight else None
@@ -247,50 +242,53 @@ class TaskBatchedNet:
         c = m.num_features
         if use_running_stats and m.running_mean is None:
             raise ValueError("batch norm mode 'running' needs track_running_stats=True in the backbone")
-        if layout == "grouped":
-            def per_channel(v):            # [C] or per task [T, C] -> [T*C], matching the channels
-                return v.reshape(-1) if v.dim() == 2 else v.repeat(t)
-            if use_running_stats:
-                mean, var = m.running_mean.repeat(t), m.running_var.repeat(t)
-            else:
-                var, mean = torch.var_mean(h, dim=(0, 2, 3), correction=0)
-            shape = (1, -1, 1, 1)
-        else:
-            x5 = task_view(h, layout, t, c)                       # [T, N, C, H, W]
-
-            def per_channel(v):            # -> [T, C]
-                return v if v.dim() == 2 else v.expand(t, c)
-            if use_running_stats:
-                mean, var = m.running_mean.expand(t, c), m.running_var.expand(t, c)
-            else:
-                var, mean = torch.var_mean(x5, dim=(1, 3, 4), correction=0)
-            shape = (t, 1, c, 1, 1)
         if record is not None and not use_running_stats:
-            with torch.no_grad():
-                n = h.numel() // (t * c)
-                unbiased = var.detach() * (n / (n - 1)) if n > 1 else None
-                record[layer.prefix] = (mean.detach().reshape(t, c).mean(0),
-                                        None if unbiased is None else unbiased.reshape(t, c).mean(0))
-        a = torch.rsqrt(var + m.eps)
-        if w is not None:
-            a = a * per_channel(w)
-        shift = -mean * a
-        if b is not None:
-            shift = shift + per_channel(b)
-        a, shift = a.reshape(shape), shift.reshape(shape)
-        x = h if layout == "grouped" else x5
-        if bool((a > 0).all()):
-            pooled_input, scale = x, a
+            self._record(layer, h, layout, t, record)
+        if layout == "grouped":
+            # Per-channel = per-task statistics; the native kernel is the fastest way to them.
+            if use_running_stats:
+                xhat = F.batch_norm(h, m.running_mean.repeat(t), m.running_var.repeat(t), None, None,
+                                    False, 0.0, m.eps)
+            else:
+                xhat = F.batch_norm(h, None, None, None, None, True, 0.0, m.eps)
+
+            def per_channel(v):            # [C] or per task [T, C] -> [1, T*C, 1, 1]
+                return (v.reshape(-1) if v.dim() == 2 else v.repeat(t)).reshape(1, -1, 1, 1)
         else:
-            sign = torch.where(a < 0, -1.0, 1.0).to(a.dtype)
-            pooled_input, scale = x * sign, a * sign
-        if layout != "grouped":
-            pooled_input = pooled_input.reshape(h.shape)
-        p = F.max_pool2d(pooled_input, pool.kernel_size, pool.stride)
+            x5 = task_view(h, layout, t, c)                         # [T, N, C, H, W]
+            if use_running_stats:
+                shape = (1, 1, c, 1, 1)
+                xhat = (x5 - m.running_mean.reshape(shape)) * torch.rsqrt(m.running_var.reshape(shape) + m.eps)
+            else:
+                xhat = batch_norm_exact(x5, (1, 3, 4), None, None, m.eps)
+            xhat = xhat.reshape(h.shape)
+
+            def per_channel(v):            # [C] or per task [T, C] -> [T, 1, C, 1, 1]
+                return (v if v.dim() == 2 else v.expand(t, c)).reshape(t, 1, c, 1, 1)
+        gamma = per_channel(w) if w is not None else None
+        beta = per_channel(b) if b is not None else None
+        if gamma is not None and not bool((gamma > 0).all()):
+            sign = torch.where(gamma < 0, -1.0, 1.0).to(gamma.dtype)
+            gamma = gamma * sign
+            xhat = (xhat if layout == "grouped" else xhat.reshape(t, -1, *xhat.shape[1:])) * sign
+            xhat = xhat.reshape(h.shape)
+        p = F.max_pool2d(xhat, pool.kernel_size, pool.stride)
         if layout != "grouped":
             p = p.reshape(t, -1, *p.shape[1:])
-        y = F.relu(p * scale + shift)
+        y = p * gamma if gamma is not None else p
+        y = F.relu(y + beta if beta is not None else y)
         return y if layout == "grouped" else y.reshape(-1, *y.shape[2:])
+
+    @staticmethod
+    def _record(layer: Layer, h: Tensor, layout: str, t: int, record: dict) -> None:
+        """Batch mean and unbiased variance of ``h`` per feature, averaged over tasks (no graph)."""
+        with torch.no_grad():
+            c = layer.module.num_features
+            x = task_view(h, layout, t, c)
+            dims = (1,) + tuple(range(3, x.dim()))
+            count = x.numel() // (t * c)
+            record[layer.prefix] = (x.mean(dims).mean(0),
+                                    x.var(dims, correction=1).mean(0) if count > 1 else None)
 
 
 def fuse_bn_relu_pool(layers: list[Layer]) -> list[Layer]:

@@ -64,7 +64,7 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, **kw)
     if name == "sgd":
-        return torch.optim.SGD(params, momentum=cfg.get("momentum", 0.0), **kw)
+        return torch.optim.SGD(params, momentum=cfg.get("momentum", 0.0), nesterov=cfg.get("nesterov", False), **kw)
     raise MetamapError(f"unknown optim.name {name!r}; choose adam, adamw or sgd")
 
 

@@ -1,0 +1,121 @@
+"""ResNet-12, the backbone of most few-shot results on mini/tiered-ImageNet, CIFAR-FS and FC100.
+
+As in TADAM (Oreshkin et al. 2018) and MetaOptNet (Lee et al. 2019): four residual blocks
+with 64, 160, 320, 640 channels (``widths``; the older 64-128-256-512 variant is
+``widths = [64, 128, 256, 512]``). Each block is
+
+    x -> [conv3x3 -> BN -> LeakyReLU(0.1)] x 2 -> conv3x3 -> BN -> (+ shortcut(x)) -> LeakyReLU(0.1) -> max-pool 2
+
+with a 1x1 convolution + BN as the shortcut (the channel count changes in every block).
+Twelve layers in all: 4 blocks x 3 convolutions. An 84x84 image ends as 640 x 5 x 5
+(84 -> 42 -> 21 -> 10 -> 5), a 32x32 one as 640 x 2 x 2; ``pool = "avg"`` (default) averages
+that to 640 features, ``pool = "flatten"`` keeps all of them (MetaOptNet's choice).
+DropBlock is not included.
+
+The network is a plain ``nn.Module`` with parameters and BatchNorm buffers only, so it works
+through ``torch.func.functional_call`` (MAML-style learners fall back to a per-task loop for it).
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from metamap.errors import ConfigError
+from metamap.registry import DataInfo, options, register_backbone
+
+RESNET12_OPTIONS = {"widths": [64, 160, 320, 640], "slope": 0.1, "pool": "avg"}
+
+
+def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    # No bias: a BatchNorm follows every convolution.
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+
+
+class ResidualBlock(nn.Module):
+    """Three conv3x3+BN layers with a 1x1 shortcut, then LeakyReLU and 2x2 max-pooling.
+
+    ``[B, in_channels, H, W]`` -> ``[B, out_channels, H // 2, W // 2]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, slope: float = 0.1):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(in_channels, out_channels), nn.BatchNorm2d(out_channels)
+        self.conv2, self.bn2 = conv3x3(out_channels, out_channels), nn.BatchNorm2d(out_channels)
+        self.conv3, self.bn3 = conv3x3(out_channels, out_channels), nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                      nn.BatchNorm2d(out_channels))
+        self.act = nn.LeakyReLU(slope)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.act(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.pool(self.act(out + self.shortcut(x)))
+
+
+class ResNet12(nn.Module):
+    """``[B, in_channels, S, S]`` -> features ``[B, out_features]``.
+
+    ``out_features`` is ``widths[-1]`` with ``pool="avg"``, else ``widths[-1] * (S // 16) ** 2``.
+    """
+
+    example_dims = 3
+
+    def __init__(self, in_channels: int = 3, widths=(64, 160, 320, 640), slope: float = 0.1,
+                 pool: str = "avg", image_size: int = 84):
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if len(widths) != 4 or min(widths) < 1:
+            raise ValueError(f"ResNet12: widths must be four positive channel counts, not {list(widths)}")
+        if pool not in ("avg", "flatten"):
+            raise ValueError(f"ResNet12: pool must be 'avg' or 'flatten', not {pool!r}")
+        side = image_size
+        for _ in widths:
+            side //= 2
+        if side < 1:
+            raise ValueError(f"ResNet12: four 2x2 poolings shrink a {image_size}x{image_size} image to "
+                             "nothing; use images of at least 16x16")
+        channels = (in_channels, *widths)
+        self.blocks = nn.Sequential(*(ResidualBlock(a, b, slope)
+                                      for a, b in zip(channels[:-1], channels[1:], strict=True)))
+        self.pool = pool
+        self.out_features = widths[-1] if pool == "avg" else widths[-1] * side * side
+        self._init_weights(slope)
+
+    def _init_weights(self, slope: float) -> None:
+        # He initialisation for leaky ReLU; BN starts as the identity.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, a=slope, mode="fan_out", nonlinearity="leaky_relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(x)
+        return x.mean((2, 3)) if self.pool == "avg" else x.flatten(1)
+
+
+@register_backbone("resnet12", defaults=RESNET12_OPTIONS)
+def _resnet12(cfg: dict, info: DataInfo) -> ResNet12:
+    o = options(cfg, RESNET12_OPTIONS, "model")
+    if len(info.example_shape) != 3:
+        raise ConfigError(f"model.backbone = 'resnet12' needs image data [channels, height, width], not "
+                          f"examples of shape {list(info.example_shape)}")
+    widths = o["widths"]
+    if not isinstance(widths, (list, tuple)) or len(widths) != 4 or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+        raise ConfigError(f"model.widths must be four whole numbers >= 1 (channels of the four blocks), "
+                          f"not {widths!r}")
+    slope = o["slope"]
+    if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not 0 <= slope < 1:
+        raise ConfigError(f"model.slope must be a number in [0, 1) (the LeakyReLU slope), not {slope!r}")
+    if o["pool"] not in ("avg", "flatten"):
+        raise ConfigError(f"model.pool must be 'avg' or 'flatten', not {o['pool']!r}")
+    c, h, w = info.example_shape
+    if h != w:
+        raise ConfigError(f"resnet12 expects square images, not {h}x{w}")
+    try:
+        return ResNet12(in_channels=c, widths=widths, slope=float(slope), pool=o["pool"], image_size=h)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -329,12 +329,12 @@ def test_evaluation_mode_is_first_order_and_keeps_no_graph():
 def test_batched_and_per_task_loop_agree_in_float32():
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
-    body = Conv4(1, 8, 4, 28)
-    tasks = TaskBatch(torch.randn(4, 5, 1, 28, 28), torch.arange(5).repeat(4, 1),
-                      torch.randn(4, 10, 1, 28, 28), torch.arange(5).repeat_interleave(2).repeat(4, 1), 5)
+    body = Conv4(1, 8, 2, 12)
+    tasks = TaskBatch(torch.randn(4, 5, 1, 12, 12), torch.arange(5).repeat(4, 1),
+                      torch.randn(4, 10, 1, 12, 12), torch.arange(5).repeat_interleave(2).repeat(4, 1), 5)
     grads = []
     for batched, cl in ((False, False), (True, False), (True, True)):
-        learner = GradientLearner(body, nn.Linear(8, 5), 3, ways=5, inner_steps=2, batched=batched,
+        learner = GradientLearner(body, nn.Linear(body.out_features, 5), 3, ways=5, inner_steps=2, batched=batched,
                                   channels_last=cl)
         torch.manual_seed(1)
         learner.model.head.reset_parameters()

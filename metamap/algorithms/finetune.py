@@ -116,7 +116,12 @@ class FineTuneBaseline(MetaLearner):
     def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
         if not self.finetune_backbone:
             head = self.fit(self.encoder, support_x, support_y, ways)
-            return lambda query_x: head(embed_tasks(self.encoder, query_x))
+
+            def predict(query_x: Tensor) -> Tensor:
+                # The fitted head is a fixed function: no graph through the backbone is needed.
+                with torch.no_grad():
+                    return head(embed_tasks(self.encoder, query_x))
+            return predict
         # Each task fine-tunes its own copy of the backbone.
         tuned = [self.tuned_copy(support_x[i:i + 1], support_y[i:i + 1], ways) for i in range(support_x.shape[0])]
 

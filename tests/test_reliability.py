@@ -131,3 +131,23 @@ def test_config_errors_say_what_to_do(tmp_path):
         from metamap.registry import data_source
         c = configlib.resolve(overrides=["data.colour=1"])
         data_source(c).info(c)
+
+
+@pytest.mark.parametrize("member", ["images_background/../../evil/c/x.png", "/images_background/a/c/x.png",
+                                    "images_background/a/../x.png", "link"])
+def test_archives_with_escaping_paths_or_links_are_refused(tmp_path, member):
+    import stat
+    import zipfile
+
+    from metamap.data.omniglot import omniglot_spec, read_archive
+    path = tmp_path / "images_background.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("images_background/Alpha/character01/0001_01.png", png_bytes("1", (105, 105)))
+        if member == "link":
+            info = zipfile.ZipInfo("images_background/Alpha/character01/0002_01.png")
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+        else:
+            zf.writestr(member, png_bytes("1", (105, 105)))
+    with pytest.raises(DataError, match="link or a path outside"):
+        read_archive(path, omniglot_spec())

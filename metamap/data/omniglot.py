@@ -48,6 +48,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -140,6 +141,14 @@ def _is_junk(name: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
 
 
+def _unsafe(info: zipfile.ZipInfo) -> bool:
+    # Members are read in memory, never extracted, but an archive that names paths outside its
+    # folder or carries symbolic links was not made by the dataset's authors: refuse it whole.
+    name = info.filename.replace("\\", "/")
+    is_link = stat.S_ISLNK(info.external_attr >> 16)
+    return is_link or name.startswith("/") or ".." in name.split("/") or (len(name) > 1 and name[1] == ":")
+
+
 def archive_members(zf: zipfile.ZipFile, top: str, where: str) -> list[zipfile.ZipInfo]:
     """The drawings of an open archive in sorted order, after checking its layout.
 
@@ -149,6 +158,9 @@ def archive_members(zf: zipfile.ZipFile, top: str, where: str) -> list[zipfile.Z
     layout = f"{top}/<Alphabet>/<character>/<drawing>.png"
     members = []
     for info in zf.infolist():
+        if _unsafe(info):
+            raise DataError(f"{where}: member {info.filename!r} is a link or a path outside the archive's "
+                            "folder; refusing the archive. Use the unmodified official archive")
         if info.is_dir() or _is_junk(info.filename):
             continue
         parts = info.filename.split("/")

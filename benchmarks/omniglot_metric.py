@@ -75,16 +75,17 @@ def plot_presentations(curve: dict[int, float], path: Path, note: str) -> None:
     plt.close(fig)
 
 
-def run(name: str, overrides: list[str]) -> dict:
+def run(name: str, overrides: list[str], suffix: str = "") -> dict:
     config = configlib.resolve(ROOT / RUNS[name], overrides)
-    run_dir = ROOT / "runs" / "omniglot_metric" / name
+    run_dir = ROOT / "runs" / "omniglot_metric" / (name + suffix)
     if run_dir.exists():
         import shutil
         shutil.rmtree(run_dir)
     t0 = time.perf_counter()
     summary = train(config, run_dir, progress=False)
     total = time.perf_counter() - t0
-    command = " ".join(["python benchmarks/omniglot_metric.py", name, *(f"--set {o}" for o in overrides)])
+    command = " ".join(["python benchmarks/omniglot_metric.py", name, *(f"--set {o}" for o in overrides),
+                        *([f"--suffix={suffix}"] if suffix else [])])
     result = {"command": command, "config_file": RUNS[name],
               "config": config, "summary": summary, "total_seconds": round(total, 1),
               "test_seconds": round(total - summary["train_seconds"], 1)}
@@ -94,7 +95,7 @@ def run(name: str, overrides: list[str]) -> dict:
         plot_presentations(curve, RESULTS / "omniglot_metric-mann-presentations.png",
                            f"{config['train']['steps']} batches x 16 episodes, "
                            f"{summary['train_seconds'] / 60:.1f} CPU-min training")
-    save(f"omniglot_metric-{name}", result)
+    save(f"omniglot_metric-{name}{suffix}", result)
     for r in summary["test"]:
         print(f"| {name} | {r['setting']} | {100 * r['mean']:.2f} ± {100 * r['ci95']:.2f} % | "
               f"{summary['train_seconds'] / 60:.1f} min | {total / 60:.1f} min |", flush=True)
@@ -109,6 +110,7 @@ def main() -> None:
                    help=f"which runs ({', '.join(RUNS)}); default: {' '.join(DEFAULT)}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every run (e.g. train.steps=10 for a smoke test)")
+    p.add_argument("--suffix", default="", help="appended to the run folder and result file names")
     args = p.parse_args()
     unknown = sorted(set(args.names) - set(RUNS))
     if unknown:
@@ -116,7 +118,7 @@ def main() -> None:
     print(facts_line(), flush=True)
     print("| run | setting | test accuracy (95% CI) | training wall time | total |\n|---|---|---|---|---|", flush=True)
     for name in args.names or DEFAULT:
-        run(name, args.overrides)
+        run(name, args.overrides, args.suffix)
 
 
 if __name__ == "__main__":

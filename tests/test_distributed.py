@@ -29,7 +29,7 @@ def _rank_main(rank, world_size, port, config, run_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("learner", ["protonet"])
+@pytest.mark.parametrize("learner", ["protonet", "maml"])
 def test_two_ranks_equal_one_process(image_folder, tmp_path, learner):
     from metamap.train.run import train
     # SGD, not Adam: conv biases before BatchNorm have a true gradient of zero, and Adam would

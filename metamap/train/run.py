@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -162,6 +163,13 @@ def make_validation(learner, config: dict, source, device, memory_format, rank: 
     except (AttributeError, KeyError):
         limit = None
     ways, shots = max(eval_settings(config))
+    fixed = getattr(learner, "ways", 0)          # learners whose head is built for one number of ways
+    if fixed:
+        ways = fixed
+        if limit and limit < fixed:
+            warnings.warn(f"validation skipped: the val split has {limit} classes, fewer than this "
+                          f"learner's {fixed} ways", stacklevel=2)
+            return None
     ways = min(ways, limit) if limit else ways
     try:
         sampler = source.sampler(config, "val", ways, shots, config["eval"]["queries"], 1, t["val_seed"])

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import facts_line, save  # noqa: E402
+from common import facts_line, save
 
-from metamap import config as configlib  # noqa: E402
-from metamap.train.run import train  # noqa: E402
+from metamap import config as configlib
+from metamap.train.run import train
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     total = time.perf_counter() - t0
     command = " ".join(["python", "benchmarks/protonet_omniglot.py", *sys.argv[1:]])
     save(args.name, {"command": command, "config": cfg, "summary": summary, "total_seconds": round(total, 1)})
-    print(f"\n| run | setting | test accuracy (95% CI) | training wall time | total |")
+    print("\n| run | setting | test accuracy (95% CI) | training wall time | total |")
     print("|---|---|---|---|---|")
     for r in summary["test"]:
         print(f"| {args.name} | {r['setting']} | {100 * r['mean']:.2f} ± {100 * r['ci95']:.2f} % | "

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import facts_line, median, save  # noqa: E402
+from common import facts_line, median, save
 
 VARIANTS = {
     "plain PyTorch reference": dict(kind="reference", channels_last=False, allocator=False),

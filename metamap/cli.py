@@ -6,6 +6,7 @@ Every flag of ``train`` and ``eval`` is a shorthand for one config key (``--step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
 from pathlib import Path
@@ -89,15 +90,11 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from metamap.predict import predict_folders
     rows = predict_folders(args.checkpoint, args.support, args.query)
-    out = open(args.out, "w", newline="") if args.out else sys.stdout
-    try:
+    with open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
         writer = csv.writer(out)
         writer.writerow(["file", "prediction", "score"])
         for row in rows:
             writer.writerow([row.file, row.prediction, f"{row.score:.6f}"])
-    finally:
-        if args.out:
-            out.close()
     if args.out:
         print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
     return 0

@@ -7,8 +7,8 @@ the learner's own defaults for keys the file leaves unset, then command-line ove
 from __future__ import annotations
 
 import copy
-import math
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,8 @@ def load_file(path: str | Path) -> dict:
     try:
         return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}")
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise ConfigError(f"config file {path} is not valid {kind}: {e}") from None
 
 
 def resolve(file: str | Path | None = None, overrides: list[str] | tuple = (),
@@ -155,7 +156,8 @@ def validate(config: dict) -> None:
          f"optim.lr must be a positive number, not {lr!r}")
     for k in ("log_every", "checkpoint_every"):
         need(whole(t[k], 1), f"train.{k} must be a whole number >= 1, not {t[k]!r}")
-    need(t["precision"] in ("fp32", "bf16", "fp16"), f"train.precision must be fp32, bf16 or fp16, not {t['precision']!r}")
+    need(t["precision"] in ("fp32", "bf16", "fp16"),
+         f"train.precision must be fp32, bf16 or fp16, not {t['precision']!r}")
     need(t["prefetch"] in ("auto", True, False), f"train.prefetch must be auto, true or false, not {t['prefetch']!r}")
     for k in ("val_every", "max_bad_steps", "threads", "chunk_tasks"):
         need(whole(t[k], 0), f"train.{k} must be a whole number >= 0, not {t[k]!r}")

@@ -45,7 +45,7 @@ def episode_grid(run_dir: Path, out: Path, episodes: int = 2, ways: int = 5, que
         predicted = learner.adapt(tasks.support_x, tasks.support_y, ways)(tasks.query_x).argmax(-1)
     spec = learner.spec
     mean, std = torch.tensor(spec.mean).view(-1, 1, 1), torch.tensor(spec.std).view(-1, 1, 1)
-    show = lambda x: (x * std + mean).clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy()  # noqa: E731
+    show = lambda x: (x * std + mean).clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy()
     plt = _plt()
     cols = ways * max(1, queries)
     fig, axes = plt.subplots(2 * episodes, cols, figsize=(cols * 1.1, episodes * 2.6), squeeze=False)

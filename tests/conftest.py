@@ -11,7 +11,7 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
     """Serves ``server.files[path] -> bytes``; ``server.truncated`` paths send half their bytes
     after announcing the full length, as a dropped connection would."""
 
-    def do_GET(self):  # noqa: N802 (name fixed by BaseHTTPRequestHandler)
+    def do_GET(self):
         body = self.server.files.get(self.path)
         if body is None:
             self.send_error(404, "Not Found")

@@ -62,6 +62,6 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(image_folder, tmp_path
                    capture_output=True)
     a, b = weights(full), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k not in MACHINE_DEPENDENT}  # noqa: E731
+    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k not in MACHINE_DEPENDENT}
                        for x in (p / "metrics.jsonl").read_text().splitlines()]
     assert strip(full) == strip(run)

@@ -52,7 +52,8 @@ def test_predict_on_real_omniglot_pngs(omniglot_run, tmp_path):
     out = tmp_path / "pred.csv"
     assert main(["predict", "--checkpoint", str(omniglot_run), "--support", str(support), "--query", str(query),
                  "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out)))
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
     assert sorted(r["file"] for r in rows) == sorted(truth)
     assert set(rows[0]) == {"file", "prediction", "score"}
     correct = sum(r["prediction"] == truth[r["file"]] for r in rows)

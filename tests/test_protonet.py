@@ -63,5 +63,7 @@ def test_trains_on_a_toy_problem(tiny_dataset):
     for i in range(40):
         loss, _ = learner.meta_loss(sampler.batch(i))
         first = first if first is not None else loss.item()
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     assert loss.item() < first

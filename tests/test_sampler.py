@@ -55,9 +55,11 @@ def test_evaluation_episodes_do_not_depend_on_chunking(tiny_dataset):
 
 def test_global_rng_is_not_used(tiny_dataset):
     s = EpisodeSampler(tiny_dataset, 3, 1, 2, seed=5)
-    torch.manual_seed(0); np.random.seed(0)
+    torch.manual_seed(0)
+    np.random.seed(0)
     a = s.batch(0)
-    torch.manual_seed(1); np.random.seed(1)
+    torch.manual_seed(1)
+    np.random.seed(1)
     assert torch.equal(a.support_x, s.batch(0).support_x)
 
 

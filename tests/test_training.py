@@ -13,13 +13,12 @@ from metamap.errors import CheckpointError
 from metamap.train import checkpoint
 from metamap.train.run import train
 
-
 # Log fields that measure the machine, not the training.
 MACHINE_DEPENDENT = {"tasks_per_s", "rss_mb", "peak_rss_mb", "cuda_peak_mb"}
 
 
 def folder_config(folder, steps=8, **extra):
-    overrides = [f"data.name='folder'", f"data.path='{folder}'", "data.fractions=[0.5, 0.2, 0.3]",
+    overrides = ["data.name='folder'", f"data.path='{folder}'", "data.fractions=[0.5, 0.2, 0.3]",
                  "model.hidden=8", f"train.steps={steps}", "train.val_every=4", "train.val_episodes=5",
                  "train.checkpoint_every=2", "train.log_every=1", "episode.ways=3", "episode.queries=2",
                  "episode.tasks_per_batch=2", "eval.ways=[3]", "eval.queries=2", "eval.episodes=10",
@@ -39,7 +38,8 @@ def metrics_without_timing(run_dir):
 def test_train_writes_checkpoints_logs_and_results(image_folder, tmp_path):
     summary = train(folder_config(image_folder), tmp_path / "run", progress=False, echo=lambda *_: None)
     run = tmp_path / "run"
-    assert {"best", "last", "metrics.jsonl", "config.toml", "results.json", "curves.png"} <= {p.name for p in run.iterdir()}
+    expected = {"best", "last", "metrics.jsonl", "config.toml", "results.json", "curves.png", "report.html"}
+    assert expected <= {p.name for p in run.iterdir()}
     meta = json.loads((run / "last" / checkpoint.META).read_text())
     assert meta["step"] == 8 and meta["learner"] == "protonet" and meta["format"] == checkpoint.FORMAT
     result = summary["test"][0]
@@ -124,7 +124,8 @@ def test_cli_train_eval_predict(image_folder, tmp_path, capsys):
         (query / f"{c}-q.png").write_bytes((image_folder / c / "img1.png").read_bytes())
     assert main(["predict", "--checkpoint", str(run), "--support", str(support), "--query", str(query),
                  "--out", str(tmp_path / "p.csv")]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [r["file"] for r in rows] == ["class00-q.png", "class01-q.png"]
     assert all(r["prediction"] in ("class00", "class01") and 0 < float(r["score"]) <= 1 for r in rows)
 

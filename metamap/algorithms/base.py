@@ -1,7 +1,8 @@
 """The one interface every meta-learner implements: a mapping from a support set to a predictor."""
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F

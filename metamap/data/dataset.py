@@ -63,7 +63,7 @@ class ClassDataset:
         x = self.data[index]
         return self.spec.to_input(x) if self.spec is not None else x.to(torch.float32)
 
-    def subset(self, classes, description: str | None = None) -> "ClassDataset":
+    def subset(self, classes, description: str | None = None) -> ClassDataset:
         """Only the given classes, relabelled ``0 .. len(classes)-1`` in the order given."""
         classes = [int(c) for c in classes]
         index = np.concatenate([self._index[c] for c in classes]) if classes else np.zeros(0, dtype=np.int64)

@@ -62,7 +62,7 @@ class ImageSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImageSpec":
+    def from_dict(cls, d: dict) -> ImageSpec:
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)

@@ -53,7 +53,7 @@ class TaskBatch:
     def is_classification(self) -> bool:
         return not torch.is_floating_point(self.support_y)
 
-    def to(self, device=None, dtype=None, memory_format=None, non_blocking: bool = False) -> "TaskBatch":
+    def to(self, device=None, dtype=None, memory_format=None, non_blocking: bool = False) -> TaskBatch:
         """Move to a device; ``dtype`` and ``memory_format`` apply to the inputs only."""
         def move_x(x: Tensor) -> Tensor:
             x = x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else None,
@@ -67,23 +67,23 @@ class TaskBatch:
                          move_x(self.query_x), self.query_y.to(device, non_blocking=non_blocking), self.ways,
                          None if self.classes is None else self.classes.to(device))
 
-    def pin_memory(self) -> "TaskBatch":
+    def pin_memory(self) -> TaskBatch:
         """Page-locked copies, so that a later ``to("cuda", non_blocking=True)`` overlaps with compute."""
         return TaskBatch(self.support_x.pin_memory(), self.support_y.pin_memory(), self.query_x.pin_memory(),
                          self.query_y.pin_memory(), self.ways, self.classes)
 
-    def task(self, i: int) -> "TaskBatch":
+    def task(self, i: int) -> TaskBatch:
         """Task ``i`` alone, still with a leading task dimension of 1."""
         return self.slice(i, i + 1)
 
-    def slice(self, start: int, stop: int) -> "TaskBatch":
+    def slice(self, start: int, stop: int) -> TaskBatch:
         """Tasks ``start .. stop-1`` (for chunking a meta-batch or sharding it across ranks)."""
         return TaskBatch(self.support_x[start:stop], self.support_y[start:stop], self.query_x[start:stop],
                          self.query_y[start:stop], self.ways,
                          None if self.classes is None else self.classes[start:stop])
 
     @staticmethod
-    def cat(batches: list["TaskBatch"]) -> "TaskBatch":
+    def cat(batches: list[TaskBatch]) -> TaskBatch:
         """Concatenate along the task dimension."""
         if not batches:
             raise ValueError("TaskBatch.cat needs at least one batch")

@@ -13,7 +13,8 @@ class TensorBoardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") from None
+            raise ConfigError("train.tensorboard = true needs the tensorboard package: "
+                              "pip install tensorboard") from None
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def on_step(self, trainer, record: dict) -> None:

@@ -72,8 +72,9 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
     bar = progress_bar(total=len(mine), desc=f"eval {setting}".strip(), enabled=progress and rank == 0,
                        unit="ep")
     try:
-        autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                    if precision != "fp32" else contextlib.nullcontext())
+        half = torch.bfloat16 if precision == "bf16" else torch.float16
+        autocast = (torch.autocast(torch.device(device).type, dtype=half) if precision != "fp32"
+                    else contextlib.nullcontext())
         with torch.set_grad_enabled(learner.adapts_with_gradients), autocast:
             for start in range(0, len(mine), chunk):
                 tasks = sampler.episodes(mine[start:start + chunk]).to(device, memory_format=memory_format)

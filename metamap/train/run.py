@@ -32,7 +32,7 @@ def memory_format_for(config: dict, info: DataInfo):
 
 
 def eval_settings(config: dict) -> list[tuple[int, int]]:
-    as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+    as_list = lambda v: v if isinstance(v, list) else [v]
     return [(w, s) for w in as_list(config["eval"]["ways"]) for s in as_list(config["eval"]["shots"])]
 
 

@@ -11,9 +11,10 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -29,8 +30,8 @@ from metamap.train.schedule import lr_factor
 
 
 class Callback(Protocol):
-    def on_step(self, trainer: "Trainer", record: dict) -> None: ...
-    def on_validation(self, trainer: "Trainer", result: EvalResult, is_best: bool) -> None: ...
+    def on_step(self, trainer: Trainer, record: dict) -> None: ...
+    def on_validation(self, trainer: Trainer, result: EvalResult, is_best: bool) -> None: ...
 
 
 class TrainingInterrupted(MetamapError):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metamap.algorithms.base import embed_tasks
 from metamap.algorithms.finetune import CosineClassifier, FineTuneBaseline, TaskHead
 from metamap.errors import MetamapError
 from tests.learner_helpers import cli_train_eval, episode, learner
@@ -20,9 +21,10 @@ def test_pretraining_uses_global_class_ids():
     net = learner("finetune", classes=12)
     tasks = episode()
     loss, _ = net.meta_loss(tasks)
-    x = torch.cat([tasks.support_x, tasks.query_x], 1).flatten(0, 1)
-    y = tasks.classes.gather(1, torch.cat([tasks.support_y, tasks.query_y], 1)).flatten()
-    assert loss.item() == pytest.approx(F.cross_entropy(net.classifier(net.encoder(x)), y).item(), rel=1e-5)
+    x = torch.cat([tasks.support_x, tasks.query_x], 1)
+    y = tasks.classes.gather(1, torch.cat([tasks.support_y, tasks.query_y], 1))    # episode -> global ids
+    logits = net.classifier(embed_tasks(net.encoder, x))
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item(), rel=1e-5)
     tasks.classes = None
     with pytest.raises(MetamapError, match="global class ids"):
         net.meta_loss(tasks)

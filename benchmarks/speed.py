@@ -29,9 +29,9 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metamap.algorithms.gradient import GradientLearner  # noqa: E402
-from metamap.nets.backbones import Conv4  # noqa: E402
-from metamap.tasks.batch import TaskBatch  # noqa: E402
+from metamap.algorithms.gradient import GradientLearner
+from metamap.nets.backbones import Conv4
+from metamap.tasks.batch import TaskBatch
 
 WAYS, SHOTS, QUERIES, TASKS, LR = 5, 1, 15, 32, 0.4
 
@@ -146,16 +146,12 @@ def _timed(fn) -> float:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
-        amx = "amx_bf16" in flags
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        amx = False
+        lines = []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown CPU")
+    amx = any(ln.startswith("flags") and "amx_bf16" in ln for ln in lines)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} logical cores (AMX: {'yes' if amx else 'no'}), "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}, "
@@ -181,7 +177,7 @@ def run(steps: int, rounds: int, names: list[str], peak: float) -> list[dict]:
         opts[n] = torch.optim.Adam(models[n].parameters(), lr=1e-3)
     for _ in range(rounds):
         for n in names:
-            def full_step():
+            def full_step(n=n):
                 opts[n].zero_grad(set_to_none=True)
                 impls[n](b)
                 opts[n].step()

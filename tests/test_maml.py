@@ -187,7 +187,7 @@ def test_meta_sgd_step_sizes_get_exact_gradients():
         for p in learner.step_sizes.parameters():
             p.mul_(torch.rand_like(p) + 0.5)
     tasks = conv_tasks()
-    lr = lambda n, k: learner.step_sizes.get(n, k)  # noqa: E731
+    lr = lambda n, k: learner.step_sizes.get(n, k)
     ref = unrolled_meta_grad(learner, tasks, 2, lr)
     got = library_meta_grad(learner, tasks)
     assert rel_err(got, ref) < 1e-8
@@ -211,8 +211,8 @@ def test_maml_plus_plus_step_sizes_and_multi_step_loss():
     for t in range(T):
         fast = dict(theta)
         for k in range(3):
-            l = F.cross_entropy(functional_call(model, fast, (tasks.support_x[t],)), tasks.support_y[t])
-            g = torch.autograd.grad(l, list(fast.values()), create_graph=True)
+            inner = F.cross_entropy(functional_call(model, fast, (tasks.support_x[t],)), tasks.support_y[t])
+            g = torch.autograd.grad(inner, list(fast.values()), create_graph=True)
             fast = {n: v - 0.1 * (k + 1) * gi for (n, v), gi in zip(fast.items(), g)}
             q = F.cross_entropy(functional_call(model, fast, (tasks.query_x[t],)), tasks.query_y[t])
             expected = expected + q / 3
@@ -379,7 +379,7 @@ def test_fused_bn_relu_pool_handles_negative_gammas_exactly():
     # Half the batch-norm scales negative: those channels must min-pool, in both layouts.
     for adapt in ("all", "head"):
         learner = conv_learner(inner_steps=2, adapt=adapt)
-        assert any(l.kind == "bn_relu_pool" for l in learner.full.net.layers)
+        assert any(layer.kind == "bn_relu_pool" for layer in learner.full.net.layers)
         with torch.no_grad():
             for m in learner.model.body.modules():
                 if isinstance(m, nn.BatchNorm2d):
@@ -390,5 +390,5 @@ def test_fused_bn_relu_pool_handles_negative_gammas_exactly():
         assert rel_err(library_meta_grad(learner, tasks), unrolled_meta_grad(learner, tasks, 2, 0.4, names)) < 1e-8
         unfused = conv_learner(inner_steps=2, adapt=adapt, fuse_bn_pool=False)
         unfused.load_state_dict(learner.state_dict())
-        assert all(l.kind != "bn_relu_pool" for l in unfused.full.net.layers)
+        assert all(layer.kind != "bn_relu_pool" for layer in unfused.full.net.layers)
         assert rel_err(library_meta_grad(unfused, tasks), library_meta_grad(learner, tasks)) < 1e-8

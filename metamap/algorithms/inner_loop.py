@@ -13,7 +13,7 @@ convolutions) when the network is made of known layers, else a per-task loop ove
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -117,8 +117,8 @@ class TaskBatchedNet:
     def __init__(self, layers: list[Layer], fuse: bool = True):
         self.layers = fuse_bn_relu_pool(layers) if fuse else layers
         # A weight with one more dimension than the module's parameter is per task.
-        self.dims = {getattr(l, a): getattr(l.module, a).dim()
-                     for l in layers for a in ("weight", "bias") if getattr(l, a)}
+        self.dims = {getattr(layer, a): getattr(layer.module, a).dim()
+                     for layer in layers for a in ("weight", "bias") if getattr(layer, a)}
 
     def __call__(self, params: dict[str, Tensor], x: Tensor, num_tasks: int,
                  use_running_stats: bool = False, channels_last: bool = False,

@@ -65,3 +65,12 @@ def test_classes_too_small_for_the_episode_are_named(folder):
     load_folder.cache_clear()
     with pytest.raises(EpisodeError, match=r"class02 \(1\)"):
         data_source(config).sampler(config, "train", 3, 1, 2, 1, 0)
+
+
+def test_folder_without_classes_says_what_layout_is_needed(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "loose.png").write_bytes(b"")
+    with pytest.raises(DataError, match="one sub-folder per class"):
+        load(tmp_path / "empty")
+    with pytest.raises(DataError, match="does not exist"):
+        load(tmp_path / "nowhere")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -35,14 +36,15 @@ def weights(run):
     return load_file(run / "last" / "weights.safetensors")
 
 
-def test_sigterm_finishes_the_step_and_checkpoints(image_folder, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_finish_the_step_and_checkpoint(image_folder, tmp_path, sig):
     run = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(image_folder, run, 100000), stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
     wait_for_step(run, 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + sig
     assert "resume with: metamap train --resume" in err and "Traceback" not in err
     meta = json.loads((run / "last" / "checkpoint.json").read_text())
     assert meta["step"] >= 3

@@ -219,6 +219,10 @@ def test_maml_plus_plus_step_sizes_and_multi_step_loss():
     torch.testing.assert_close(loss, expected / T, rtol=1e-10, atol=0)
     grads = torch.autograd.grad(loss, list(learner.step_sizes.parameters()))
     assert all(bool((g != 0).all()) for g in grads)           # every layer and step gets a gradient
+    # Meta-batches are counted once per outer update (the trainer's after_step), not per meta_loss
+    # call, so a meta-batch split into chunks still counts once.
+    assert int(learner.outer_steps) == 0
+    learner.after_step()
     assert int(learner.outer_steps) == 1
 
 

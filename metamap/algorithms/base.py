@@ -90,6 +90,13 @@ class MetaLearner(nn.Module):
         outputs = predictor(tasks.query_x)
         return self.query_loss(outputs, tasks.query_y), self.task_metrics(outputs.detach(), tasks.query_y)
 
+    def after_step(self) -> None:
+        """Called by the trainer once per applied outer update (after ``optimizer.step``).
+
+        For state that counts meta-batches (e.g. MAML++'s loss annealing): ``meta_loss`` may run
+        several times per update when the trainer splits a meta-batch into chunks.
+        """
+
     @staticmethod
     def query_loss(outputs: Tensor, targets: Tensor) -> Tensor:
         """Cross-entropy for class labels, mean squared error for real-valued targets."""

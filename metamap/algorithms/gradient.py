@@ -223,9 +223,10 @@ class GradientLearner(MetaLearner):
             loss = self.query_loss(outputs, tasks.query_y)
         if record:
             self._update_running_stats(record)
-        if self.training:
-            self.outer_steps += 1
         return loss, self.task_metrics(outputs.detach(), tasks.query_y)
+
+    def after_step(self) -> None:
+        self.outer_steps += 1
 
     def _update_running_stats(self, record: dict) -> None:
         # Keys are module names relative to the network that ran the query (whole model or body).
@@ -267,8 +268,6 @@ class Reptile(GradientLearner):
                 loss = loss + 0.5 * (diff * diff).sum() / diff.shape[0]
         with torch.no_grad():
             outputs = fwd(final, tasks.query_x)
-        if self.training:
-            self.outer_steps += 1
         return loss, self.task_metrics(outputs, tasks.query_y)
 
 

@@ -219,6 +219,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.learner.after_step()
         if self.world_size > 1:
             from metamap.train.distributed import average_buffers
             average_buffers(self.learner)

@@ -84,10 +84,9 @@ def test_a_checksum_is_required(tmp_path):
 
 
 def test_atomic_write_cleans_up_on_error(tmp_path):
-    with pytest.raises(RuntimeError):
-        with atomic_write(tmp_path / "f.bin") as f:
-            f.write(b"partial")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_write(tmp_path / "f.bin") as f:
+        f.write(b"partial")
+        raise RuntimeError("interrupted")
     _only(tmp_path)
     with atomic_write(tmp_path / "f.bin") as f:
         f.write(b"done")

@@ -17,9 +17,16 @@ import torch
 from PIL import Image
 
 from metamap.data import omniglot
-from metamap.data.omniglot import (ARCHIVES, BUNDLED_PATH, LAKE_VAL_ALPHABETS, CharacterSet,
-                                   load_omniglot, omniglot_spec, read_archive)
 from metamap.data.images import ImageSpec
+from metamap.data.omniglot import (
+    ARCHIVES,
+    BUNDLED_PATH,
+    LAKE_VAL_ALPHABETS,
+    CharacterSet,
+    load_omniglot,
+    omniglot_spec,
+    read_archive,
+)
 from metamap.data.paths import data_root, user_cache_dir
 from metamap.errors import ConfigError, DataError, DownloadError
 
@@ -130,7 +137,7 @@ def test_normalisation_constants_fit_the_background_set(bundled):
 
 def test_lake_split(lake, bundled):
     train, val, test = lake["train"], lake["val"], lake["test"]
-    base = lambda names: {n.split("@")[0] for n in names}  # noqa: E731
+    base = lambda names: {n.split("@")[0] for n in names}
     assert train.num_classes == 813 * 4 and val.num_classes == 151 and test.num_classes == 659
     assert not base(train.class_names) & set(val.class_names)
     assert {n.split("/")[0] for n in val.class_names} == set(LAKE_VAL_ALPHABETS)

@@ -402,7 +402,7 @@ def vinyals_order(names: list[str]) -> list[str]:
     A keyed hash instead of a seeded random generator: the order depends on nothing but the
     names, so no library version can change the split.
     """
-    key = lambda n: hashlib.sha256(f"{VINYALS_KEY}:{n}".encode()).hexdigest()  # noqa: E731
+    key = lambda n: hashlib.sha256(f"{VINYALS_KEY}:{n}".encode()).hexdigest()
     return sorted(names, key=key)
 
 
@@ -413,7 +413,7 @@ def split_characters(sets: dict[str, CharacterSet], split: str) -> dict[str, lis
         missing = sorted(set(LAKE_VAL_ALPHABETS) - set(sets["background"].alphabets()))
         if missing:
             raise DataError(f"the Omniglot background set lacks the validation alphabets {missing}")
-        is_val = lambda n: n.split("/")[0] in LAKE_VAL_ALPHABETS  # noqa: E731
+        is_val = lambda n: n.split("/")[0] in LAKE_VAL_ALPHABETS
         return {"train": [n for n in background if not is_val(n)],
                 "val": [n for n in background if is_val(n)],
                 "test": list(evaluation)}

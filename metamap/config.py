@@ -30,9 +30,9 @@ DEFAULTS: dict[str, Any] = {
     "episode": {"ways": 20, "shots": 1, "queries": 15, "tasks_per_batch": 1},
     "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 0.0,
               "momentum": 0.0, "nesterov": False},   # momentum/nesterov: for name = "sgd"
-    "schedule": {"name": "step", "step_size": 800, "gamma": 0.5, "warmup": 0, "min_lr": 0.0},
+    "schedule": {"name": "step", "step_size": 500, "gamma": 0.5, "warmup": 0, "min_lr": 0.0},
     "train": {
-        "steps": 2400,
+        "steps": 1500,
         "log_every": 20,
         "val_every": 500,          # 0 = no validation; the last checkpoint is then also the best
         "val_episodes": 300,

@@ -188,16 +188,20 @@ class TaskBatchedNet:
             return h.reshape(n, t, -1, *h.shape[2:]).transpose(0, 1)
         return h.reshape(t, n, *h.shape[1:]) if layout == "flat" else h
 
-    def _bn(self, layer: Layer, params: dict[str, Tensor], h: Tensor, layout: str, t: int,
-            use_running_stats: bool, record: dict | None) -> Tensor:
+    def _bn_setup(self, layer: Layer, params: dict[str, Tensor], h: Tensor, layout: str, t: int,
+                  use_running_stats: bool, record: dict | None):
+        """The batch-norm module, its (possibly per-task) scale and shift; records batch statistics."""
         m = layer.module
-        w = params[layer.weight] if layer.weight else None
-        b = params[layer.bias] if layer.bias else None
-        c = m.num_features
         if use_running_stats and m.running_mean is None:
             raise ValueError("batch norm mode 'running' needs track_running_stats=True in the backbone")
         if record is not None and not use_running_stats:
             self._record(layer, h, layout, t, record)
+        return (m, params[layer.weight] if layer.weight else None, params[layer.bias] if layer.bias else None)
+
+    def _bn(self, layer: Layer, params: dict[str, Tensor], h: Tensor, layout: str, t: int,
+            use_running_stats: bool, record: dict | None) -> Tensor:
+        m, w, b = self._bn_setup(layer, params, h, layout, t, use_running_stats, record)
+        c = m.num_features
         if layout == "grouped":
             # One channel per (task, feature): F.batch_norm's per-channel statistics are per task.
             def rep(v: Tensor | None) -> Tensor | None:
@@ -236,14 +240,8 @@ class TaskBatchedNet:
         Channels with ``gamma < 0`` pool ``-xhat`` instead (min-pooling). Same values and
         gradients as the three separate layers up to rounding, to any order.
         """
-        m, pool = layer.module, layer.extra["pool"]
-        w = params[layer.weight] if layer.weight else None
-        b = params[layer.bias] if layer.bias else None
-        c = m.num_features
-        if use_running_stats and m.running_mean is None:
-            raise ValueError("batch norm mode 'running' needs track_running_stats=True in the backbone")
-        if record is not None and not use_running_stats:
-            self._record(layer, h, layout, t, record)
+        m, w, b = self._bn_setup(layer, params, h, layout, t, use_running_stats, record)
+        pool, c = layer.extra["pool"], m.num_features
         if layout == "grouped":
             # Per-channel = per-task statistics; the native kernel is the fastest way to them.
             if use_running_stats:

@@ -396,3 +396,42 @@ def test_fused_bn_relu_pool_handles_negative_gammas_exactly():
         unfused.load_state_dict(learner.state_dict())
         assert all(layer.kind != "bn_relu_pool" for layer in unfused.full.net.layers)
         assert rel_err(library_meta_grad(unfused, tasks), library_meta_grad(learner, tasks)) < 1e-8
+
+
+def saved_bytes(learner: GradientLearner, tasks: TaskBatch) -> int:
+    """Bytes of the tensors autograd keeps for the meta-backward pass (outside recomputed regions)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    learner.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        learner.meta_loss(tasks)
+    return total
+
+
+@pytest.mark.parametrize(("kw", "batched"), [({}, True), ({}, False), ({"step_sizes": "per_element"}, True),
+                                             ({"adapt": "head"}, True),
+                                             ({"multi_step_loss": True, "step_sizes": "per_layer_per_step"}, True)])
+def test_gradient_checkpointing_gives_the_same_meta_gradient(kw, batched):
+    plain = conv_learner(inner_steps=3, inner_lr=0.3, batched=batched, **kw)
+    recomputed = conv_learner(inner_steps=3, inner_lr=0.3, batched=batched, grad_checkpoint=True, **kw)
+    tasks = conv_tasks()
+    ref = library_meta_grad(plain, tasks)
+    assert rel_err(library_meta_grad(recomputed, tasks), ref) < 1e-12
+    if not kw and batched:
+        assert rel_err(unrolled_meta_grad(plain, tasks, 3, 0.3), ref) < 1e-8
+
+
+def test_gradient_checkpointing_keeps_only_step_boundaries():
+    tasks = conv_tasks()
+    kept = {steps: (saved_bytes(conv_learner(inner_steps=steps), tasks),
+                    saved_bytes(conv_learner(inner_steps=steps, grad_checkpoint=True), tasks))
+            for steps in (1, 4)}
+    # Without recomputation the graph grows with every inner step; with it, only each step's
+    # weights are kept, a small fraction of the activations.
+    assert kept[4][0] > 2.5 * kept[1][0]
+    assert kept[4][1] < 0.1 * kept[4][0]
+    assert kept[1][1] < 0.25 * kept[1][0]

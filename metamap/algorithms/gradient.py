@@ -22,6 +22,7 @@ from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from metamap.algorithms.base import MetaLearner, Predictor
 from metamap.algorithms.inner_loop import TaskForward, inner_loop, task_losses
@@ -98,7 +99,7 @@ class GradientLearner(MetaLearner):
                  first_order: bool = False, step_sizes: str = "fixed", adapt: str | list = "all",
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
                  batched: bool = True, channels_last: bool = True, fuse_bn_pool: bool = True,
-                 bf16: bool = False):
+                 bf16: bool = False, grad_checkpoint: bool = False):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -109,6 +110,7 @@ class GradientLearner(MetaLearner):
         self.ways, self.inner_steps, self.inner_steps_eval = ways, inner_steps, inner_steps_eval
         self.first_order, self.bn = bool(first_order), bn
         self.multi_step_loss, self.msl_anneal_steps = bool(multi_step_loss), int(msl_anneal_steps)
+        self.grad_checkpoint = bool(grad_checkpoint)
         self.adapt_names = self._resolve_adapt(adapt)
         if not self.adapt_names and max(inner_steps, inner_steps_eval) > 0:
             raise ConfigError(f"learner.adapt = {adapt!r} selects no trainable parameter to adapt")
@@ -154,7 +156,8 @@ class GradientLearner(MetaLearner):
             def fwd(p, x, record=None):
                 return self.full(p, x, training, record)
             history = inner_loop(fwd, theta, self.adapt_names, support_x, support_y, steps,
-                                 self.step_sizes.get, differentiable, not self.first_order)
+                                 self.step_sizes.get, differentiable, not self.first_order,
+                                 self.grad_checkpoint)
             return history, fwd
         # Frozen body: features once for the support set; the inner loop runs on the head alone.
         body_p = {n[5:]: v for n, v in theta.items() if n.startswith("body.")}
@@ -164,7 +167,7 @@ class GradientLearner(MetaLearner):
         history = inner_loop(lambda p, x: self.head_fn(p, x, training), head_p,
                              [n[5:] for n in self.adapt_names], fs, support_y, steps,
                              lambda n, k: self.step_sizes.get("head." + n, k), differentiable,
-                             not self.first_order)
+                             not self.first_order, self.grad_checkpoint)
 
         def fwd(p, x, record=None):
             return self.head_fn(p, self.body_fn(body_p, x, training, record), training)
@@ -216,14 +219,23 @@ class GradientLearner(MetaLearner):
             weights = msl_weights(steps, progress if self.msl_anneal_steps else 1.0)
             loss = torch.zeros(())
             for k in range(1, steps + 1):
-                outputs = fwd(history[k], tasks.query_x, record if k == steps else None)
+                outputs = self._query(fwd, history[k], tasks.query_x, record if k == steps else None)
                 loss = loss + weights[k - 1] * task_losses(outputs, tasks.query_y).mean()
         else:
-            outputs = fwd(history[-1], tasks.query_x, record)
+            outputs = self._query(fwd, history[-1], tasks.query_x, record)
             loss = self.query_loss(outputs, tasks.query_y)
         if record:
             self._update_running_stats(record)
         return loss, self.task_metrics(outputs.detach(), tasks.query_y)
+
+    def _query(self, fwd, params: dict[str, Tensor], query_x: Tensor, record: dict | None) -> Tensor:
+        """The query forward pass; with ``grad_checkpoint`` its activations are recomputed in the
+        backward pass instead of kept (the query set is most of a task's examples)."""
+        if not (self.grad_checkpoint and self.training and torch.is_grad_enabled()):
+            return fwd(params, query_x, record)
+        names = list(params)
+        return checkpoint(lambda *p: fwd(dict(zip(names, p)), query_x, record), *params.values(),
+                          use_reentrant=False)
 
     def after_step(self) -> None:
         self.outer_steps += 1
@@ -276,7 +288,7 @@ COMMON = {
     "inner_steps": 1, "inner_steps_eval": 3, "inner_lr": 0.4, "first_order": False,
     "step_sizes": "fixed", "adapt": "all", "bn": "transductive", "multi_step_loss": False,
     "msl_anneal_steps": 0, "batched": True, "channels_last": True, "fuse_bn_pool": True,
-    "bf16": False,
+    "bf16": False, "grad_checkpoint": False,
 }
 # Finn et al. (2017), Omniglot 5-way: meta-batch 32, Adam 1e-3, inner step size 0.4, one inner
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from metamap.nets.functional import BN_MODES, TaskBatchedNet, compile_layers
 
@@ -87,7 +88,7 @@ class TaskForward:
 
 def inner_loop(forward: Callable[[dict[str, Tensor], Tensor], Tensor], theta: dict[str, Tensor],
                adapt: list[str], x: Tensor, y: Tensor, steps: int, step_size: StepSize,
-               differentiable: bool, second_order: bool) -> list[dict[str, Tensor]]:
+               differentiable: bool, second_order: bool, recompute: bool = False) -> list[dict[str, Tensor]]:
     """Adapt ``theta`` to each task of ``(x [T, S, ...], y [T, S])`` in ``steps`` gradient steps.
 
     Returns the parameter dicts after ``0..steps`` steps: entries named in ``adapt`` are
@@ -99,6 +100,11 @@ def inner_loop(forward: Callable[[dict[str, Tensor], Tensor], Tensor], theta: di
     At evaluation (``differentiable=False``) nothing is kept, whatever ``second_order`` says.
 
     A parameter that the support loss does not reach gets a zero gradient (stays unchanged).
+
+    ``recompute``: gradient checkpointing. Each inner step keeps only its input and output
+    weights; its activations (and the graph of its inner gradient) are recomputed during the
+    meta-backward pass. Memory then stays that of one step however many steps are taken, for
+    about one more forward-and-inner-backward per step. The meta-gradient is the same.
     """
     t = x.shape[0]
     with torch.enable_grad():
@@ -113,19 +119,23 @@ def inner_loop(forward: Callable[[dict[str, Tensor], Tensor], Tensor], theta: di
         history = [fast]
         create_graph = differentiable and second_order
         for k in range(steps):
-            loss = task_losses(forward(fast, x), y).sum()
-            grads = torch.autograd.grad(loss, [fast[n] for n in adapt], create_graph=create_graph,
-                                        allow_unused=True)
-            new = dict(fast)
-            for n, g in zip(adapt, grads):
-                if g is None:
-                    continue
-                lr = step_size(n, k)
-                if differentiable:
-                    new[n] = fast[n] - lr * g
-                else:
+            def step(*adapted: Tensor, k: int = k, fast: dict[str, Tensor] = fast) -> tuple[Tensor, ...]:
+                current = {**fast, **dict(zip(adapt, adapted))}
+                loss = task_losses(forward(current, x), y).sum()
+                grads = torch.autograd.grad(loss, adapted, create_graph=create_graph, allow_unused=True)
+                if not differentiable:
                     with torch.no_grad():
-                        new[n] = (fast[n] - lr * g).requires_grad_()
-            fast = new
+                        return tuple(w if g is None else (w - step_size(n, k) * g).requires_grad_()
+                                     for n, w, g in zip(adapt, adapted, grads))
+                return tuple(w if g is None else w - step_size(n, k) * g for n, w, g in zip(adapt, adapted, grads))
+
+            adapted = [fast[n] for n in adapt]
+            if recompute and differentiable:
+                # Non-reentrant checkpointing: it supports the inner autograd.grad and reaches
+                # tensors the step closes over (learned step sizes, weights that do not adapt).
+                out = checkpoint(step, *adapted, use_reentrant=False)
+            else:
+                out = step(*adapted)
+            fast = {**fast, **dict(zip(adapt, out))}
             history.append(fast)
     return history

@@ -153,7 +153,8 @@ class Trainer:
                 record = self.train_step()
                 tasks_done += self.sampler.tasks_per_batch
                 if record is not None:
-                    record["tasks_per_s"] = tasks_done / (time.perf_counter() - t0)
+                    elapsed = time.perf_counter() - t0
+                    record["tasks_per_s"], record["elapsed_s"] = tasks_done / elapsed, round(elapsed, 4)
                     if self.step % self.train_cfg["log_every"] == 0 or self.step == steps:
                         self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", **{k: f"{v:.3f}" for k, v in record.items()

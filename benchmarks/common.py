@@ -27,3 +27,21 @@ def save(name: str, payload: dict) -> Path:
 
 def median(xs) -> float:
     return statistics.median(xs)
+
+
+def train_and_record(config: dict, run_dir: Path, name: str, command: str, progress: bool = False,
+                     **extra) -> dict:
+    """Train ``config`` into ``run_dir`` with the shared trainer (which also tests it), and save
+    the result as benchmarks/results/<name>.json: command, config, summary, wall times, tasks/s."""
+    from metamap.train.run import train
+    t0 = time.perf_counter()
+    summary = train(config, run_dir, progress=progress)
+    total = time.perf_counter() - t0
+    log = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    speeds = [r["tasks_per_s"] for r in records if "tasks_per_s" in r]
+    result = {"command": command, "config": config, "summary": summary, "total_seconds": round(total, 1),
+              "test_seconds": round(total - summary["train_seconds"], 1),
+              "train_tasks_per_s": speeds[-1] if speeds else None, **extra}
+    save(name, result)
+    return result

@@ -72,19 +72,20 @@ def ranks_benchmark(steps: int, warmup: int) -> dict:
     return out
 
 
-def memory_benchmark(steps: int, warmup: int) -> dict:
-    variants = {"plain": [], "chunk_tasks=8": ["--set", "train.chunk_tasks=8"],
-                "grad_checkpoint": ["--set", "learner.grad_checkpoint=true"],
-                "grad_checkpoint + chunk_tasks=8": ["--set", "learner.grad_checkpoint=true",
-                                                    "--set", "train.chunk_tasks=8"]}
+def memory_benchmark(steps: int, warmup: int, threads: int = 1) -> dict:
+    whole, ckpt = ["--set", "train.chunk_tasks=0"], ["--set", "learner.grad_checkpoint=true"]
+    variants = {"whole meta-batch": whole, "grad_checkpoint": [*whole, *ckpt],
+                "chunk_tasks=8": ["--set", "train.chunk_tasks=8"],
+                "chunk_tasks=8 + grad_checkpoint": ["--set", "train.chunk_tasks=8", *ckpt],
+                "chunk_tasks=2 (default)": [], "chunk_tasks=2 + grad_checkpoint": ckpt}
     out = {}
-    print("| inner steps | variant | peak RSS (MB) | tasks/s |")
+    print(f"| inner steps | variant | peak RSS (MB) | tasks/s ({threads} thread(s)) |")
     print("| ---: | --- | ---: | ---: |")
     for inner in (1, 5):
         for label, extra in variants.items():
             args = [*SETTINGS["maml"], "--set", f"learner.inner_steps={inner}", *extra]
             with tempfile.TemporaryDirectory() as d:
-                records = train(args, 1, 2, steps, Path(d) / "run")
+                records = train(args, 1, threads, steps, Path(d) / "run")
             peak = max(r["peak_rss_mb"] for r in records)
             tps = rate(records, 32, warmup)
             out[f"{inner}:{label}"] = {"inner_steps": inner, "variant": label, "peak_rss_mb": peak, "tasks_per_s": tps}
@@ -97,10 +98,12 @@ def main() -> None:
     ap.add_argument("what", nargs="*", default=["ranks", "memory"], choices=["ranks", "memory"])
     ap.add_argument("--steps", type=int, default=8, help="meta-batches per run")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of tasks/s")
+    ap.add_argument("--memory-steps", type=int, default=3, help="meta-batches per run of the memory benchmark")
     args = ap.parse_args()
     print(facts_line() + f", load average at start {os.getloadavg()[0]:.1f}\n")
     for what in args.what:
-        result = (ranks_benchmark if what == "ranks" else memory_benchmark)(args.steps, args.warmup)
+        result = (ranks_benchmark(args.steps, args.warmup) if what == "ranks"
+                  else memory_benchmark(args.memory_steps, min(args.warmup, args.memory_steps - 2)))
         print()
         save(f"scaling-{what}", {"command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:]),
                                  "steps": args.steps, "warmup": args.warmup, "results": result})

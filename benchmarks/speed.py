@@ -92,13 +92,16 @@ def with_torchopt(model: nn.Module, steps: int):
     return step
 
 
-def with_metamap(model: nn.Module, steps: int, **options):
+def with_metamap(model: nn.Module, steps: int, chunk: int = TASKS, **options):
+    """``chunk``: tasks per forward/backward pass, as the trainer's ``train.chunk_tasks`` runs them."""
     learner = GradientLearner(model[0], model[1], 3, ways=WAYS, inner_steps=steps, inner_lr=LR, **options)
     learner.train()
 
     def step(b: TaskBatch):
-        loss, _ = learner.meta_loss(b)
-        loss.backward()
+        for start in range(0, b.num_tasks, chunk):
+            part = b.slice(start, min(start + chunk, b.num_tasks))
+            loss, _ = learner.meta_loss(part)
+            (loss * (part.num_tasks / b.num_tasks)).backward()
     return step
 
 
@@ -111,6 +114,10 @@ IMPLEMENTATIONS = {
     "metamap, channels_last=false": lambda m, s: with_metamap(m, s, channels_last=False),
     "metamap, batched=false (per-task loop)": lambda m, s: with_metamap(m, s, batched=False),
     "metamap, bf16=true (bfloat16 autocast)": lambda m, s: with_metamap(m, s, bf16=True),
+    "metamap, chunks of 8 tasks": lambda m, s: with_metamap(m, s, chunk=8),
+    "metamap, chunks of 4 tasks": lambda m, s: with_metamap(m, s, chunk=4),
+    "metamap, chunks of 2 tasks": lambda m, s: with_metamap(m, s, chunk=2),
+    "metamap, chunks of 1 task": lambda m, s: with_metamap(m, s, chunk=1),
 }
 SKIP_KEYS = {"higher": "higher", "torchopt": "TorchOpt", "loop": "plain loop"}
 

@@ -294,8 +294,11 @@ COMMON = {
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults
 # to the same number of ways.
 EPISODE = {"ways": 5, "shots": 1, "queries": 15, "tasks_per_batch": 32}
+# Meta-batches run two tasks per forward/backward pass (the trainer's chunk_tasks; the same
+# gradient): on a 2-core CPU that was 1.25x faster than all 32 tasks in one pass (smaller
+# working set; BENCHMARKS.md, speed) and needs a fraction of the memory.
 DEFAULTS = {"episode": EPISODE, "optim": {"lr": 1e-3}, "schedule": {"name": "constant"},
-            "eval": {"ways": [5], "shots": [1]}}
+            "eval": {"ways": [5], "shots": [1]}, "train": {"chunk_tasks": 2}}
 
 
 def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) -> GradientLearner:

@@ -32,6 +32,9 @@ def main() -> None:
     args = p.parse_args()
     cfg = configlib.resolve(args.config, args.overrides)
     run_dir = Path(args.run_dir or f"runs/bench-{args.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg["train"].get("threads"):
+        import torch
+        torch.set_num_threads(cfg["train"]["threads"])      # so the facts below say what the run uses
     print(facts_line(), flush=True)
     command = " ".join(["python", "benchmarks/omniglot.py", *sys.argv[1:]])
     result = train_and_record(cfg, run_dir, args.name, command, progress=sys.stderr.isatty())

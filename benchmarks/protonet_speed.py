@@ -25,10 +25,12 @@ VARIANTS = {
     "metamap + channels-last": dict(kind="metamap", channels_last=True, allocator=False),
     "metamap + allocator": dict(kind="metamap", channels_last=False, allocator=True),
     "metamap default (both)": dict(kind="metamap", channels_last=True, allocator=True),
+    "metamap default + bf16 autocast (train.precision=bf16)": dict(kind="metamap", channels_last=True,
+                                                                    allocator=True, bf16=True),
 }
 
 
-def worker(kind: str, channels_last: bool, allocator: bool, steps: int) -> float:
+def worker(kind: str, channels_last: bool, allocator: bool, steps: int, bf16: bool = False) -> float:
     import time
 
     import torch
@@ -58,7 +60,8 @@ def worker(kind: str, channels_last: bool, allocator: bool, steps: int) -> float
     for i in range(steps + 5):
         b = sampler.batch(i).to(memory_format=fmt)
         t = time.perf_counter()
-        loss = reference_loss(b) if kind == "reference" else learner.meta_loss(b)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = reference_loss(b) if kind == "reference" else learner.meta_loss(b)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -71,20 +74,23 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", default="", help="comma separated substrings of variant names to run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(**json.loads(args.worker), steps=args.steps)))
         return
     print(facts_line(), flush=True)
-    rates = {name: [] for name in VARIANTS}
+    names = [n for n in VARIANTS if not args.only or any(k in n for k in args.only.split(","))]
+    rates = {name: [] for name in names}
     for _ in range(args.repeats):
-        for name, v in VARIANTS.items():
+        for name in names:
+            v = VARIANTS[name]
             out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", json.dumps(v)],
                                  capture_output=True, text=True, check=True, env=os.environ.copy())
             rates[name].append(float(out.stdout.strip().splitlines()[-1]))
-    ref = median(rates["plain PyTorch reference"])
-    print("\n| variant | episodes/s (median) | vs reference |")
+    ref = median(rates[names[0]])
+    print(f"\n| variant | episodes/s (median) | vs {names[0]} |")
     print("|---|---|---|")
     for name, rs in rates.items():
         print(f"| {name} | {median(rs):.2f} | {median(rs) / ref:.2f}x |")

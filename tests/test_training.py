@@ -14,7 +14,7 @@ from metamap.train import checkpoint
 from metamap.train.run import train
 
 # Log fields that measure the machine, not the training.
-MACHINE_DEPENDENT = {"tasks_per_s", "rss_mb", "peak_rss_mb", "cuda_peak_mb"}
+MACHINE_DEPENDENT = {"tasks_per_s", "elapsed_s", "rss_mb", "peak_rss_mb", "cuda_peak_mb"}
 
 
 def folder_config(folder, steps=8, **extra):

@@ -1,4 +1,5 @@
-"""MANN: memory read/write weights and the LRU usage update by hand, sequences, determinism, CLI."""
+"""MANN: memory read/write weights (with and without key strength), add vectors and the LRU usage
+update by hand, sequences, determinism, CLI."""
 import math
 
 import pytest
@@ -25,6 +26,15 @@ def test_read_weights_are_a_softmax_of_cosine_similarities():
     assert torch.allclose(read_weights(keys, memory), (cos.exp() / cos.exp().sum()).view(1, 1, 3))
 
 
+def test_key_strength_scales_the_cosines_before_the_softmax():
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    memory = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    beta = torch.tensor([[[3.0], [0.5]]])
+    cos = torch.tensor([[1.0, 0.0, 1 / math.sqrt(2)], [0.0, 1.0, 1 / math.sqrt(2)]])
+    expected = (beta[0] * cos).exp() / (beta[0] * cos).exp().sum(-1, keepdim=True)
+    assert torch.allclose(read_weights(keys, memory, beta), expected.unsqueeze(0))
+
+
 def test_least_used_gives_each_head_its_own_slot_ties_to_the_lower_index():
     usage = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
     assert least_used(usage, 1).tolist() == [[[0, 1, 0, 0]]]
@@ -47,10 +57,11 @@ def test_usage_decays_and_adds_reads_and_writes_over_heads():
     assert updated_usage(usage, read, write, 0.95).flatten().tolist() == pytest.approx(expected)
 
 
-def controlled_mann():
-    """1 head, 4 slots of width 2; all weights zero, so h = 0, the key is tanh(key bias) and the gate 1/2."""
+def controlled_mann(**deviations):
+    """1 head, 4 slots of width 2; all weights zero, so h = 0, the key is tanh(key bias) and the gate 1/2.
+    Without ``deviations`` it is the paper's model (no key strength, the key is what is written)."""
     net = MemoryAugmentedNetwork(nn.Identity(), 1, features=2, classes=2, hidden=3, slots=4, width=2,
-                                 heads=1, gamma=0.5)
+                                 heads=1, gamma=0.5, **{"strength": 0, "add_vector": False, **deviations})
     for p in net.parameters():
         nn.init.zeros_(p)
     with torch.no_grad():
@@ -79,6 +90,28 @@ def test_two_memory_steps_by_hand():
     expected += write2.unsqueeze(1) * key
     assert torch.allclose(s2.memory[0], expected)
     assert torch.allclose(s2.usage[0], 0.5 * s1.usage[0] + s2.read[0, 0] + write2)
+
+
+def test_add_vector_is_written_and_key_strength_sharpens_the_read():
+    fresh = MemoryAugmentedNetwork(nn.Identity(), 1, features=2, classes=2, hidden=3, strength=5.0)
+    assert fresh.strength.bias.tolist() == pytest.approx([math.log(math.expm1(4.0))] * 4)  # beta = 1 + softplus = 5
+    net = controlled_mann(strength=5.0, add_vector=True)
+    with torch.no_grad():
+        net.strength.bias.fill_(math.log(math.expm1(2.0)))                        # beta = 3
+        net.add.bias.copy_(torch.atanh(torch.tensor([0.0, 0.8])))
+    x, label = torch.zeros(1, 2), torch.zeros(1, 2)
+    _, s1 = net.step(x, label, net.initial_state(1, x))
+    # The add vector (0, 0.8), not the key (0.5, -0.5), goes into the least used slot with weight 1/2.
+    assert torch.allclose(s1.memory[0, 0], torch.tensor([0.0, 0.4]))
+    # The key reads with beta = 3: cosine -1/sqrt(2) with slot 0, 0 with the empty slots (all ones / sqrt 2).
+    logits = 3 * torch.tensor([-1 / math.sqrt(2), 0, 0, 0])
+    assert torch.allclose(s1.read[0, 0], logits.softmax(0))
+
+
+def test_strength_must_exceed_one_or_be_off():
+    with pytest.raises(ConfigError, match="strength"):
+        controlled_mann(strength=1.0)
+    assert controlled_mann(strength=0).strength is None
 
 
 def test_presentation_numbers_and_accuracy():
@@ -117,9 +150,18 @@ def test_deterministic_under_a_seed_and_too_many_ways_refused():
     tasks = episode(ways=3, shape=(1, 4, 4))
     assert torch.equal(a.meta_loss(tasks)[0], b.meta_loss(tasks)[0])
     assert a.classes == 5        # the paper's 5-way setting is MANN's default
+    assert a.strength is not None and a.add is not None
+    paper = learner("mann", "learner.strength=0", "learner.add_vector=false", shape=(1, 4, 4))
+    assert paper.strength is None and paper.add is None
     small = learner("mann", "learner.classes=2", shape=(1, 4, 4))
     with pytest.raises(ConfigError, match="3-way"):
         small.meta_loss(tasks)
+
+
+def test_flatten_backbone_scales_the_pixels():
+    x = torch.arange(8.0).view(2, 1, 2, 2)
+    assert torch.equal(learner("mann", shape=(1, 2, 2)).encoder(x), 0.2 * x.flatten(1))
+    assert torch.equal(learner("mann", "model.scale=1.0", shape=(1, 2, 2)).encoder(x), x.flatten(1))
 
 
 def test_cli_train_eval_and_checkpoint_round_trip(tmp_path):

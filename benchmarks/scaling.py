@@ -8,7 +8,8 @@ memory of second-order MAML with and without gradient checkpointing and meta-bat
 Every measurement is a real ``metamap train`` run in a fresh process (``torchrun`` for several
 ranks) on Omniglot shapes; tasks/s comes from the run's own log (the trainer's ``elapsed_s``),
 over the steps after ``--warmup``, so start-up and the first, slower steps are left out. Peak
-memory is the process's peak resident set (rank 0's, for several ranks). Results go to stdout
+memory is the process's peak resident set (rank 0's, for several ranks); for the memory
+benchmark glibc is told to unmap freed blocks at once, so that it follows the live tensors. Results go to stdout
 as Markdown and to benchmarks/results/scaling-*.json.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ SETTINGS = {
 }
 
 
-def train(args: list[str], ranks: int, threads: int, steps: int, run_dir: Path) -> list[dict]:
+def train(args: list[str], ranks: int, threads: int, steps: int, run_dir: Path, env: dict | None = None
+          ) -> list[dict]:
     """One ``metamap train`` run -> its log records (one per step)."""
     common = ["train", "--run-dir", str(run_dir), "--no-test", "--quiet", "--steps", str(steps),
               "--threads", str(threads), "--set", "train.log_every=1", "--set", "train.val_every=0",
@@ -41,7 +43,7 @@ def train(args: list[str], ranks: int, threads: int, steps: int, run_dir: Path) 
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                "-m", "metamap", *common]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -72,6 +74,12 @@ def ranks_benchmark(steps: int, warmup: int) -> dict:
     return out
 
 
+# glibc returns every block over 64 KiB to the system when it is freed, so the peak resident set
+# follows the tensors alive at once (the run-time allocator tuning, which keeps freed memory for
+# speed, is off here: with it the peak RSS is the allocator's high-water mark instead).
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def memory_benchmark(steps: int, warmup: int, threads: int = 1) -> dict:
     whole, ckpt = ["--set", "train.chunk_tasks=0"], ["--set", "learner.grad_checkpoint=true"]
     variants = {"whole meta-batch": whole, "grad_checkpoint": [*whole, *ckpt],
@@ -79,13 +87,14 @@ def memory_benchmark(steps: int, warmup: int, threads: int = 1) -> dict:
                 "chunk_tasks=8 + grad_checkpoint": ["--set", "train.chunk_tasks=8", *ckpt],
                 "chunk_tasks=2 (default)": [], "chunk_tasks=2 + grad_checkpoint": ckpt}
     out = {}
-    print(f"| inner steps | variant | peak RSS (MB) | tasks/s ({threads} thread(s)) |")
+    print(f"| inner steps | variant | peak RSS (MB) | tasks/s ({threads} thread(s), allocator tuning off) |")
     print("| ---: | --- | ---: | ---: |")
     for inner in (1, 5):
         for label, extra in variants.items():
             args = [*SETTINGS["maml"], "--set", f"learner.inner_steps={inner}", *extra]
             with tempfile.TemporaryDirectory() as d:
-                records = train(args, 1, threads, steps, Path(d) / "run")
+                records = train([*args, "--set", "train.tune_allocator=false"], 1, threads, steps,
+                                Path(d) / "run", LIVE_MEMORY_ENV)
             peak = max(r["peak_rss_mb"] for r in records)
             tps = rate(records, 32, warmup)
             out[f"{inner}:{label}"] = {"inner_steps": inner, "variant": label, "peak_rss_mb": peak, "tasks_per_s": tps}

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, facts_line, save
+from common import RESULTS, facts_line, save, train_and_record
 
 from metamap import config as configlib
 from metamap.algorithms.mann import presentation_accuracy
 from metamap.train import checkpoint
-from metamap.train.run import train
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = {
@@ -82,21 +80,17 @@ def run(name: str, overrides: list[str], suffix: str = "") -> dict:
     if run_dir.exists():
         import shutil
         shutil.rmtree(run_dir)
-    t0 = time.perf_counter()
-    summary = train(config, run_dir, progress=False)
-    total = time.perf_counter() - t0
     command = " ".join(["python benchmarks/omniglot_metric.py", name, *(f"--set {o}" for o in overrides),
                         *([f"--suffix={suffix}"] if suffix else [])])
-    result = {"command": command, "config_file": RUNS[name],
-              "config": config, "summary": summary, "total_seconds": round(total, 1),
-              "test_seconds": round(total - summary["train_seconds"], 1)}
+    result = train_and_record(config, run_dir, f"omniglot_metric-{name}{suffix}", command, config_file=RUNS[name])
+    summary, total = result["summary"], result["total_seconds"]
     if name == "mann":
         curve = mann_presentations(run_dir, config["eval"]["episodes"], config["eval"]["seed"])
         result["presentations"] = curve
-        plot_presentations(curve, RESULTS / "omniglot_metric-mann-presentations.png",
+        plot_presentations(curve, RESULTS / f"omniglot_metric-mann{suffix}-presentations.png",
                            f"{config['train']['steps']} batches x 16 episodes, "
                            f"{summary['train_seconds'] / 60:.1f} CPU-min training")
-    save(f"omniglot_metric-{name}{suffix}", result)
+        save(f"omniglot_metric-{name}{suffix}", result)
     for r in summary["test"]:
         print(f"| {name} | {r['setting']} | {100 * r['mean']:.2f} ± {100 * r['ci95']:.2f} % | "
               f"{summary['train_seconds'] / 60:.1f} min | {total / 60:.1f} min |", flush=True)

@@ -94,7 +94,10 @@ def main() -> None:
     print("|---|---|---|")
     for name, rs in rates.items():
         print(f"| {name} | {median(rs):.2f} | {median(rs) / ref:.2f}x |")
-    save("protonet_speed", {"command": "python benchmarks/protonet_speed.py " + " ".join(sys.argv[1:]),
+    # A run of some variants only gets its own file, so it does not replace the full comparison.
+    suffix = "-".join(k.strip().replace(" ", "_") for k in args.only.split(",")) if args.only else ""
+    name = "protonet_speed" + ("-" + suffix if suffix else "")
+    save(name, {"command": "python benchmarks/protonet_speed.py " + " ".join(sys.argv[1:]),
                             "episodes_per_s": rates})
 
 

@@ -85,6 +85,7 @@ def memory_benchmark(steps: int, warmup: int, threads: int = 1) -> dict:
     variants = {"whole meta-batch": whole, "grad_checkpoint": [*whole, *ckpt],
                 "chunk_tasks=8": ["--set", "train.chunk_tasks=8"],
                 "chunk_tasks=8 + grad_checkpoint": ["--set", "train.chunk_tasks=8", *ckpt],
+                # The default, chunk_tasks = "auto", is two tasks per pass for Conv-4 MAML.
                 "chunk_tasks=2 (default)": [], "chunk_tasks=2 + grad_checkpoint": ckpt}
     out = {}
     print(f"| inner steps | variant | peak RSS (MB) | tasks/s ({threads} thread(s), allocator tuning off) |")

@@ -109,7 +109,8 @@ IMPLEMENTATIONS = {
     "plain loop (torch.func, per task)": plain_loop,
     "higher 0.2.1": with_higher,
     "TorchOpt": with_torchopt,
-    # The library default: the trainer runs a meta-batch two tasks per pass (train.chunk_tasks = 2).
+    # The library default: the trainer runs a Conv-4 MAML meta-batch two tasks per pass
+    # (train.chunk_tasks = "auto" -> GradientLearner.preferred_chunk).
     "metamap (default: chunks of 2 tasks, grouped, channels-last, fused BN-ReLU-pool)":
         lambda m, s: with_metamap(m, s, chunk=2),
     "metamap, whole meta-batch in one pass": with_metamap,

@@ -44,7 +44,8 @@ DEFAULTS: dict[str, Any] = {
         "tune_allocator": True,    # keep freed memory in-process (glibc mallopt); faster on CPU
         "max_bad_steps": 10,       # non-finite losses/gradients tolerated before the run stops
         "precision": "fp32",       # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU)
-        "chunk_tasks": 0,          # run a meta-batch this many tasks at a time (same gradient, less memory)
+        "chunk_tasks": "auto",     # tasks per forward/backward pass (same gradient): 0 = the whole
+                                   # meta-batch, auto = the learner's choice (MetaLearner.preferred_chunk)
         "prefetch": "auto",        # draw the next batch in a background thread (auto = on CUDA)
         "report": True,            # write report.html (curves, test episodes, results) at the end
         "tensorboard": False,      # also log scalars to RUN/tensorboard (needs the tensorboard package)
@@ -159,8 +160,10 @@ def validate(config: dict) -> None:
     need(t["precision"] in ("fp32", "bf16", "fp16"),
          f"train.precision must be fp32, bf16 or fp16, not {t['precision']!r}")
     need(t["prefetch"] in ("auto", True, False), f"train.prefetch must be auto, true or false, not {t['prefetch']!r}")
-    for k in ("val_every", "max_bad_steps", "threads", "chunk_tasks"):
+    for k in ("val_every", "max_bad_steps", "threads"):
         need(whole(t[k], 0), f"train.{k} must be a whole number >= 0, not {t[k]!r}")
+    need(t["chunk_tasks"] == "auto" or whole(t["chunk_tasks"], 0),
+         f"train.chunk_tasks must be auto or a whole number >= 0 (0 = the whole meta-batch), not {t['chunk_tasks']!r}")
     need(t["device"] in ("cpu", "cuda", "auto") or str(t["device"]).startswith("cuda:"),
          f"train.device must be cpu, cuda or auto, not {t['device']!r}")
 

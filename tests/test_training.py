@@ -176,3 +176,22 @@ def test_memory_is_logged_and_bf16_autocast_trains(image_folder, tmp_path):
     with pytest.raises(Exception, match="fp16 needs a CUDA device"):
         train(folder_config(image_folder, steps=1, **{"train.precision": "'fp16'"}), tmp_path / "r2",
               progress=False, run_test=False, echo=lambda *_: None)
+
+
+def test_chunk_tasks_auto_is_the_learners_choice_and_bad_values_are_refused():
+    from metamap import config as configlib
+    from metamap.algorithms.gradient import GradientLearner
+    from metamap.algorithms.protonet import PrototypicalNetwork
+    from metamap.errors import ConfigError
+    from metamap.nets import MLP, Conv4
+    conv = Conv4(hidden=4, image_size=8, layers=2)
+    assert GradientLearner(conv, torch.nn.Linear(conv.out_features, 3), 3, ways=3).preferred_chunk() == 2
+    anil = GradientLearner(conv, torch.nn.Linear(conv.out_features, 3), 3, ways=3, adapt="head")
+    assert anil.preferred_chunk() == 0                      # shared body: one large batch is best
+    mlp = MLP(1, (8,))
+    assert GradientLearner(mlp, torch.nn.Linear(mlp.out_features, 1), 1).preferred_chunk() == 0
+    assert PrototypicalNetwork(conv, example_dims=3).preferred_chunk() == 0
+    assert configlib.resolve()["train"]["chunk_tasks"] == "auto"
+    for bad in ("-1", "'two'", "1.5"):
+        with pytest.raises(ConfigError, match="train.chunk_tasks must be auto or a whole number"):
+            configlib.resolve(overrides=[f"train.chunk_tasks={bad}"])

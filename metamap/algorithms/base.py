@@ -90,6 +90,10 @@ class MetaLearner(nn.Module):
         outputs = predictor(tasks.query_x)
         return self.query_loss(outputs, tasks.query_y), self.task_metrics(outputs.detach(), tasks.query_y)
 
+    def preferred_chunk(self) -> int:
+        """Tasks per forward/backward pass when ``train.chunk_tasks = "auto"``; 0 = the whole meta-batch."""
+        return 0
+
     def after_step(self) -> None:
         """Called by the trainer once per applied outer update (after ``optimizer.step``).
 

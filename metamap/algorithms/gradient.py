@@ -237,6 +237,14 @@ class GradientLearner(MetaLearner):
         return checkpoint(lambda *p: fwd(dict(zip(names, p)), query_x, record), *params.values(),
                           use_reentrant=False)
 
+    def preferred_chunk(self) -> int:
+        # Per-task convolutions: two tasks per pass were 1.25x faster than all 32 at once on a
+        # 2-core CPU (a working set nearer the caches; BENCHMARKS.md, speed) and need a fraction
+        # of the memory. Small MLPs (regression) are the opposite: per-pass overhead dominates,
+        # and two-task chunks ran 5x slower than the whole meta-batch.
+        convolutional = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
+        return 2 if convolutional and self.body_adapts and self.full.batched else 0
+
     def after_step(self) -> None:
         self.outer_steps += 1
 
@@ -294,11 +302,8 @@ COMMON = {
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults
 # to the same number of ways.
 EPISODE = {"ways": 5, "shots": 1, "queries": 15, "tasks_per_batch": 32}
-# Meta-batches run two tasks per forward/backward pass (the trainer's chunk_tasks; the same
-# gradient): on a 2-core CPU that was 1.25x faster than all 32 tasks in one pass (smaller
-# working set; BENCHMARKS.md, speed) and needs a fraction of the memory.
 DEFAULTS = {"episode": EPISODE, "optim": {"lr": 1e-3}, "schedule": {"name": "constant"},
-            "eval": {"ways": [5], "shots": [1]}, "train": {"chunk_tasks": 2}}
+            "eval": {"ways": [5], "shots": [1]}}
 
 
 def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) -> GradientLearner:

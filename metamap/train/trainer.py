@@ -234,9 +234,11 @@ class Trainer:
         With ``train.chunk_tasks = c`` the meta-batch runs ``c`` tasks at a time: each chunk's
         loss is weighted by its share of the tasks, so the accumulated gradient equals the
         whole batch's (per-task losses are independent), in a fraction of the memory.
+        ``"auto"`` asks the learner (``preferred_chunk``); 0 is the whole meta-batch.
         """
         n = batch.num_tasks
-        size = self.train_cfg.get("chunk_tasks", 0) or n
+        chunk = self.train_cfg.get("chunk_tasks", "auto")
+        size = (self.learner.preferred_chunk() if chunk == "auto" else chunk) or n
         total, metrics = torch.zeros((), dtype=torch.float64), {}
         for start in range(0, n, size):
             part = batch.slice(start, start + size)

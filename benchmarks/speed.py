@@ -3,8 +3,9 @@
 Setting (issue 3): Conv-4 (64 channels, batch norm), 28x28x1 inputs, 5-way 1-shot, 15 queries
 per class, meta-batch 32, inner step size 0.4, 1 and 5 inner steps, one Adam outer step per
 meta-batch. Every implementation starts from the same weights and meta-batch; the meta-gradient
-of each is compared with the plain loop's before timing. Implementations are timed round-robin
-(one meta-batch each per round) so that load from other processes hits all of them alike.
+of each is compared with the exact one (the plain loop in float64) before timing. Implementations
+are timed round-robin (one meta-batch each per round) so that load from other processes hits all
+of them alike.
 
     python benchmarks/speed.py                      # 1 and 5 inner steps, 3 timed rounds
     python benchmarks/speed.py --steps 1 --rounds 2 --skip higher,torchopt
@@ -111,12 +112,13 @@ IMPLEMENTATIONS = {
     "TorchOpt": with_torchopt,
     # The library default: the trainer runs a Conv-4 MAML meta-batch two tasks per pass
     # (train.chunk_tasks = "auto" -> GradientLearner.preferred_chunk).
-    "metamap (default: chunks of 2 tasks, grouped, channels-last, fused BN-ReLU-pool)":
+    "metamap (default: chunks of 2 tasks, grouped, channels-last, fused BN-ReLU-pool, folded first BN)":
         lambda m, s: with_metamap(m, s, chunk=2),
     "metamap, whole meta-batch in one pass": with_metamap,
     "metamap, chunks of 8 tasks": lambda m, s: with_metamap(m, s, chunk=8),
     "metamap, chunks of 4 tasks": lambda m, s: with_metamap(m, s, chunk=4),
     "metamap, chunks of 1 task": lambda m, s: with_metamap(m, s, chunk=1),
+    "metamap, fold_bn=false": lambda m, s: with_metamap(m, s, chunk=2, fold_bn=False),
     "metamap, fuse_bn_pool=false": lambda m, s: with_metamap(m, s, chunk=2, fuse_bn_pool=False),
     "metamap, channels_last=false": lambda m, s: with_metamap(m, s, chunk=2, channels_last=False),
     "metamap, batched=false (per-task loop)": lambda m, s: with_metamap(m, s, batched=False),
@@ -128,7 +130,15 @@ SKIP_KEYS = {"higher": "higher", "torchopt": "TorchOpt", "loop": "plain loop"}
 def meta_gradient(model: nn.Module, step, b: TaskBatch) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     step(b)
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in model.parameters()])
+
+
+def exact_meta_gradient(steps: int, b: TaskBatch) -> torch.Tensor:
+    """The plain loop's meta-gradient in float64: the yardstick every fp32 implementation is
+    compared with (fp32 implementations differ from each other and from it by rounding)."""
+    model = make_model().double()
+    b64 = TaskBatch(b.support_x.double(), b.support_y, b.query_x.double(), b.query_y, b.ways)
+    return meta_gradient(model, plain_loop(model, steps), b64)
 
 
 def flops_per_task(steps: int) -> float:
@@ -178,11 +188,10 @@ def run(steps: int, rounds: int, names: list[str], peak: float) -> list[dict]:
         except ImportError as e:
             print(f"# skipped {n}: {e}", file=sys.stderr)
     names = [n for n in names if n in impls]
-    ref_name = names[0]
-    ref = meta_gradient(models[ref_name], impls[ref_name], b)
+    ref = exact_meta_gradient(steps, b)
     rows = {}
     for n in names:
-        g = ref if n == ref_name else meta_gradient(models[n], impls[n], b)
+        g = meta_gradient(models[n], impls[n], b).double()
         rows[n] = {"name": n, "rel_err": float((g - ref).norm() / ref.norm()), "times": []}
         opts[n] = torch.optim.Adam(models[n].parameters(), lr=1e-3)
     for _ in range(rounds):
@@ -204,10 +213,12 @@ def main() -> None:
     ap.add_argument("--steps", default="1,5", help="inner steps to measure, comma separated")
     ap.add_argument("--rounds", type=int, default=3, help="timed meta-batches per implementation")
     ap.add_argument("--skip", default="", help="comma separated: loop, higher, torchopt")
-    ap.add_argument("--only", default="", help="comma separated substrings of implementation names to run "
-                                               "(the first one listed is the reference)")
+    ap.add_argument("--only", default="", help="comma separated substrings of implementation names to run")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-allocator", action="store_true", help="leave glibc's allocator settings alone")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.no_allocator:
         from metamap.train.runtime import tune_allocator
         tune_allocator()
@@ -224,7 +235,7 @@ def main() -> None:
         peak_after = matmul_peak()
         print(f"### {steps} inner step(s), meta-batch {TASKS}, {args.rounds} rounds "
               f"(matmul peak {start_peak / 1e9:.0f} -> {peak_after / 1e9:.0f} GFLOP/s during the run)\n")
-        print("| implementation | tasks/s | vs fastest peer | of matmul peak | meta-grad rel. err vs loop |")
+        print("| implementation | tasks/s | vs fastest peer | of matmul peak | meta-grad rel. err vs float64 |")
         print("| --- | ---: | ---: | ---: | ---: |")
         peers = [r["tasks_per_s"] for r in rows if not r["name"].startswith("metamap")]
         best = max(peers) if peers else float("nan")

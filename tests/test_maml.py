@@ -193,7 +193,11 @@ def test_meta_sgd_step_sizes_get_exact_gradients():
     assert rel_err(got, ref) < 1e-8
     sizes = [k for k in got if k.startswith("step_sizes.")]
     assert len(sizes) == len(list(learner.model.parameters()))
-    assert all(float(got[k].abs().sum()) > 0 for k in sizes)
+    # A convolution bias followed by batch norm cancels out, so its step sizes' true gradient
+    # is zero; every other step size must receive one.
+    cancelled = [k for k in sizes if k.endswith("__0__bias")]
+    assert cancelled and all(float(got[k].abs().max()) < 1e-12 for k in cancelled)
+    assert all(float(got[k].abs().sum()) > 0 for k in sizes if k not in cancelled)
 
 
 def test_maml_plus_plus_step_sizes_and_multi_step_loss():
@@ -217,8 +221,12 @@ def test_maml_plus_plus_step_sizes_and_multi_step_loss():
             q = F.cross_entropy(functional_call(model, fast, (tasks.query_x[t],)), tasks.query_y[t])
             expected = expected + q / 3
     torch.testing.assert_close(loss, expected / T, rtol=1e-10, atol=0)
-    grads = torch.autograd.grad(loss, list(learner.step_sizes.parameters()))
-    assert all(bool((g != 0).all()) for g in grads)           # every layer and step gets a gradient
+    names, sizes = zip(*learner.step_sizes.named_parameters())
+    grads = dict(zip(names, torch.autograd.grad(loss, sizes, allow_unused=True)))
+    # Every layer and step gets a gradient, except a convolution bias that batch norm cancels
+    # (the first one drops out of the graph altogether: its batch norm is folded into it).
+    assert all(bool((g != 0).all()) for n, g in grads.items() if not n.endswith("__0__bias"))
+    assert all(g is None or float(g.abs().max()) < 1e-12 for n, g in grads.items() if n.endswith("__0__bias"))
     # Meta-batches are counted once per outer update (the trainer's after_step), not per meta_loss
     # call, so a meta-batch split into chunks still counts once.
     assert int(learner.outer_steps) == 0
@@ -435,3 +443,37 @@ def test_gradient_checkpointing_keeps_only_step_boundaries():
     assert kept[4][0] > 2.5 * kept[1][0]
     assert kept[4][1] < 0.1 * kept[4][0]
     assert kept[1][1] < 0.25 * kept[1][0]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batch_norm_folded_into_first_convolution_is_the_same_function(channels):
+    from metamap.algorithms.inner_loop import TaskForward
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv4(in_channels=channels, hidden=4, layers=2, image_size=8), nn.Linear(16, W))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.linspace(-1.5, 1.5, m.num_features))
+                m.bias.normal_()
+    # Per-task weights (as after an inner step) so the convolutions run grouped.
+    params = {n: (p.detach().expand(T, *p.shape) + 0.1 * torch.randn(T, *p.shape)).requires_grad_()
+              for n, p in model.named_parameters()}
+    x = torch.randn(T, 5, channels, 8, 8)
+    outs, records, grads = [], [], []
+    for fold in (True, False):
+        record = {}
+        out = TaskForward(model, channels_last=True, fold=fold)(params, x, True, record)
+        outs.append(out)
+        records.append(record)
+        grads.append(torch.autograd.grad((out ** 2).sum(), list(params.values()), allow_unused=True))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    assert records[0].keys() == records[1].keys() == {"0.features.0.1", "0.features.1.1"}
+    for name in records[0]:
+        for a, b in zip(records[0][name], records[1][name]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(params, *grads):
+        if name == "0.features.0.0.bias":
+            # Batch norm cancels the bias before it; folded, it drops out of the graph.
+            assert a is None and float(b.abs().max()) < 1e-12
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -42,12 +42,12 @@ class TaskForward:
     """Runs ``module`` on ``x [T, N, *example]`` with a parameter dict -> ``[T, N, *out]``."""
 
     def __init__(self, module: nn.Module, batched: bool = True, channels_last: bool = False,
-                 bn_mode: str = "transductive", fuse: bool = True, bf16: bool = False):
+                 bn_mode: str = "transductive", fuse: bool = True, bf16: bool = False, fold: bool = True):
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, not {bn_mode!r}")
         self.module, self.bn_mode, self.channels_last, self.bf16 = module, bn_mode, channels_last, bf16
         layers = compile_layers(module) if batched else None
-        self.net = TaskBatchedNet(layers, fuse) if layers is not None else None
+        self.net = TaskBatchedNet(layers, fuse, fold) if layers is not None else None
         self.shapes = {n: p.shape for n, p in module.named_parameters()}
 
     @property

@@ -31,6 +31,10 @@ from torch import Tensor, nn
 from metamap.nets.backbones import MLP, Conv4
 
 BN_MODES = ("transductive", "running")
+# Batch norm folds into a per-task convolution whose patches have at most this many values
+# (C_in * k * k): a D x D covariance per task is cheaper than normalising the feature maps for a
+# first layer (grey 3x3: 9, RGB 3x3: 27), far dearer for 64 input channels (576).
+FOLD_MAX_PATCH = 27
 
 
 @dataclass
@@ -114,8 +118,9 @@ class TaskBatchedNet:
     that, outside the graph.
     """
 
-    def __init__(self, layers: list[Layer], fuse: bool = True):
+    def __init__(self, layers: list[Layer], fuse: bool = True, fold: bool = True):
         self.layers = fuse_bn_relu_pool(layers) if fuse else layers
+        self.fold = fold
         # A weight with one more dimension than the module's parameter is per task.
         self.dims = {getattr(layer, a): getattr(layer.module, a).dim()
                      for layer in layers for a in ("weight", "bias") if getattr(layer, a)}
@@ -135,8 +140,16 @@ class TaskBatchedNet:
         def per_task(name: str | None) -> bool:
             return name is not None and params[name].dim() == self.dims[name] + 1
 
-        for layer in self.layers:
+        normalised = False      # the previous convolution already applied the next batch norm
+        for i, layer in enumerate(self.layers):
             k = layer.kind
+            if normalised and k in ("bn", "bn_relu_pool"):
+                normalised = False
+                if k == "bn_relu_pool":
+                    # ReLU is increasing, so it commutes with max-pooling: pool the quarter first.
+                    pool = layer.extra["pool"]
+                    h = F.relu(F.max_pool2d(h, pool.kernel_size, pool.stride))
+                continue
             if k == "conv":
                 m = layer.module
                 w = params[layer.weight]
@@ -147,6 +160,13 @@ class TaskBatchedNet:
                 if layout == "flat":
                     h = to_grouped(h, t, channels_last)
                     layout = "grouped"
+                nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+                if (self.fold and per_task(layer.weight) and not use_running_stats and nxt is not None
+                        and nxt.kind in ("bn", "bn_relu_pool") and isinstance(nxt.module, nn.BatchNorm2d)
+                        and m.weight[0].numel() <= FOLD_MAX_PATCH):
+                    h = self._conv_bn_folded(layer, nxt, params, h, t, record)
+                    normalised = True
+                    continue
                 w = w.reshape(-1, *w.shape[-3:]) if per_task(layer.weight) else w.repeat(t, 1, 1, 1)
                 if b is not None:
                     b = b.reshape(-1) if per_task(layer.bias) else b.repeat(t)
@@ -187,6 +207,48 @@ class TaskBatchedNet:
         if layout == "grouped":
             return h.reshape(n, t, -1, *h.shape[2:]).transpose(0, 1)
         return h.reshape(t, n, *h.shape[1:]) if layout == "flat" else h
+
+    @staticmethod
+    def _conv_bn_folded(conv: Layer, bn: Layer, params: dict[str, Tensor], h: Tensor, t: int,
+                        record: dict | None) -> Tensor:
+        """Per-task convolution + batch norm with batch statistics, as one convolution.
+
+        Each output channel is ``z = w . p + b`` over the input patches ``p``, so its batch mean
+        and biased variance are ``w . mu + b`` and ``w^T Sigma w`` from the patches' mean ``mu``
+        and covariance ``Sigma`` -- a ``D x D`` matrix per task (``D = C_in * k * k``, 9 for a
+        grey-scale 3x3 layer). Batch norm then folds into the kernel and bias:
+        ``gamma * (z - mean) / sqrt(var + eps) + beta = conv(x, w * s) + beta - s * (w . mu)``
+        with ``s = gamma / sqrt(var + eps)``. The same function, differentiable to any order, but
+        the normalisation and its derivatives no longer pass over the largest feature maps
+        (``h [N, T*C_in, H, W]`` grouped -> ``[N, T*C, H', W']`` grouped).
+        """
+        m, norm = conv.module, bn.module
+        w = params[conv.weight]                                       # [T, C, C_in, k, k]
+        n, c, d = h.shape[0], w.shape[1], w[0, 0].numel()
+        patches = F.unfold(h, m.kernel_size, m.dilation, m.padding, m.stride)   # [N, T*D, L]
+        patches = patches.reshape(n, t, d, -1).permute(1, 2, 0, 3).reshape(t, d, -1)  # [T, D, N*L]
+        mu = patches.mean(2, keepdim=True)                            # [T, D, 1]
+        centred = patches - mu
+        sigma = centred @ centred.transpose(1, 2) / centred.shape[2]  # [T, D, D], biased
+        wf = w.reshape(t, c, d)
+        w_mu = (wf @ mu).squeeze(2)                                   # [T, C]
+        var = ((wf @ sigma) * wf).sum(2)                              # [T, C]: w^T Sigma w
+        scale = torch.rsqrt(var + norm.eps)
+        gamma = params[bn.weight] if bn.weight else None
+        beta = params[bn.bias] if bn.bias else None
+        if gamma is not None:
+            scale = scale * gamma                                     # [T, C] (gamma [C] or [T, C])
+        shift = -scale * w_mu
+        if beta is not None:
+            shift = shift + beta
+        if record is not None:
+            with torch.no_grad():
+                b = params[conv.bias] if conv.bias else None
+                mean = w_mu + (b if b is not None else 0)
+                count = centred.shape[2]
+                record[bn.prefix] = (mean.mean(0), (var * count / (count - 1)).mean(0) if count > 1 else None)
+        kernel = (w * scale.reshape(t, c, 1, 1, 1)).reshape(t * c, *w.shape[2:])
+        return F.conv2d(h, kernel, shift.reshape(-1), m.stride, m.padding, m.dilation, groups=t)
 
     def _bn_setup(self, layer: Layer, params: dict[str, Tensor], h: Tensor, layout: str, t: int,
                   use_running_stats: bool, record: dict | None):

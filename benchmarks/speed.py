@@ -112,13 +112,14 @@ IMPLEMENTATIONS = {
     "TorchOpt": with_torchopt,
     # The library default: the trainer runs a Conv-4 MAML meta-batch two tasks per pass
     # (train.chunk_tasks = "auto" -> GradientLearner.preferred_chunk).
-    "metamap (default: chunks of 2 tasks, grouped, channels-last, fused BN-ReLU-pool, folded first BN)":
+    "metamap (default: chunks of 2 tasks, grouped, channels-last, fused BN-ReLU-pool, folded first BN, C++ first layer)":
         lambda m, s: with_metamap(m, s, chunk=2),
     "metamap, whole meta-batch in one pass": with_metamap,
     "metamap, chunks of 8 tasks": lambda m, s: with_metamap(m, s, chunk=8),
     "metamap, chunks of 4 tasks": lambda m, s: with_metamap(m, s, chunk=4),
     "metamap, chunks of 1 task": lambda m, s: with_metamap(m, s, chunk=1),
-    "metamap, fold_bn=false": lambda m, s: with_metamap(m, s, chunk=2, fold_bn=False),
+    "metamap, cpp_kernels=false": lambda m, s: with_metamap(m, s, chunk=2, cpp_kernels=False),
+    "metamap, fold_bn=false": lambda m, s: with_metamap(m, s, chunk=2, fold_bn=False, cpp_kernels=False),
     "metamap, fuse_bn_pool=false": lambda m, s: with_metamap(m, s, chunk=2, fuse_bn_pool=False),
     "metamap, channels_last=false": lambda m, s: with_metamap(m, s, chunk=2, channels_last=False),
     "metamap, batched=false (per-task loop)": lambda m, s: with_metamap(m, s, batched=False),

@@ -99,7 +99,8 @@ class GradientLearner(MetaLearner):
                  first_order: bool = False, step_sizes: str = "fixed", adapt: str | list = "all",
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
                  batched: bool = True, channels_last: bool = True, fuse_bn_pool: bool = True,
-                 bf16: bool = False, grad_checkpoint: bool = False, fold_bn: bool = True):
+                 bf16: bool = False, grad_checkpoint: bool = False, fold_bn: bool = True,
+                 cpp_kernels: bool = True):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -121,9 +122,10 @@ class GradientLearner(MetaLearner):
         # When the body does not adapt (ANIL), its features are computed once per task batch, as
         # one large batch, and only the head runs in the inner loop.
         self.body_adapts = any(n.startswith("body.") for n in self.adapt_names)
-        self.full = TaskForward(self.model, batched, channels_last, bn, fuse_bn_pool, bf16, fold_bn)
-        self.body_fn = TaskForward(self.model.body, batched, channels_last, bn, fuse_bn_pool, bf16, fold_bn)
-        self.head_fn = TaskForward(self.model.head, batched, channels_last, bn, fuse_bn_pool, bf16, fold_bn)
+        speed = (batched, channels_last, bn, fuse_bn_pool, bf16, fold_bn, cpp_kernels)
+        self.full = TaskForward(self.model, *speed)
+        self.body_fn = TaskForward(self.model.body, *speed)
+        self.head_fn = TaskForward(self.model.head, *speed)
 
     def _resolve_adapt(self, adapt: str | list) -> list[str]:
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -296,7 +298,7 @@ COMMON = {
     "inner_steps": 1, "inner_steps_eval": 3, "inner_lr": 0.4, "first_order": False,
     "step_sizes": "fixed", "adapt": "all", "bn": "transductive", "multi_step_loss": False,
     "msl_anneal_steps": 0, "batched": True, "channels_last": True, "fuse_bn_pool": True,
-    "bf16": False, "grad_checkpoint": False, "fold_bn": True,
+    "bf16": False, "grad_checkpoint": False, "fold_bn": True, "cpp_kernels": True,
 }
 # Finn et al. (2017), Omniglot 5-way: meta-batch 32, Adam 1e-3, inner step size 0.4, one inner
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults

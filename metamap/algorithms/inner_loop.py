@@ -22,6 +22,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from metamap.nets.functional import BN_MODES, TaskBatchedNet, compile_layers
+from metamap.nets.kernels import double_backward
 
 StepSize = Callable[[str, int], "Tensor | float"]
 """``(parameter name, step index) -> step size`` (a float, a scalar or a per-element tensor)."""
@@ -42,12 +43,13 @@ class TaskForward:
     """Runs ``module`` on ``x [T, N, *example]`` with a parameter dict -> ``[T, N, *out]``."""
 
     def __init__(self, module: nn.Module, batched: bool = True, channels_last: bool = False,
-                 bn_mode: str = "transductive", fuse: bool = True, bf16: bool = False, fold: bool = True):
+                 bn_mode: str = "transductive", fuse: bool = True, bf16: bool = False, fold: bool = True,
+                 cpp: bool = True):
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, not {bn_mode!r}")
         self.module, self.bn_mode, self.channels_last, self.bf16 = module, bn_mode, channels_last, bf16
         layers = compile_layers(module) if batched else None
-        self.net = TaskBatchedNet(layers, fuse, fold) if layers is not None else None
+        self.net = TaskBatchedNet(layers, fuse, fold, cpp) if layers is not None else None
         self.shapes = {n: p.shape for n, p in module.named_parameters()}
 
     @property
@@ -121,7 +123,8 @@ def inner_loop(forward: Callable[[dict[str, Tensor], Tensor], Tensor], theta: di
         for k in range(steps):
             def step(*adapted: Tensor, k: int = k, fast: dict[str, Tensor] = fast) -> tuple[Tensor, ...]:
                 current = {**fast, **dict(zip(adapt, adapted))}
-                loss = task_losses(forward(current, x), y).sum()
+                with double_backward(create_graph):     # keeps once-differentiable kernels out
+                    loss = task_losses(forward(current, x), y).sum()
                 grads = torch.autograd.grad(loss, adapted, create_graph=create_graph, allow_unused=True)
                 if not differentiable:
                     with torch.no_grad():

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metamap.nets import kernels
 from metamap.nets.backbones import MLP, Conv4
 
 BN_MODES = ("transductive", "running")
@@ -118,9 +119,9 @@ class TaskBatchedNet:
     that, outside the graph.
     """
 
-    def __init__(self, layers: list[Layer], fuse: bool = True, fold: bool = True):
+    def __init__(self, layers: list[Layer], fuse: bool = True, fold: bool = True, cpp: bool = True):
         self.layers = fuse_bn_relu_pool(layers) if fuse else layers
-        self.fold = fold
+        self.fold, self.cpp = fold, cpp
         # A weight with one more dimension than the module's parameter is per task.
         self.dims = {getattr(layer, a): getattr(layer.module, a).dim()
                      for layer in layers for a in ("weight", "bias") if getattr(layer, a)}
@@ -144,8 +145,8 @@ class TaskBatchedNet:
         for i, layer in enumerate(self.layers):
             k = layer.kind
             if normalised and k in ("bn", "bn_relu_pool"):
-                normalised = False
-                if k == "bn_relu_pool":
+                done, normalised = normalised == "pooled", False
+                if k == "bn_relu_pool" and not done:
                     # ReLU is increasing, so it commutes with max-pooling: pool the quarter first.
                     pool = layer.extra["pool"]
                     h = F.relu(F.max_pool2d(h, pool.kernel_size, pool.stride))
@@ -164,8 +165,16 @@ class TaskBatchedNet:
                 if (self.fold and per_task(layer.weight) and not use_running_stats and nxt is not None
                         and nxt.kind in ("bn", "bn_relu_pool") and isinstance(nxt.module, nn.BatchNorm2d)
                         and m.weight[0].numel() <= FOLD_MAX_PATCH):
-                    h = self._conv_bn_folded(layer, nxt, params, h, t, record)
-                    normalised = True
+                    kernel, shift = self._fold_bn(layer, nxt, params, h, t, record)
+                    if self._fused_first_layer(layer, nxt, h):
+                        # The folded layer, its ReLU and pooling in one C++ pass (single backward).
+                        x5 = h.reshape(h.shape[0], t, -1, *h.shape[2:])
+                        h = kernels.conv_pool_relu(x5, kernel.reshape(t, -1, *kernel.shape[1:]),
+                                                   shift.reshape(t, -1), m.padding[0])
+                        normalised = "pooled"
+                    else:
+                        h = F.conv2d(h, kernel, shift, m.stride, m.padding, m.dilation, groups=t)
+                        normalised = "normalised"
                     continue
                 w = w.reshape(-1, *w.shape[-3:]) if per_task(layer.weight) else w.repeat(t, 1, 1, 1)
                 if b is not None:
@@ -209,9 +218,10 @@ class TaskBatchedNet:
         return h.reshape(t, n, *h.shape[1:]) if layout == "flat" else h
 
     @staticmethod
-    def _conv_bn_folded(conv: Layer, bn: Layer, params: dict[str, Tensor], h: Tensor, t: int,
-                        record: dict | None) -> Tensor:
-        """Per-task convolution + batch norm with batch statistics, as one convolution.
+    def _fold_bn(conv: Layer, bn: Layer, params: dict[str, Tensor], h: Tensor, t: int,
+                 record: dict | None) -> tuple[Tensor, Tensor]:
+        """Per-task convolution + batch norm with batch statistics, as one convolution: returns
+        its kernel ``[T*C, C_in, k, k]`` and bias ``[T*C]`` for the grouped input ``h``.
 
         Each output channel is ``z = w . p + b`` over the input patches ``p``, so its batch mean
         and biased variance are ``w . mu + b`` and ``w^T Sigma w`` from the patches' mean ``mu``
@@ -219,8 +229,7 @@ class TaskBatchedNet:
         grey-scale 3x3 layer). Batch norm then folds into the kernel and bias:
         ``gamma * (z - mean) / sqrt(var + eps) + beta = conv(x, w * s) + beta - s * (w . mu)``
         with ``s = gamma / sqrt(var + eps)``. The same function, differentiable to any order, but
-        the normalisation and its derivatives no longer pass over the largest feature maps
-        (``h [N, T*C_in, H, W]`` grouped -> ``[N, T*C, H', W']`` grouped).
+        the normalisation and its derivatives no longer pass over the largest feature maps.
         """
         m, norm = conv.module, bn.module
         w = params[conv.weight]                                       # [T, C, C_in, k, k]
@@ -248,7 +257,20 @@ class TaskBatchedNet:
                 count = centred.shape[2]
                 record[bn.prefix] = (mean.mean(0), (var * count / (count - 1)).mean(0) if count > 1 else None)
         kernel = (w * scale.reshape(t, c, 1, 1, 1)).reshape(t * c, *w.shape[2:])
-        return F.conv2d(h, kernel, shift.reshape(-1), m.stride, m.padding, m.dilation, groups=t)
+        return kernel, shift.reshape(-1)
+
+    def _fused_first_layer(self, conv: Layer, bn: Layer, h: Tensor) -> bool:
+        """Whether the C++ conv-pool-ReLU kernel can run this folded layer: stride-1 convolution
+        over data (no gradient wanted for ``h``) followed by ReLU and 2x2 pooling, in a graph that
+        will not be differentiated twice (not a second-order inner step)."""
+        m = conv.module
+        pool = bn.extra.get("pool")
+        return (self.cpp and bn.kind == "bn_relu_pool" and pool is not None and _pair(pool.kernel_size) == (2, 2)
+                and _pair(m.stride) == (1, 1) and _pair(m.dilation) == (1, 1)
+                and m.padding[0] == m.padding[1] and h.device.type == "cpu"
+                and h.dtype in (torch.float32, torch.float64) and not h.requires_grad
+                and not (torch.is_grad_enabled() and kernels.twice_differentiable_needed())
+                and kernels.available())
 
     def _bn_setup(self, layer: Layer, params: dict[str, Tensor], h: Tensor, layout: str, t: int,
                   use_running_stats: bool, record: dict | None):
@@ -368,12 +390,14 @@ def fuse_bn_relu_pool(layers: list[Layer]) -> list[Layer]:
     return out
 
 
+def _pair(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def _plain_pool(m: nn.MaxPool2d) -> bool:
-    def pair(v):
-        return (v, v) if isinstance(v, int) else tuple(v)
     stride = m.stride if m.stride is not None else m.kernel_size
-    return (pair(m.padding) == (0, 0) and pair(m.dilation) == (1, 1) and not m.ceil_mode
-            and pair(stride) == pair(m.kernel_size) and not m.return_indices)
+    return (_pair(m.padding) == (0, 0) and _pair(m.dilation) == (1, 1) and not m.ceil_mode
+            and _pair(stride) == _pair(m.kernel_size) and not m.return_indices)
 
 
 def task_view(h: Tensor, layout: str, t: int, c: int) -> Tensor:

@@ -1,0 +1,108 @@
+"""Optional C++ kernels, compiled on first use with the local C++ compiler.
+
+:func:`conv_pool_relu` runs a first layer -- per-task convolution, bias, 2x2 max-pool, ReLU --
+without ever writing its full-resolution feature map (see ``conv_pool.cpp``). It is
+differentiable once, which is all a query pass needs; second-order inner steps use the plain
+PyTorch layers (see :func:`double_backward` and ``metamap.algorithms.inner_loop``).
+
+Compiling needs a C++ compiler, the Python headers and ``ninja`` (``pip install ninja``); the
+result is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+If compiling fails the library warns once and keeps using the PyTorch layers, which compute the
+same function.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("conv_pool.cpp")
+_lock = threading.Lock()
+_module = None
+_failed: str | None = None
+_double_backward = contextvars.ContextVar("metamap_double_backward", default=False)
+
+
+@contextlib.contextmanager
+def double_backward(on: bool = True):
+    """Mark the graph built inside as one that will be differentiated twice (MAML's inner steps),
+    so that once-differentiable kernels stay out of it."""
+    token = _double_backward.set(on)
+    try:
+        yield
+    finally:
+        _double_backward.reset(token)
+
+
+def twice_differentiable_needed() -> bool:
+    return _double_backward.get()
+
+
+def load():
+    """The compiled extension module, or ``None`` if it cannot be built here (warns once)."""
+    global _module, _failed
+    if _module is not None or _failed is not None:
+        return _module
+    with _lock:
+        if _module is None and _failed is None:
+            try:
+                from torch.utils.cpp_extension import load as build
+                flags = ["-O3", "-fopenmp"]
+                if os.environ.get("METAMAP_KERNELS_PORTABLE") != "1":
+                    flags.append("-march=native")     # built on the machine that runs it
+                _module = build("metamap_conv_pool", [str(_SOURCE)], extra_cflags=flags,
+                                extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as e:  # any build failure means: use the PyTorch layers
+                _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                warnings.warn(
+                    f"metamap could not compile its C++ kernel ({_failed}); using the PyTorch layers "
+                    f"instead (same results, slower). Install a C++ compiler and `pip install ninja`, "
+                    f"or set learner.cpp_kernels = false to silence this.", RuntimeWarning, stacklevel=3)
+    return _module
+
+
+def available() -> bool:
+    return load() is not None
+
+
+class _ConvPoolReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, kh: int, kw: int, pad: int) -> Tensor:
+        out, idx = _module.forward(x, w, b, kh, kw, pad)
+        ctx.save_for_backward(x, w, out, idx)
+        ctx.geometry = (kh, kw, pad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # Grad mode is on in a backward pass only with create_graph=True: a second derivative
+        # through this kernel would silently be zero, so refuse instead.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "metamap's C++ first-layer kernel is differentiable once only, and this backward pass "
+                "builds a graph for a second derivative; run that forward pass inside "
+                "metamap.nets.kernels.double_backward() or set learner.cpp_kernels = false")
+        x, w, out, idx = ctx.saved_tensors
+        gw, gb = _module.backward(grad.contiguous(), x, w, out, idx, *ctx.geometry)
+        return None, gw, gb, None, None, None
+
+
+def conv_pool_relu(x: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Tensor:
+    """``relu(max_pool2d(conv2d(x_t, weight_t, bias_t, padding), 2))`` for every task ``t`` at once.
+
+    ``x [N, T, C_in, H, W]`` (data: not differentiated), ``weight [T, C, C_in, kh, kw]``,
+    ``bias [T, C]`` -> grouped channels-last ``[N, T*C, H', W']``. Needs :func:`available`.
+    """
+    t, c, cin, kh, kw = weight.shape
+    w = weight.reshape(t, c, cin * kh * kw).transpose(1, 2).contiguous()      # [T, D, C]
+    padded = F.pad(x, (padding,) * 4).contiguous()                               # no bounds checks
+    out = _ConvPoolReLU.apply(padded, w, bias.contiguous(), kh, kw, padding)
+    n, ho, wo = out.shape[:3]
+    return out.reshape(n, ho, wo, t * c).permute(0, 3, 1, 2)

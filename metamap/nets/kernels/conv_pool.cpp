@@ -1,0 +1,229 @@
+// Per-task convolution + bias + 2x2 max-pool + ReLU in one pass, for a network's first layer.
+//
+// A first layer sees few values per output (a grey 3x3 patch has 9), so its convolution costs
+// little arithmetic but writes the largest feature map of the network, which pooling then reads
+// back, and whose gradient the backward pass fills, scatters into and reads again. Here each
+// pooled output computes its four convolution values in registers and keeps only the winner and
+// its position: the full-resolution map never exists. The backward pass gives the gradients of
+// the kernel and bias (the input is data, never differentiated).
+//
+// Shapes: x [N, T, Cin, H + 2 pad, W + 2 pad] (contiguous, zero-padded), w [T, D, C] with D = Cin * KH * KW, b [T, C];
+// out and argmax idx [N, Ho, Wo, T, C] (channels last), Ho = (H + 2 pad - KH + 1) / 2.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+struct Geometry {
+  int64_t N, T, Cin, H, W, C, KH, KW, pad, Ho, Wo, D;
+};
+
+// The four patches under pooled output (i, j) of the (pre-padded) image xs, as patch[k * D + d].
+template <typename scalar_t>
+inline void gather_patches(const scalar_t* __restrict__ xs, const Geometry& g, int64_t i, int64_t j,
+                           scalar_t* __restrict__ patch) {
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
+  for (int64_t k = 0; k < 4; ++k) {
+    const int64_t oy = 2 * i + k / 2, ox = 2 * j + k % 2;
+    scalar_t* p = patch + k * g.D;
+    for (int64_t ci = 0; ci < g.Cin; ++ci)
+      for (int64_t ky = 0; ky < g.KH; ++ky) {
+        const scalar_t* row = xs + (ci * Hp + oy + ky) * Wp + ox;
+        for (int64_t kx = 0; kx < g.KW; ++kx) *p++ = row[kx];
+      }
+  }
+}
+
+// Channels are processed in blocks of kBlock so that the four running sums stay in registers.
+constexpr int64_t kBlock = 16;
+
+// The pooled outputs of channels [c0, c0 + nb) at one position: the four convolution values
+// of each channel are summed in registers, then max, bias and ReLU are applied on the spot.
+template <typename scalar_t, int64_t NB, bool Full>
+inline void forward_block(const scalar_t* __restrict__ patch, const scalar_t* __restrict__ ws,
+                          const scalar_t* __restrict__ bs, scalar_t* __restrict__ out,
+                          uint8_t* __restrict__ idx, const Geometry& g, int64_t c0, int64_t nb) {
+  scalar_t s0[NB] = {}, s1[NB] = {}, s2[NB] = {}, s3[NB] = {};
+  for (int64_t d = 0; d < g.D; ++d) {
+    const scalar_t p0 = patch[d], p1 = patch[g.D + d], p2 = patch[2 * g.D + d], p3 = patch[3 * g.D + d];
+    const scalar_t* __restrict__ wd = ws + d * g.C + c0;
+#pragma omp simd
+    for (int64_t c = 0; c < NB; ++c) {
+      const scalar_t wc = Full || c < nb ? wd[c] : scalar_t(0);
+      s0[c] += p0 * wc;
+      s1[c] += p1 * wc;
+      s2[c] += p2 * wc;
+      s3[c] += p3 * wc;
+    }
+  }
+  scalar_t v[NB], k[NB];
+#pragma omp simd
+  for (int64_t c = 0; c < NB; ++c) {
+    // The first maximum in row-major window order, as max_pool2d picks it. Written without
+    // branches (the winner is random: mispredicted branches cost more than the arithmetic).
+    scalar_t best = s0[c], kc = 0, u;
+    u = static_cast<scalar_t>(s1[c] > best);
+    kc += u * (1 - kc);
+    best = std::max(best, s1[c]);
+    u = static_cast<scalar_t>(s2[c] > best);
+    kc += u * (2 - kc);
+    best = std::max(best, s2[c]);
+    u = static_cast<scalar_t>(s3[c] > best);
+    kc += u * (3 - kc);
+    best = std::max(best, s3[c]);
+    const scalar_t y = best + (Full || c < nb ? bs[c0 + c] : scalar_t(0));
+    v[c] = std::max(y, scalar_t(0));
+    k[c] = kc;
+  }
+  if (Full) {
+#pragma omp simd
+    for (int64_t c = 0; c < NB; ++c) {
+      out[c0 + c] = v[c];
+      idx[c0 + c] = static_cast<uint8_t>(k[c]);
+    }
+  } else {
+    for (int64_t c = 0; c < nb; ++c) {
+      out[c0 + c] = v[c];
+      idx[c0 + c] = static_cast<uint8_t>(k[c]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_t* out, uint8_t* idx,
+                  const Geometry& g) {
+  const int64_t image = g.Cin * (g.H + 2 * g.pad) * (g.W + 2 * g.pad);
+  at::parallel_for(0, g.N * g.T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> patch(4 * g.D);
+    for (int64_t nt = begin; nt < end; ++nt) {
+      const int64_t n = nt / g.T, t = nt % g.T;
+      for (int64_t i = 0; i < g.Ho; ++i) {
+        for (int64_t j = 0; j < g.Wo; ++j) {
+          gather_patches(x + nt * image, g, i, j, patch.data());
+          const int64_t o = (((n * g.Ho + i) * g.Wo + j) * g.T + t) * g.C;
+          const scalar_t* ws = w + t * g.D * g.C;
+          const scalar_t* bs = b + t * g.C;
+          int64_t c0 = 0;
+          for (; c0 + kBlock <= g.C; c0 += kBlock)
+            forward_block<scalar_t, kBlock, true>(patch.data(), ws, bs, out + o, idx + o, g, c0, kBlock);
+          if (c0 < g.C)
+            forward_block<scalar_t, kBlock, false>(patch.data(), ws, bs, out + o, idx + o, g, c0, g.C - c0);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const scalar_t* gout, const scalar_t* x, const scalar_t* out, const uint8_t* idx,
+                   scalar_t* gw, scalar_t* gb, const Geometry& g) {
+  // Each thread accumulates into its own [T, D + 1, C] buffer (row D: the bias); summed at the end.
+  const int64_t rows = g.D + 1, per = g.T * rows * g.C;
+  const int64_t image = g.Cin * (g.H + 2 * g.pad) * (g.W + 2 * g.pad);
+  const int64_t threads = at::get_num_threads();
+  std::vector<scalar_t> partial(threads * per, scalar_t(0));
+  at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+    scalar_t* mine = partial.data() + at::get_thread_num() * per;
+    std::vector<scalar_t> patch(4 * g.D), gk(4 * g.C);
+    scalar_t* __restrict__ g0 = gk.data();
+    scalar_t* __restrict__ g1 = g0 + g.C;
+    scalar_t* __restrict__ g2 = g1 + g.C;
+    scalar_t* __restrict__ g3 = g2 + g.C;
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t t = 0; t < g.T; ++t) {
+        scalar_t* __restrict__ acc = mine + t * rows * g.C;
+        scalar_t* __restrict__ accb = acc + g.D * g.C;
+        for (int64_t i = 0; i < g.Ho; ++i) {
+          for (int64_t j = 0; j < g.Wo; ++j) {
+            const int64_t o = (((n * g.Ho + i) * g.Wo + j) * g.T + t) * g.C;
+            const scalar_t* __restrict__ go = gout + o;
+            const scalar_t* __restrict__ oo = out + o;
+            const uint8_t* __restrict__ io = idx + o;
+            scalar_t mass = 0;
+#pragma omp simd reduction(+ : mass)
+            for (int64_t c = 0; c < g.C; ++c) {
+              // The ReLU passes the gradient where its output is positive; the pool routes it
+              // to the window position that won.
+              const scalar_t v = oo[c] > scalar_t(0) ? go[c] : scalar_t(0);
+              const int32_t k = io[c];
+              g0[c] = k == 0 ? v : scalar_t(0);
+              g1[c] = k == 1 ? v : scalar_t(0);
+              g2[c] = k == 2 ? v : scalar_t(0);
+              g3[c] = k == 3 ? v : scalar_t(0);
+              accb[c] += v;
+              mass += v < scalar_t(0) ? -v : v;
+            }
+            if (mass == scalar_t(0)) continue;       // every unit of this position is off
+            gather_patches(x + (n * g.T + t) * image, g, i, j, patch.data());
+            for (int64_t d = 0; d < g.D; ++d) {
+              const scalar_t p0 = patch[d], p1 = patch[g.D + d], p2 = patch[2 * g.D + d], p3 = patch[3 * g.D + d];
+              scalar_t* __restrict__ ad = acc + d * g.C;
+#pragma omp simd
+              for (int64_t c = 0; c < g.C; ++c) ad[c] += p0 * g0[c] + p1 * g1[c] + p2 * g2[c] + p3 * g3[c];
+            }
+          }
+        }
+      }
+    }
+  });
+  for (int64_t th = 0; th < threads; ++th) {
+    const scalar_t* src = partial.data() + th * per;
+    for (int64_t t = 0; t < g.T; ++t) {
+      for (int64_t d = 0; d < g.D; ++d)
+        for (int64_t c = 0; c < g.C; ++c) gw[(t * g.D + d) * g.C + c] += src[(t * rows + d) * g.C + c];
+      for (int64_t c = 0; c < g.C; ++c) gb[t * g.C + c] += src[(t * rows + g.D) * g.C + c];
+    }
+  }
+}
+
+Geometry geometry(const at::Tensor& x, const at::Tensor& w, int64_t kh, int64_t kw, int64_t pad) {
+  TORCH_CHECK(x.dim() == 5 && x.is_contiguous(), "x must be a contiguous [N, T, Cin, H, W] tensor");
+  TORCH_CHECK(w.dim() == 3 && w.is_contiguous(), "w must be a contiguous [T, D, C] tensor");
+  // x arrives zero-padded by `pad` on every side; H and W are the unpadded sizes.
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3) - 2 * pad, x.size(4) - 2 * pad, w.size(2), kh, kw, pad,
+             0, 0, 0};
+  g.D = g.Cin * kh * kw;
+  TORCH_CHECK(w.size(0) == g.T && w.size(1) == g.D, "w must be [T, Cin * KH * KW, C]");
+  g.Ho = (g.H + 2 * pad - kh + 1) / 2;
+  g.Wo = (g.W + 2 * pad - kw + 1) / 2;
+  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "the pooled output would be empty");
+  return g;
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t kh,
+                                int64_t kw, int64_t pad) {
+  const Geometry g = geometry(x, w, kh, kw, pad);
+  TORCH_CHECK(b.is_contiguous() && b.numel() == g.T * g.C, "b must be a contiguous [T, C] tensor");
+  auto out = at::empty({g.N, g.Ho, g.Wo, g.T, g.C}, x.options());
+  auto idx = at::empty({g.N, g.Ho, g.Wo, g.T, g.C}, x.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_pool_relu_forward", [&] {
+    forward_impl<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                           out.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(), g);
+  });
+  return {out, idx};
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& gout, const at::Tensor& x, const at::Tensor& w,
+                                 const at::Tensor& out, const at::Tensor& idx, int64_t kh, int64_t kw,
+                                 int64_t pad) {
+  const Geometry g = geometry(x, w, kh, kw, pad);
+  TORCH_CHECK(gout.is_contiguous() && out.is_contiguous() && idx.is_contiguous(),
+              "gradient, output and indices must be contiguous");
+  auto gw = at::zeros({g.T, g.D, g.C}, x.options());
+  auto gb = at::zeros({g.T, g.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_pool_relu_backward", [&] {
+    backward_impl<scalar_t>(gout.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                            idx.data_ptr<uint8_t>(), gw.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), g);
+  });
+  return {gw, gb};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "per-task conv + bias + 2x2 max-pool + ReLU: (out, argmax)");
+  m.def("backward", &backward, "gradients of the kernel [T, D, C] and bias [T, C]");
+}

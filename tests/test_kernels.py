@@ -1,0 +1,109 @@
+"""The optional C++ first-layer kernel: same values and gradients as the PyTorch layers, used only
+where a single backward pass follows, and a clean fallback when it cannot be compiled."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metamap.algorithms.gradient import GradientLearner
+from metamap.nets import kernels
+from metamap.nets.backbones import Conv4
+from metamap.tasks.batch import TaskBatch
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler on this machine")
+
+
+def reference(x, w, b, pad):
+    n, t, cin, h, wd = x.shape
+    c = w.shape[1]
+    y = F.conv2d(x.reshape(n, t * cin, h, wd), w.reshape(t * c, *w.shape[2:]), b.reshape(-1), padding=pad, groups=t)
+    return F.relu(F.max_pool2d(y, 2))
+
+
+@needs_compiler
+@pytest.mark.parametrize(("t", "cin", "size", "c", "k", "pad"),
+                         [(2, 1, 28, 64, 3, 1), (3, 1, 9, 5, 3, 1), (1, 3, 8, 20, 3, 0), (2, 2, 11, 17, 5, 2)])
+def test_conv_pool_relu_matches_pytorch_layers(t, cin, size, c, k, pad):
+    assert kernels.available(), "the C++ kernel failed to compile (see the warning)"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, t, cin, size, size, generator=g, dtype=torch.float64)
+    w = torch.randn(t, c, cin, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(t, c, generator=g, dtype=torch.float64, requires_grad=True)
+    out, ref = kernels.conv_pool_relu(x, w, b, pad), reference(x, w, b, pad)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (w, b), grad)
+    want = torch.autograd.grad(ref, (w, b), grad)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@needs_compiler
+def test_kernel_is_differentiable_once_only():
+    assert kernels.available()
+    x = torch.randn(2, 1, 1, 6, 6, dtype=torch.float64)
+    w = torch.randn(1, 3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.grad(kernels.conv_pool_relu(x, w, b, 1).sum(), w)        # once: fine
+    with pytest.raises(RuntimeError, match="differentiable once only"):
+        torch.autograd.grad(kernels.conv_pool_relu(x, w, b, 1).sum(), w, create_graph=True)
+
+
+def learner(cpp: bool) -> GradientLearner:
+    torch.manual_seed(0)
+    body = Conv4(in_channels=1, hidden=8, layers=2, image_size=12)
+    return GradientLearner(body, nn.Linear(body.out_features, 3), 3, ways=3, inner_steps=2, cpp_kernels=cpp)
+
+
+def tasks() -> TaskBatch:
+    g = torch.Generator().manual_seed(1)
+    return TaskBatch(torch.randn(2, 3, 1, 12, 12, generator=g, dtype=torch.float64), torch.arange(3).repeat(2, 1),
+                     torch.randn(2, 6, 1, 12, 12, generator=g, dtype=torch.float64),
+                     torch.arange(3).repeat_interleave(2).repeat(2, 1), 3)
+
+
+@needs_compiler
+@pytest.mark.parametrize("first_order", [False, True])
+def test_learner_with_and_without_the_kernel_agree(first_order, monkeypatch):
+    calls = []
+    real = kernels.conv_pool_relu
+    monkeypatch.setattr(kernels, "conv_pool_relu", lambda *a: calls.append(1) or real(*a))
+    grads = []
+    for cpp in (True, False):
+        model = learner(cpp).double()
+        model.first_order = first_order
+        model.train()
+        loss, _ = model.meta_loss(tasks())
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    # Second order: only the query pass runs the kernel (the inner steps are differentiated
+    # twice); first order: the inner steps do too.
+    assert len(calls) == (3 if first_order else 1)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-9, atol=1e-12)
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+    monkeypatch.setattr(ext, "load", broken)
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", None)
+    model = learner(True).double().train()
+    with pytest.warns(RuntimeWarning, match="could not compile its C\\+\\+ kernel.*Ninja is required"):
+        loss, _ = model.meta_loss(tasks())
+    loss.backward()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # the warning is not repeated
+        model.meta_loss(tasks())
+    assert not kernels.available()

@@ -112,7 +112,7 @@ IMPLEMENTATIONS = {
     "TorchOpt": with_torchopt,
     # The library default: the trainer runs a Conv-4 MAML meta-batch two tasks per pass
     # (train.chunk_tasks = "auto" -> GradientLearner.preferred_chunk).
-    "metamap (default: chunks of 2 tasks, grouped, channels-last, fused BN-ReLU-pool, folded first BN, C++ first layer)":
+    "metamap (default: 2-task chunks, grouped, channels-last, fused BN-ReLU-pool, folded BN, C++ first layer)":
         lambda m, s: with_metamap(m, s, chunk=2),
     "metamap, whole meta-batch in one pass": with_metamap,
     "metamap, chunks of 8 tasks": lambda m, s: with_metamap(m, s, chunk=8),

@@ -22,7 +22,6 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from metamap.nets.functional import BN_MODES, TaskBatchedNet, compile_layers
-from metamap.nets.kernels import double_backward
 
 StepSize = Callable[[str, int], "Tensor | float"]
 """``(parameter name, step index) -> step size`` (a float, a scalar or a per-element tensor)."""
@@ -123,8 +122,7 @@ def inner_loop(forward: Callable[[dict[str, Tensor], Tensor], Tensor], theta: di
         for k in range(steps):
             def step(*adapted: Tensor, k: int = k, fast: dict[str, Tensor] = fast) -> tuple[Tensor, ...]:
                 current = {**fast, **dict(zip(adapt, adapted))}
-                with double_backward(create_graph):     # keeps once-differentiable kernels out
-                    loss = task_losses(forward(current, x), y).sum()
+                loss = task_losses(forward(current, x), y).sum()
                 grads = torch.autograd.grad(loss, adapted, create_graph=create_graph, allow_unused=True)
                 if not differentiable:
                     with torch.no_grad():

@@ -167,7 +167,7 @@ class TaskBatchedNet:
                         and m.weight[0].numel() <= FOLD_MAX_PATCH):
                     kernel, shift = self._fold_bn(layer, nxt, params, h, t, record)
                     if self._fused_first_layer(layer, nxt, h):
-                        # The folded layer, its ReLU and pooling in one C++ pass (single backward).
+                        # The folded layer, its ReLU and pooling in one C++ pass.
                         x5 = h.reshape(h.shape[0], t, -1, *h.shape[2:])
                         h = kernels.conv_pool_relu(x5, kernel.reshape(t, -1, *kernel.shape[1:]),
                                                    shift.reshape(t, -1), m.padding[0])
@@ -261,15 +261,13 @@ class TaskBatchedNet:
 
     def _fused_first_layer(self, conv: Layer, bn: Layer, h: Tensor) -> bool:
         """Whether the C++ conv-pool-ReLU kernel can run this folded layer: stride-1 convolution
-        over data (no gradient wanted for ``h``) followed by ReLU and 2x2 pooling, in a graph that
-        will not be differentiated twice (not a second-order inner step)."""
+        over data (no gradient wanted for ``h``) followed by ReLU and 2x2 pooling."""
         m = conv.module
         pool = bn.extra.get("pool")
         return (self.cpp and bn.kind == "bn_relu_pool" and pool is not None and _pair(pool.kernel_size) == (2, 2)
                 and _pair(m.stride) == (1, 1) and _pair(m.dilation) == (1, 1)
                 and m.padding[0] == m.padding[1] and h.device.type == "cpu"
                 and h.dtype in (torch.float32, torch.float64) and not h.requires_grad
-                and not (torch.is_grad_enabled() and kernels.twice_differentiable_needed())
                 and kernels.available())
 
     def _bn_setup(self, layer: Layer, params: dict[str, Tensor], h: Tensor, layout: str, t: int,

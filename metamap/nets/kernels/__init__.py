@@ -2,8 +2,8 @@
 
 :func:`conv_pool_relu` runs a first layer -- per-task convolution, bias, 2x2 max-pool, ReLU --
 without ever writing its full-resolution feature map (see ``conv_pool.cpp``). It is
-differentiable once, which is all a query pass needs; second-order inner steps use the plain
-PyTorch layers (see :func:`double_backward` and ``metamap.algorithms.inner_loop``).
+differentiable twice (MAML's second-order meta-gradient needs exactly that) with respect to the
+kernel and bias; its input is data and gets no gradient.
 
 Compiling needs a C++ compiler, the Python headers and ``ninja`` (``pip install ninja``); the
 result is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
@@ -12,8 +12,6 @@ same function.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
 import threading
 import warnings
@@ -27,22 +25,6 @@ _SOURCE = Path(__file__).with_name("conv_pool.cpp")
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
-_double_backward = contextvars.ContextVar("metamap_double_backward", default=False)
-
-
-@contextlib.contextmanager
-def double_backward(on: bool = True):
-    """Mark the graph built inside as one that will be differentiated twice (MAML's inner steps),
-    so that once-differentiable kernels stay out of it."""
-    token = _double_backward.set(on)
-    try:
-        yield
-    finally:
-        _double_backward.reset(token)
-
-
-def twice_differentiable_needed() -> bool:
-    return _double_backward.get()
 
 
 def load():
@@ -82,16 +64,36 @@ class _ConvPoolReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        # Grad mode is on in a backward pass only with create_graph=True: a second derivative
-        # through this kernel would silently be zero, so refuse instead.
+        x, w, out, idx = ctx.saved_tensors
+        # A Function of its own, so that a graph built here (create_graph=True: MAML's inner
+        # gradients) can be differentiated once more.
+        gw, gb = _ConvPoolReLUGrad.apply(grad, x, w, out, idx, *ctx.geometry)
+        return None, gw, gb, None, None, None
+
+
+class _ConvPoolReLUGrad(torch.autograd.Function):
+    """``grad -> (d/dw, d/db)``: linear in ``grad``; the pooling choice and ReLU mask are locally
+    constant, so its own derivative is the masked convolution of ``masked_forward``."""
+
+    @staticmethod
+    def forward(ctx, grad, x, w, out, idx, kh, kw, pad):
+        gw, gb = _module.backward(grad.contiguous(), x, w, out, idx, kh, kw, pad)
+        ctx.save_for_backward(x, w, out, idx)
+        ctx.geometry = (kh, kw, pad)
+        return gw, gb
+
+    @staticmethod
+    def backward(ctx, vw, vb):
+        # Grad mode is on here only when a graph for a third derivative is being built: refuse
+        # rather than return a silently wrong one.
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "metamap's C++ first-layer kernel is differentiable once only, and this backward pass "
-                "builds a graph for a second derivative; run that forward pass inside "
-                "metamap.nets.kernels.double_backward() or set learner.cpp_kernels = false")
+                "metamap's C++ first-layer kernel is differentiable twice, not three times; set "
+                "learner.cpp_kernels = false for higher-order derivatives")
         x, w, out, idx = ctx.saved_tensors
-        gw, gb = _module.backward(grad.contiguous(), x, w, out, idx, *ctx.geometry)
-        return None, gw, gb, None, None, None
+        vw = torch.zeros_like(w) if vw is None else vw.contiguous()
+        vb = out.new_zeros(w.shape[0], w.shape[2]) if vb is None else vb.contiguous()
+        return _module.masked_forward(x, vw, vb, out, idx, *ctx.geometry), None, None, None, None, None, None, None
 
 
 def conv_pool_relu(x: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Tensor:

@@ -5,7 +5,8 @@
 // back, and whose gradient the backward pass fills, scatters into and reads again. Here each
 // pooled output computes its four convolution values in registers and keeps only the winner and
 // its position: the full-resolution map never exists. The backward pass gives the gradients of
-// the kernel and bias (the input is data, never differentiated).
+// the kernel and bias (the input is data, never differentiated), and masked_forward the
+// derivative of that backward pass, for second-order meta-gradients.
 //
 // Shapes: x [N, T, Cin, H + 2 pad, W + 2 pad] (contiguous, zero-padded), w [T, D, C] with D = Cin * KH * KW, b [T, C];
 // out and argmax idx [N, Ho, Wo, T, C] (channels last), Ho = (H + 2 pad - KH + 1) / 2.
@@ -179,6 +180,58 @@ void backward_impl(const scalar_t* gout, const scalar_t* x, const scalar_t* out,
   }
 }
 
+// The derivative of backward() with respect to the incoming gradient, applied to (vw, vb): the
+// convolution of kernel vw at each pooled output's winning position, plus vb, where the ReLU
+// was on (zero elsewhere). MAML's second-order terms need it; the pooling choice and ReLU mask
+// are locally constant, so nothing else enters.
+template <typename scalar_t>
+void masked_forward_impl(const scalar_t* x, const scalar_t* vw, const scalar_t* vb, const scalar_t* out,
+                         const uint8_t* idx, scalar_t* res, const Geometry& g) {
+  const int64_t image = g.Cin * (g.H + 2 * g.pad) * (g.W + 2 * g.pad);
+  at::parallel_for(0, g.N * g.T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> patch(4 * g.D), s(4 * g.C);
+    for (int64_t nt = begin; nt < end; ++nt) {
+      const int64_t n = nt / g.T, t = nt % g.T;
+      const scalar_t* ws = vw + t * g.D * g.C;
+      const scalar_t* bs = vb + t * g.C;
+      scalar_t* __restrict__ s0 = s.data();
+      scalar_t* __restrict__ s1 = s0 + g.C;
+      scalar_t* __restrict__ s2 = s1 + g.C;
+      scalar_t* __restrict__ s3 = s2 + g.C;
+      for (int64_t i = 0; i < g.Ho; ++i) {
+        for (int64_t j = 0; j < g.Wo; ++j) {
+          gather_patches(x + nt * image, g, i, j, patch.data());
+          std::fill(s.begin(), s.end(), scalar_t(0));
+          for (int64_t d = 0; d < g.D; ++d) {
+            const scalar_t p0 = patch[d], p1 = patch[g.D + d], p2 = patch[2 * g.D + d], p3 = patch[3 * g.D + d];
+            const scalar_t* __restrict__ wd = ws + d * g.C;
+#pragma omp simd
+            for (int64_t c = 0; c < g.C; ++c) {
+              s0[c] += p0 * wd[c];
+              s1[c] += p1 * wd[c];
+              s2[c] += p2 * wd[c];
+              s3[c] += p3 * wd[c];
+            }
+          }
+          const int64_t o = (((n * g.Ho + i) * g.Wo + j) * g.T + t) * g.C;
+          const uint8_t* __restrict__ io = idx + o;
+          const scalar_t* __restrict__ oo = out + o;
+          scalar_t* __restrict__ ro = res + o;
+#pragma omp simd
+          for (int64_t c = 0; c < g.C; ++c) {
+            const scalar_t k = static_cast<scalar_t>(io[c]);
+            scalar_t v = s0[c];
+            v = k == scalar_t(1) ? s1[c] : v;
+            v = k == scalar_t(2) ? s2[c] : v;
+            v = k == scalar_t(3) ? s3[c] : v;
+            ro[c] = oo[c] > scalar_t(0) ? v + bs[c] : scalar_t(0);
+          }
+        }
+      }
+    }
+  });
+}
+
 Geometry geometry(const at::Tensor& x, const at::Tensor& w, int64_t kh, int64_t kw, int64_t pad) {
   TORCH_CHECK(x.dim() == 5 && x.is_contiguous(), "x must be a contiguous [N, T, Cin, H, W] tensor");
   TORCH_CHECK(w.dim() == 3 && w.is_contiguous(), "w must be a contiguous [T, D, C] tensor");
@@ -221,9 +274,23 @@ std::vector<at::Tensor> backward(const at::Tensor& gout, const at::Tensor& x, co
   return {gw, gb};
 }
 
+at::Tensor masked_forward(const at::Tensor& x, const at::Tensor& vw, const at::Tensor& vb, const at::Tensor& out,
+                          const at::Tensor& idx, int64_t kh, int64_t kw, int64_t pad) {
+  const Geometry g = geometry(x, vw, kh, kw, pad);
+  TORCH_CHECK(vb.is_contiguous() && vb.numel() == g.T * g.C, "vb must be a contiguous [T, C] tensor");
+  TORCH_CHECK(out.is_contiguous() && idx.is_contiguous(), "output and indices must be contiguous");
+  auto res = at::empty_like(out);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_pool_relu_masked_forward", [&] {
+    masked_forward_impl<scalar_t>(x.data_ptr<scalar_t>(), vw.data_ptr<scalar_t>(), vb.data_ptr<scalar_t>(),
+                                  out.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(), res.data_ptr<scalar_t>(), g);
+  });
+  return res;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "per-task conv + bias + 2x2 max-pool + ReLU: (out, argmax)");
   m.def("backward", &backward, "gradients of the kernel [T, D, C] and bias [T, C]");
+  m.def("masked_forward", &masked_forward, "derivative of backward() w.r.t. the incoming gradient");
 }

@@ -30,12 +30,12 @@ def median(xs) -> float:
 
 
 def train_and_record(config: dict, run_dir: Path, name: str, command: str, progress: bool = False,
-                     **extra) -> dict:
+                     resume: bool = False, **extra) -> dict:
     """Train ``config`` into ``run_dir`` with the shared trainer (which also tests it), and save
     the result as benchmarks/results/<name>.json: command, config, summary, wall times, tasks/s."""
     from metamap.train.run import train
     t0 = time.perf_counter()
-    summary = train(config, run_dir, progress=progress)
+    summary = train(config, run_dir, resume=run_dir if resume else None, progress=progress)
     total = time.perf_counter() - t0
     log = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []

@@ -29,15 +29,23 @@ def main() -> None:
     p.add_argument("--name", required=True, help="result file benchmarks/results/NAME.json")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its last checkpoint (e.g. after SIGTERM)")
     args = p.parse_args()
-    cfg = configlib.resolve(args.config, args.overrides)
+    if args.resume and not args.run_dir:
+        p.error("--resume needs --run-dir")
     run_dir = Path(args.run_dir or f"runs/bench-{args.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    base = None
+    if args.resume:
+        from metamap.train import checkpoint
+        base = checkpoint.read_meta(run_dir / "last")[1]["config"]
+    cfg = configlib.resolve(args.config, args.overrides, base=base)
     if cfg["train"].get("threads"):
         import torch
         torch.set_num_threads(cfg["train"]["threads"])      # so the facts below say what the run uses
     print(facts_line(), flush=True)
     command = " ".join(["python", "benchmarks/omniglot.py", *sys.argv[1:]])
-    result = train_and_record(cfg, run_dir, args.name, command, progress=sys.stderr.isatty())
+    result = train_and_record(cfg, run_dir, args.name, command, progress=sys.stderr.isatty(), resume=args.resume)
     summary = result["summary"]
     print("\n| run | setting | test accuracy (95% CI) | meta-batches | training wall time | tasks/s | total |")
     print("|---|---|---|---:|---:|---:|---:|")

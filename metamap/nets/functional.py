@@ -141,11 +141,13 @@ class TaskBatchedNet:
         def per_task(name: str | None) -> bool:
             return name is not None and params[name].dim() == self.dims[name] + 1
 
-        normalised = False      # the previous convolution already applied the next batch norm
+        # Set when a convolution already applied the batch norm after it ("normalised") and maybe
+        # that layer's ReLU and pooling too ("pooled").
+        folded: str | None = None
         for i, layer in enumerate(self.layers):
             k = layer.kind
-            if normalised and k in ("bn", "bn_relu_pool"):
-                done, normalised = normalised == "pooled", False
+            if folded and k in ("bn", "bn_relu_pool"):
+                done, folded = folded == "pooled", None
                 if k == "bn_relu_pool" and not done:
                     # ReLU is increasing, so it commutes with max-pooling: pool the quarter first.
                     pool = layer.extra["pool"]
@@ -171,10 +173,10 @@ class TaskBatchedNet:
                         x5 = h.reshape(h.shape[0], t, -1, *h.shape[2:])
                         h = kernels.conv_pool_relu(x5, kernel.reshape(t, -1, *kernel.shape[1:]),
                                                    shift.reshape(t, -1), m.padding[0])
-                        normalised = "pooled"
+                        folded = "pooled"
                     else:
                         h = F.conv2d(h, kernel, shift, m.stride, m.padding, m.dilation, groups=t)
-                        normalised = "normalised"
+                        folded = "normalised"
                     continue
                 w = w.reshape(-1, *w.shape[-3:]) if per_task(layer.weight) else w.repeat(t, 1, 1, 1)
                 if b is not None:

@@ -83,10 +83,10 @@ LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 def memory_benchmark(steps: int, warmup: int, threads: int = 1) -> dict:
     whole, ckpt = ["--set", "train.chunk_tasks=0"], ["--set", "learner.grad_checkpoint=true"]
     variants = {"whole meta-batch": whole, "grad_checkpoint": [*whole, *ckpt],
-                "chunk_tasks=8": ["--set", "train.chunk_tasks=8"],
-                "chunk_tasks=8 + grad_checkpoint": ["--set", "train.chunk_tasks=8", *ckpt],
-                # The default, chunk_tasks = "auto", is two tasks per pass for Conv-4 MAML.
-                "chunk_tasks=2 (default)": [], "chunk_tasks=2 + grad_checkpoint": ckpt}
+                # The default, chunk_tasks = "auto", is eight tasks per pass for Conv-4 MAML.
+                "chunk_tasks=8 (default)": [], "chunk_tasks=8 + grad_checkpoint": ckpt,
+                "chunk_tasks=2": ["--set", "train.chunk_tasks=2"],
+                "chunk_tasks=2 + grad_checkpoint": ["--set", "train.chunk_tasks=2", *ckpt]}
     out = {}
     print(f"| inner steps | variant | peak RSS (MB) | tasks/s ({threads} thread(s), allocator tuning off) |")
     print("| ---: | --- | ---: | ---: |")

@@ -110,16 +110,16 @@ IMPLEMENTATIONS = {
     "plain loop (torch.func, per task)": plain_loop,
     "higher 0.2.1": with_higher,
     "TorchOpt": with_torchopt,
-    # The library default: the trainer runs a Conv-4 MAML meta-batch two tasks per pass
+    # The library default: the trainer runs a Conv-4 MAML meta-batch eight tasks per pass
     # (train.chunk_tasks = "auto" -> GradientLearner.preferred_chunk).
-    "metamap (default: 2-task chunks, grouped, channels-last, fused BN-ReLU-pool, folded BN, C++ first layer)":
-        lambda m, s: with_metamap(m, s, chunk=2),
+    "metamap (default: 8-task chunks, grouped, channels-last, fused BN-ReLU-pool, folded BN, C++ first layer)":
+        lambda m, s: with_metamap(m, s, chunk=8),
+    "metamap, chunks of 2 tasks": lambda m, s: with_metamap(m, s, chunk=2),
     "metamap, whole meta-batch in one pass": with_metamap,
-    "metamap, chunks of 8 tasks": lambda m, s: with_metamap(m, s, chunk=8),
     "metamap, chunks of 4 tasks": lambda m, s: with_metamap(m, s, chunk=4),
     "metamap, chunks of 1 task": lambda m, s: with_metamap(m, s, chunk=1),
-    "metamap, cpp_kernels=false": lambda m, s: with_metamap(m, s, chunk=2, cpp_kernels=False),
-    "metamap, fold_bn=false": lambda m, s: with_metamap(m, s, chunk=2, fold_bn=False, cpp_kernels=False),
+    "metamap, cpp_kernels=false": lambda m, s: with_metamap(m, s, chunk=8, cpp_kernels=False),
+    "metamap, fold_bn=false": lambda m, s: with_metamap(m, s, chunk=8, fold_bn=False, cpp_kernels=False),
     "metamap, fuse_bn_pool=false": lambda m, s: with_metamap(m, s, chunk=2, fuse_bn_pool=False),
     "metamap, channels_last=false": lambda m, s: with_metamap(m, s, chunk=2, channels_last=False),
     "metamap, batched=false (per-task loop)": lambda m, s: with_metamap(m, s, batched=False),

@@ -185,7 +185,7 @@ def test_chunk_tasks_auto_is_the_learners_choice_and_bad_values_are_refused():
     from metamap.errors import ConfigError
     from metamap.nets import MLP, Conv4
     conv = Conv4(hidden=4, image_size=8, layers=2)
-    assert GradientLearner(conv, torch.nn.Linear(conv.out_features, 3), 3, ways=3).preferred_chunk() == 2
+    assert GradientLearner(conv, torch.nn.Linear(conv.out_features, 3), 3, ways=3).preferred_chunk() == 8
     anil = GradientLearner(conv, torch.nn.Linear(conv.out_features, 3), 3, ways=3, adapt="head")
     assert anil.preferred_chunk() == 0                      # shared body: one large batch is best
     mlp = MLP(1, (8,))

@@ -240,12 +240,13 @@ class GradientLearner(MetaLearner):
                           use_reentrant=False)
 
     def preferred_chunk(self) -> int:
-        # Per-task convolutions: two tasks per pass were 1.25x faster than all 32 at once on a
-        # 2-core CPU (a working set nearer the caches; BENCHMARKS.md, speed) and need a fraction
-        # of the memory. Small MLPs (regression) are the opposite: per-pass overhead dominates,
+        # Per-task convolutions: chunks of 8 tasks were faster than all 32 at once on a 2-core
+        # CPU (a working set nearer the caches) and than chunks of 2 once the first layer ran in
+        # C++ (1.16x at five inner steps; BENCHMARKS.md, speed run G), at a third of the whole
+        # batch's memory. Small MLPs (regression) are the opposite: per-pass overhead dominates,
         # and two-task chunks ran 5x slower than the whole meta-batch.
         convolutional = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
-        return 2 if convolutional and self.body_adapts and self.full.batched else 0
+        return 8 if convolutional and self.body_adapts and self.full.batched else 0
 
     def after_step(self) -> None:
         self.outer_steps += 1

@@ -6,12 +6,15 @@ differentiable twice (MAML's second-order meta-gradient needs exactly that) with
 kernel and bias; its input is data and gets no gradient.
 
 Compiling needs a C++ compiler, the Python headers and ``ninja`` (``pip install ninja``); the
-result is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+result is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
+built with ``-march=native`` under a name tied to the CPU's instruction sets
+(``METAMAP_KERNELS_PORTABLE=1`` builds a generic one instead).
 If compiling fails the library warns once and keeps using the PyTorch layers, which compute the
 same function.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -37,10 +40,15 @@ def load():
             try:
                 from torch.utils.cpp_extension import load as build
                 flags = ["-O3", "-fopenmp"]
+                name = "metamap_conv_pool"
                 if os.environ.get("METAMAP_KERNELS_PORTABLE") != "1":
-                    flags.append("-march=native")     # built on the machine that runs it
-                _module = build("metamap_conv_pool", [str(_SOURCE)], extra_cflags=flags,
-                                extra_ldflags=["-fopenmp"], verbose=False)
+                    # Built for this CPU; the name carries its instruction sets, so that a cache
+                    # shared between machines (a home directory on a cluster) never hands one
+                    # CPU's build to another.
+                    flags.append("-march=native")
+                    name += "_" + _cpu_tag()
+                _module = build(name, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                verbose=False)
             except Exception as e:  # any build failure means: use the PyTorch layers
                 _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 warnings.warn(
@@ -48,6 +56,15 @@ def load():
                     f"instead (same results, slower). Install a C++ compiler and `pip install ninja`, "
                     f"or set learner.cpp_kernels = false to silence this.", RuntimeWarning, stacklevel=3)
     return _module
+
+
+def _cpu_tag() -> str:
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        import platform
+        flags = platform.processor() or platform.machine()
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
 def available() -> bool:

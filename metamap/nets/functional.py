@@ -157,16 +157,19 @@ class TaskBatchedNet:
                 m = layer.module
                 w = params[layer.weight]
                 b = params[layer.bias] if layer.bias else None
-                if layout == "flat" and not per_task(layer.weight) and not per_task(layer.bias):
+                nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+                # Batch norm with per-task statistics folds into the convolution before it, which
+                # then has per-task kernels even when its weights are shared (ANIL's body).
+                foldable = (self.fold and not use_running_stats and nxt is not None
+                            and nxt.kind in ("bn", "bn_relu_pool") and isinstance(nxt.module, nn.BatchNorm2d)
+                            and m.weight[0].numel() <= FOLD_MAX_PATCH)
+                if layout == "flat" and not per_task(layer.weight) and not per_task(layer.bias) and not foldable:
                     h = F.conv2d(h, w, b, m.stride, m.padding, m.dilation)
                     continue
                 if layout == "flat":
                     h = to_grouped(h, t, channels_last)
                     layout = "grouped"
-                nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-                if (self.fold and per_task(layer.weight) and not use_running_stats and nxt is not None
-                        and nxt.kind in ("bn", "bn_relu_pool") and isinstance(nxt.module, nn.BatchNorm2d)
-                        and m.weight[0].numel() <= FOLD_MAX_PATCH):
+                if foldable:
                     kernel, shift = self._fold_bn(layer, nxt, params, h, t, record)
                     if self._fused_first_layer(layer, nxt, h):
                         # The folded layer, its ReLU and pooling in one C++ pass.
@@ -234,7 +237,8 @@ class TaskBatchedNet:
         the normalisation and its derivatives no longer pass over the largest feature maps.
         """
         m, norm = conv.module, bn.module
-        w = params[conv.weight]                                       # [T, C, C_in, k, k]
+        w = params[conv.weight]
+        w = w if w.dim() == 5 else w.expand(t, *w.shape)               # [T, C, C_in, k, k]
         n, c, d = h.shape[0], w.shape[1], w[0, 0].numel()
         patches = F.unfold(h, m.kernel_size, m.dilation, m.padding, m.stride)   # [N, T*D, L]
         patches = patches.reshape(n, t, d, -1).permute(1, 2, 0, 3).reshape(t, d, -1)  # [T, D, N*L]

@@ -121,19 +121,22 @@ void forward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* b, scala
 template <typename scalar_t>
 void backward_impl(const scalar_t* gout, const scalar_t* x, const scalar_t* out, const uint8_t* idx,
                    scalar_t* gw, scalar_t* gb, const Geometry& g) {
-  // Each thread accumulates into its own [T, D + 1, C] buffer (row D: the bias); summed at the end.
+  // The images are split into a fixed number of blocks, each accumulating into its own
+  // [T, D + 1, C] buffer (row D: the bias), summed in block order at the end: no shared writes,
+  // no reliance on thread ids, and the same result whatever the number of threads.
   const int64_t rows = g.D + 1, per = g.T * rows * g.C;
   const int64_t image = g.Cin * (g.H + 2 * g.pad) * (g.W + 2 * g.pad);
-  const int64_t threads = at::get_num_threads();
-  std::vector<scalar_t> partial(threads * per, scalar_t(0));
-  at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
-    scalar_t* mine = partial.data() + at::get_thread_num() * per;
-    std::vector<scalar_t> patch(4 * g.D), gk(4 * g.C);
-    scalar_t* __restrict__ g0 = gk.data();
-    scalar_t* __restrict__ g1 = g0 + g.C;
-    scalar_t* __restrict__ g2 = g1 + g.C;
-    scalar_t* __restrict__ g3 = g2 + g.C;
-    for (int64_t n = begin; n < end; ++n) {
+  const int64_t blocks = std::min<int64_t>(g.N, 16), size = (g.N + blocks - 1) / blocks;
+  std::vector<scalar_t> partial(blocks * per, scalar_t(0));
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+   std::vector<scalar_t> patch(4 * g.D), gk(4 * g.C);
+   scalar_t* __restrict__ g0 = gk.data();
+   scalar_t* __restrict__ g1 = g0 + g.C;
+   scalar_t* __restrict__ g2 = g1 + g.C;
+   scalar_t* __restrict__ g3 = g2 + g.C;
+   for (int64_t blk = first; blk < last; ++blk) {
+    scalar_t* mine = partial.data() + blk * per;
+    for (int64_t n = blk * size; n < std::min(g.N, (blk + 1) * size); ++n) {
       for (int64_t t = 0; t < g.T; ++t) {
         scalar_t* __restrict__ acc = mine + t * rows * g.C;
         scalar_t* __restrict__ accb = acc + g.D * g.C;
@@ -169,9 +172,10 @@ void backward_impl(const scalar_t* gout, const scalar_t* x, const scalar_t* out,
         }
       }
     }
+   }
   });
-  for (int64_t th = 0; th < threads; ++th) {
-    const scalar_t* src = partial.data() + th * per;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const scalar_t* src = partial.data() + blk * per;
     for (int64_t t = 0; t < g.T; ++t) {
       for (int64_t d = 0; d < g.D; ++d)
         for (int64_t c = 0; c < g.C; ++c) gw[(t * g.D + d) * g.C + c] += src[(t * rows + d) * g.C + c];

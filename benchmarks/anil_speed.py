@@ -16,10 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from speed import TASKS, _timed, machine, make_batch, make_model
+from speed import TASKS, _timed, machine, make_batch, make_model, meta_gradient, with_metamap
 
-from metamap.algorithms.gradient import GradientLearner
 from metamap.tasks.batch import TaskBatch
 
 VARIANTS = {
@@ -30,24 +28,10 @@ VARIANTS = {
 }
 
 
-def anil(options: dict, dtype=torch.float32) -> GradientLearner:
+def anil(options: dict, chunk: int, dtype=torch.float32):
+    """(model, step): speed.py's metamap step with only the head adapting."""
     model = make_model().to(dtype)
-    return GradientLearner(model[0], model[1], 3, ways=5, inner_steps=1, inner_lr=0.4, adapt="head",
-                           **options).train()
-
-
-def step(learner: GradientLearner, b: TaskBatch, chunk: int) -> None:
-    for start in range(0, b.num_tasks, chunk):
-        part = b.slice(start, min(start + chunk, b.num_tasks))
-        loss, _ = learner.meta_loss(part)
-        (loss * (part.num_tasks / b.num_tasks)).backward()
-
-
-def gradient(learner: GradientLearner, b: TaskBatch, chunk: int) -> torch.Tensor:
-    learner.zero_grad(set_to_none=True)
-    step(learner, b, chunk)
-    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten().double()
-                      for p in learner.model.parameters()])
+    return model, with_metamap(model, 1, chunk=chunk, adapt="head", **options)
 
 
 def main() -> None:
@@ -59,13 +43,13 @@ def main() -> None:
     print(f"machine: {machine()}\n")
     b = make_batch()
     b64 = TaskBatch(b.support_x.double(), b.support_y, b.query_x.double(), b.query_y, b.ways)
-    ref = gradient(anil({"fold_bn": False, "cpp_kernels": False}, torch.float64), b64, TASKS)
-    learners = {n: anil(o) for n, (o, _) in VARIANTS.items()}
-    errors = {n: float((gradient(learners[n], b, c) - ref).norm() / ref.norm()) for n, (_, c) in VARIANTS.items()}
+    ref = meta_gradient(*anil({"fold_bn": False, "cpp_kernels": False}, TASKS, torch.float64), b64)
+    runs = {n: anil(o, c) for n, (o, c) in VARIANTS.items()}
+    errors = {n: float((meta_gradient(m, st, b).double() - ref).norm() / ref.norm()) for n, (m, st) in runs.items()}
     times = {n: [] for n in VARIANTS}
     for _ in range(args.rounds):
-        for n, (_, chunk) in VARIANTS.items():
-            times[n].append(_timed(lambda n=n, chunk=chunk: step(learners[n], b, chunk)))
+        for n, (_, st) in runs.items():
+            times[n].append(_timed(lambda st=st: st(b)))
     base = TASKS / statistics.median(times["ANIL, fold_bn=false (as before)"])
     print("| implementation | tasks/s | vs fold_bn=false | meta-grad rel. err vs float64 |")
     print("| --- | ---: | ---: | ---: |")

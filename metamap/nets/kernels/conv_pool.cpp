@@ -41,13 +41,13 @@ inline void gather_patches(const scalar_t* __restrict__ xs, const Geometry& g, i
 // Channels are processed in blocks of kBlock so that the four running sums stay in registers.
 constexpr int64_t kBlock = 16;
 
-// The pooled outputs of channels [c0, c0 + nb) at one position: the four convolution values
-// of each channel are summed in registers, then max, bias and ReLU are applied on the spot.
+// The four convolution values under one pooling window (s0..s3, window positions in row-major
+// order) for the channels [c0, c0 + nb) of the kernel ws [D, C].
 template <typename scalar_t, int64_t NB, bool Full>
-inline void forward_block(const scalar_t* __restrict__ patch, const scalar_t* __restrict__ ws,
-                          const scalar_t* __restrict__ bs, scalar_t* __restrict__ out,
-                          uint8_t* __restrict__ idx, const Geometry& g, int64_t c0, int64_t nb) {
-  scalar_t s0[NB] = {}, s1[NB] = {}, s2[NB] = {}, s3[NB] = {};
+inline void window_sums(const scalar_t* __restrict__ patch, const scalar_t* __restrict__ ws, const Geometry& g,
+                        int64_t c0, int64_t nb, scalar_t* __restrict__ s0, scalar_t* __restrict__ s1,
+                        scalar_t* __restrict__ s2, scalar_t* __restrict__ s3) {
+  for (int64_t c = 0; c < NB; ++c) s0[c] = s1[c] = s2[c] = s3[c] = scalar_t(0);
   for (int64_t d = 0; d < g.D; ++d) {
     const scalar_t p0 = patch[d], p1 = patch[g.D + d], p2 = patch[2 * g.D + d], p3 = patch[3 * g.D + d];
     const scalar_t* __restrict__ wd = ws + d * g.C + c0;
@@ -60,9 +60,42 @@ inline void forward_block(const scalar_t* __restrict__ patch, const scalar_t* __
       s3[c] += p3 * wc;
     }
   }
-  scalar_t v[NB], k[NB];
+}
+
+// Calls block(patch, ws, bs, o, c0, nb, full) for every image n, task t, pooled output (i, j)
+// and channel block, with the four patches under that output gathered, ws / bs task t's kernel
+// [D, C] and bias [C] of (w, b), and o the output's offset in an [N, Ho, Wo, T, C] tensor.
+template <typename scalar_t, typename Block>
+void for_each_window(const scalar_t* x, const scalar_t* w, const scalar_t* b, const Geometry& g, Block block) {
+  const int64_t image = g.Cin * (g.H + 2 * g.pad) * (g.W + 2 * g.pad);
+  at::parallel_for(0, g.N * g.T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> patch(4 * g.D);
+    for (int64_t nt = begin; nt < end; ++nt) {
+      const int64_t n = nt / g.T, t = nt % g.T;
+      const scalar_t* ws = w + t * g.D * g.C;
+      const scalar_t* bs = b + t * g.C;
+      for (int64_t i = 0; i < g.Ho; ++i) {
+        for (int64_t j = 0; j < g.Wo; ++j) {
+          gather_patches(x + nt * image, g, i, j, patch.data());
+          const int64_t o = (((n * g.Ho + i) * g.Wo + j) * g.T + t) * g.C;
+          for (int64_t c0 = 0; c0 < g.C; c0 += kBlock)
+            block(patch.data(), ws, bs, o, c0, std::min(kBlock, g.C - c0));
+        }
+      }
+    }
+  });
+}
+
+// The pooled outputs of channels [c0, c0 + nb) at one position: max of the four sums, bias,
+// ReLU, and which window position won.
+template <typename scalar_t, bool Full>
+inline void forward_block(const scalar_t* patch, const scalar_t* ws, const scalar_t* __restrict__ bs,
+                          scalar_t* __restrict__ out, uint8_t* __restrict__ idx, const Geometry& g, int64_t c0,
+                          int64_t nb) {
+  scalar_t s0[kBlock], s1[kBlock], s2[kBlock], s3[kBlock], v[kBlock], k[kBlock];
+  window_sums<scalar_t, kBlock, Full>(patch, ws, g, c0, nb, s0, s1, s2, s3);
 #pragma omp simd
-  for (int64_t c = 0; c < NB; ++c) {
+  for (int64_t c = 0; c < kBlock; ++c) {
     // The first maximum in row-major window order, as max_pool2d picks it. Written without
     // branches (the winner is random: mispredicted branches cost more than the arithmetic).
     scalar_t best = s0[c], kc = 0, u;
@@ -79,100 +112,84 @@ inline void forward_block(const scalar_t* __restrict__ patch, const scalar_t* __
     v[c] = std::max(y, scalar_t(0));
     k[c] = kc;
   }
-  if (Full) {
-#pragma omp simd
-    for (int64_t c = 0; c < NB; ++c) {
-      out[c0 + c] = v[c];
-      idx[c0 + c] = static_cast<uint8_t>(k[c]);
-    }
-  } else {
-    for (int64_t c = 0; c < nb; ++c) {
-      out[c0 + c] = v[c];
-      idx[c0 + c] = static_cast<uint8_t>(k[c]);
-    }
+  for (int64_t c = 0; c < (Full ? kBlock : nb); ++c) {
+    out[c0 + c] = v[c];
+    idx[c0 + c] = static_cast<uint8_t>(k[c]);
   }
 }
 
 template <typename scalar_t>
 void forward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_t* out, uint8_t* idx,
                   const Geometry& g) {
-  const int64_t image = g.Cin * (g.H + 2 * g.pad) * (g.W + 2 * g.pad);
-  at::parallel_for(0, g.N * g.T, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> patch(4 * g.D);
-    for (int64_t nt = begin; nt < end; ++nt) {
-      const int64_t n = nt / g.T, t = nt % g.T;
-      for (int64_t i = 0; i < g.Ho; ++i) {
-        for (int64_t j = 0; j < g.Wo; ++j) {
-          gather_patches(x + nt * image, g, i, j, patch.data());
-          const int64_t o = (((n * g.Ho + i) * g.Wo + j) * g.T + t) * g.C;
-          const scalar_t* ws = w + t * g.D * g.C;
-          const scalar_t* bs = b + t * g.C;
-          int64_t c0 = 0;
-          for (; c0 + kBlock <= g.C; c0 += kBlock)
-            forward_block<scalar_t, kBlock, true>(patch.data(), ws, bs, out + o, idx + o, g, c0, kBlock);
-          if (c0 < g.C)
-            forward_block<scalar_t, kBlock, false>(patch.data(), ws, bs, out + o, idx + o, g, c0, g.C - c0);
-        }
+  for_each_window(x, w, b, g, [&](const scalar_t* patch, const scalar_t* ws, const scalar_t* bs, int64_t o,
+                                  int64_t c0, int64_t nb) {
+    if (nb == kBlock)
+      forward_block<scalar_t, true>(patch, ws, bs, out + o, idx + o, g, c0, nb);
+    else
+      forward_block<scalar_t, false>(patch, ws, bs, out + o, idx + o, g, c0, nb);
+  });
+}
+
+// Adds image n's contribution for task t to acc [D + 1, C] (rows 0..D-1: the kernel, row D:
+// the bias). patch [4 D] and gk [4 C] are scratch space.
+template <typename scalar_t>
+void accumulate_image(const scalar_t* gout, const scalar_t* xs, const scalar_t* out, const uint8_t* idx,
+                      scalar_t* __restrict__ acc, scalar_t* patch, scalar_t* gk, const Geometry& g, int64_t n,
+                      int64_t t) {
+  scalar_t* __restrict__ accb = acc + g.D * g.C;
+  scalar_t* __restrict__ g0 = gk;
+  scalar_t* __restrict__ g1 = g0 + g.C;
+  scalar_t* __restrict__ g2 = g1 + g.C;
+  scalar_t* __restrict__ g3 = g2 + g.C;
+  for (int64_t i = 0; i < g.Ho; ++i) {
+    for (int64_t j = 0; j < g.Wo; ++j) {
+      const int64_t o = (((n * g.Ho + i) * g.Wo + j) * g.T + t) * g.C;
+      const scalar_t* __restrict__ go = gout + o;
+      const scalar_t* __restrict__ oo = out + o;
+      const uint8_t* __restrict__ io = idx + o;
+      scalar_t mass = 0;
+#pragma omp simd reduction(+ : mass)
+      for (int64_t c = 0; c < g.C; ++c) {
+        // The ReLU passes the gradient where its output is positive; the pool routes it to the
+        // window position that won.
+        const scalar_t v = oo[c] > scalar_t(0) ? go[c] : scalar_t(0);
+        const int32_t k = io[c];
+        g0[c] = k == 0 ? v : scalar_t(0);
+        g1[c] = k == 1 ? v : scalar_t(0);
+        g2[c] = k == 2 ? v : scalar_t(0);
+        g3[c] = k == 3 ? v : scalar_t(0);
+        accb[c] += v;
+        mass += v < scalar_t(0) ? -v : v;
+      }
+      if (mass == scalar_t(0)) continue;       // every unit of this position is off
+      gather_patches(xs, g, i, j, patch);
+      for (int64_t d = 0; d < g.D; ++d) {
+        const scalar_t p0 = patch[d], p1 = patch[g.D + d], p2 = patch[2 * g.D + d], p3 = patch[3 * g.D + d];
+        scalar_t* __restrict__ ad = acc + d * g.C;
+#pragma omp simd
+        for (int64_t c = 0; c < g.C; ++c) ad[c] += p0 * g0[c] + p1 * g1[c] + p2 * g2[c] + p3 * g3[c];
       }
     }
-  });
+  }
 }
 
 template <typename scalar_t>
 void backward_impl(const scalar_t* gout, const scalar_t* x, const scalar_t* out, const uint8_t* idx,
                    scalar_t* gw, scalar_t* gb, const Geometry& g) {
   // The images are split into a fixed number of blocks, each accumulating into its own
-  // [T, D + 1, C] buffer (row D: the bias), summed in block order at the end: no shared writes,
-  // no reliance on thread ids, and the same result whatever the number of threads.
+  // [T, D + 1, C] buffer, summed in block order at the end: no shared writes, no reliance on
+  // thread ids, and the same result whatever the number of threads.
   const int64_t rows = g.D + 1, per = g.T * rows * g.C;
   const int64_t image = g.Cin * (g.H + 2 * g.pad) * (g.W + 2 * g.pad);
   const int64_t blocks = std::min<int64_t>(g.N, 16), size = (g.N + blocks - 1) / blocks;
   std::vector<scalar_t> partial(blocks * per, scalar_t(0));
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-   std::vector<scalar_t> patch(4 * g.D), gk(4 * g.C);
-   scalar_t* __restrict__ g0 = gk.data();
-   scalar_t* __restrict__ g1 = g0 + g.C;
-   scalar_t* __restrict__ g2 = g1 + g.C;
-   scalar_t* __restrict__ g3 = g2 + g.C;
-   for (int64_t blk = first; blk < last; ++blk) {
-    scalar_t* mine = partial.data() + blk * per;
-    for (int64_t n = blk * size; n < std::min(g.N, (blk + 1) * size); ++n) {
-      for (int64_t t = 0; t < g.T; ++t) {
-        scalar_t* __restrict__ acc = mine + t * rows * g.C;
-        scalar_t* __restrict__ accb = acc + g.D * g.C;
-        for (int64_t i = 0; i < g.Ho; ++i) {
-          for (int64_t j = 0; j < g.Wo; ++j) {
-            const int64_t o = (((n * g.Ho + i) * g.Wo + j) * g.T + t) * g.C;
-            const scalar_t* __restrict__ go = gout + o;
-            const scalar_t* __restrict__ oo = out + o;
-            const uint8_t* __restrict__ io = idx + o;
-            scalar_t mass = 0;
-#pragma omp simd reduction(+ : mass)
-            for (int64_t c = 0; c < g.C; ++c) {
-              // The ReLU passes the gradient where its output is positive; the pool routes it
-              // to the window position that won.
-              const scalar_t v = oo[c] > scalar_t(0) ? go[c] : scalar_t(0);
-              const int32_t k = io[c];
-              g0[c] = k == 0 ? v : scalar_t(0);
-              g1[c] = k == 1 ? v : scalar_t(0);
-              g2[c] = k == 2 ? v : scalar_t(0);
-              g3[c] = k == 3 ? v : scalar_t(0);
-              accb[c] += v;
-              mass += v < scalar_t(0) ? -v : v;
-            }
-            if (mass == scalar_t(0)) continue;       // every unit of this position is off
-            gather_patches(x + (n * g.T + t) * image, g, i, j, patch.data());
-            for (int64_t d = 0; d < g.D; ++d) {
-              const scalar_t p0 = patch[d], p1 = patch[g.D + d], p2 = patch[2 * g.D + d], p3 = patch[3 * g.D + d];
-              scalar_t* __restrict__ ad = acc + d * g.C;
-#pragma omp simd
-              for (int64_t c = 0; c < g.C; ++c) ad[c] += p0 * g0[c] + p1 * g1[c] + p2 * g2[c] + p3 * g3[c];
-            }
-          }
-        }
-      }
-    }
-   }
+    std::vector<scalar_t> patch(4 * g.D), gk(4 * g.C);
+    for (int64_t blk = first; blk < last; ++blk)
+      for (int64_t n = blk * size; n < std::min(g.N, (blk + 1) * size); ++n)
+        for (int64_t t = 0; t < g.T; ++t)
+          accumulate_image(gout, x + (n * g.T + t) * image, out, idx, partial.data() + blk * per + t * rows * g.C,
+                           patch.data(), gk.data(), g, n, t);
   });
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const scalar_t* src = partial.data() + blk * per;
@@ -188,51 +205,28 @@ void backward_impl(const scalar_t* gout, const scalar_t* x, const scalar_t* out,
 // convolution of kernel vw at each pooled output's winning position, plus vb, where the ReLU
 // was on (zero elsewhere). MAML's second-order terms need it; the pooling choice and ReLU mask
 // are locally constant, so nothing else enters.
+template <typename scalar_t, bool Full>
+inline void masked_block(const scalar_t* patch, const scalar_t* ws, const scalar_t* __restrict__ bs,
+                         const scalar_t* __restrict__ out, const uint8_t* __restrict__ idx,
+                         scalar_t* __restrict__ res, const Geometry& g, int64_t c0, int64_t nb) {
+  scalar_t s0[kBlock], s1[kBlock], s2[kBlock], s3[kBlock];
+  window_sums<scalar_t, kBlock, Full>(patch, ws, g, c0, nb, s0, s1, s2, s3);
+  for (int64_t c = 0; c < (Full ? kBlock : nb); ++c) {
+    const uint8_t k = idx[c0 + c];
+    const scalar_t v = k == 0 ? s0[c] : k == 1 ? s1[c] : k == 2 ? s2[c] : s3[c];
+    res[c0 + c] = out[c0 + c] > scalar_t(0) ? v + bs[c0 + c] : scalar_t(0);
+  }
+}
+
 template <typename scalar_t>
 void masked_forward_impl(const scalar_t* x, const scalar_t* vw, const scalar_t* vb, const scalar_t* out,
                          const uint8_t* idx, scalar_t* res, const Geometry& g) {
-  const int64_t image = g.Cin * (g.H + 2 * g.pad) * (g.W + 2 * g.pad);
-  at::parallel_for(0, g.N * g.T, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> patch(4 * g.D), s(4 * g.C);
-    for (int64_t nt = begin; nt < end; ++nt) {
-      const int64_t n = nt / g.T, t = nt % g.T;
-      const scalar_t* ws = vw + t * g.D * g.C;
-      const scalar_t* bs = vb + t * g.C;
-      scalar_t* __restrict__ s0 = s.data();
-      scalar_t* __restrict__ s1 = s0 + g.C;
-      scalar_t* __restrict__ s2 = s1 + g.C;
-      scalar_t* __restrict__ s3 = s2 + g.C;
-      for (int64_t i = 0; i < g.Ho; ++i) {
-        for (int64_t j = 0; j < g.Wo; ++j) {
-          gather_patches(x + nt * image, g, i, j, patch.data());
-          std::fill(s.begin(), s.end(), scalar_t(0));
-          for (int64_t d = 0; d < g.D; ++d) {
-            const scalar_t p0 = patch[d], p1 = patch[g.D + d], p2 = patch[2 * g.D + d], p3 = patch[3 * g.D + d];
-            const scalar_t* __restrict__ wd = ws + d * g.C;
-#pragma omp simd
-            for (int64_t c = 0; c < g.C; ++c) {
-              s0[c] += p0 * wd[c];
-              s1[c] += p1 * wd[c];
-              s2[c] += p2 * wd[c];
-              s3[c] += p3 * wd[c];
-            }
-          }
-          const int64_t o = (((n * g.Ho + i) * g.Wo + j) * g.T + t) * g.C;
-          const uint8_t* __restrict__ io = idx + o;
-          const scalar_t* __restrict__ oo = out + o;
-          scalar_t* __restrict__ ro = res + o;
-#pragma omp simd
-          for (int64_t c = 0; c < g.C; ++c) {
-            const scalar_t k = static_cast<scalar_t>(io[c]);
-            scalar_t v = s0[c];
-            v = k == scalar_t(1) ? s1[c] : v;
-            v = k == scalar_t(2) ? s2[c] : v;
-            v = k == scalar_t(3) ? s3[c] : v;
-            ro[c] = oo[c] > scalar_t(0) ? v + bs[c] : scalar_t(0);
-          }
-        }
-      }
-    }
+  for_each_window(x, vw, vb, g, [&](const scalar_t* patch, const scalar_t* ws, const scalar_t* bs, int64_t o,
+                                    int64_t c0, int64_t nb) {
+    if (nb == kBlock)
+      masked_block<scalar_t, true>(patch, ws, bs, out + o, idx + o, res + o, g, c0, nb);
+    else
+      masked_block<scalar_t, false>(patch, ws, bs, out + o, idx + o, res + o, g, c0, nb);
   });
 }
 

@@ -57,6 +57,8 @@ DEFAULTS: dict[str, Any] = {
         "episodes": 1000,
         "seed": 2024,
         "tasks_per_batch": 0,      # 0 = choose from the episode size
+        "cache_mb": 1024,          # learners that encode examples one by one: encode each distinct
+                                   # example once, keeping this many MB of codes (0 = per episode)
     },
 }
 
@@ -152,6 +154,8 @@ def validate(config: dict) -> None:
         v = e[k] if isinstance(e[k], list) else [e[k]]
         need(all(whole(x, 1) for x in v), f"eval.{k} must be whole numbers >= 1, not {e[k]!r}")
     need(whole(e["episodes"], 1), f"eval.episodes must be a whole number >= 1, not {e['episodes']!r}")
+    need(isinstance(e["cache_mb"], (int, float)) and not isinstance(e["cache_mb"], bool) and e["cache_mb"] >= 0,
+         f"eval.cache_mb must be a number of megabytes >= 0 (0 = encode per episode), not {e['cache_mb']!r}")
     lr = config["optim"]["lr"]
     need(isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0,
          f"optim.lr must be a positive number, not {lr!r}")

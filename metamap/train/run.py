@@ -70,7 +70,7 @@ def test(learner, config: dict, samplers: list, device, memory_format=None, prog
     e = config["eval"]
     return [evaluate(learner, sampler, episodes or e["episodes"], chunk=e["tasks_per_batch"], device=device,
                      memory_format=memory_format, progress=progress, setting=sampler.describe(), rank=rank,
-                     world_size=world_size, precision=config["train"]["precision"])
+                     world_size=world_size, precision=config["train"]["precision"], cache_mb=e["cache_mb"])
             for sampler in samplers]
 
 
@@ -177,7 +177,7 @@ def make_validation(learner, config: dict, source, device, memory_format, rank: 
         return None
     return lambda: evaluate(learner, sampler, t["val_episodes"], device=device, memory_format=memory_format,
                             progress=False, setting=f"val {sampler.describe()}", rank=rank,
-                            world_size=world_size, precision=t["precision"])
+                            world_size=world_size, precision=t["precision"], cache_mb=config["eval"]["cache_mb"])
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str = "test",

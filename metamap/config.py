@@ -43,7 +43,9 @@ DEFAULTS: dict[str, Any] = {
         "channels_last": True,     # faster convolutions on CPU
         "tune_allocator": True,    # keep freed memory in-process (glibc mallopt); faster on CPU
         "max_bad_steps": 10,       # non-finite losses/gradients tolerated before the run stops
-        "precision": "fp32",       # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU)
+        "precision": "auto",       # auto (bf16 where the hardware has it and the learner's accuracy is
+                                   # measured unchanged, else fp32) | fp32 | bf16 (autocast, CPU or GPU)
+                                   # | fp16 (autocast + grad scaler, GPU)
         "chunk_tasks": "auto",     # tasks per forward/backward pass (same gradient): 0 = the whole
                                    # meta-batch, auto = the learner's choice (MetaLearner.preferred_chunk)
         "prefetch": "auto",        # draw the next batch in a background thread (auto = on CUDA)
@@ -161,8 +163,8 @@ def validate(config: dict) -> None:
          f"optim.lr must be a positive number, not {lr!r}")
     for k in ("log_every", "checkpoint_every"):
         need(whole(t[k], 1), f"train.{k} must be a whole number >= 1, not {t[k]!r}")
-    need(t["precision"] in ("fp32", "bf16", "fp16"),
-         f"train.precision must be fp32, bf16 or fp16, not {t['precision']!r}")
+    need(t["precision"] in ("auto", "fp32", "bf16", "fp16"),
+         f"train.precision must be auto, fp32, bf16 or fp16, not {t['precision']!r}")
     need(t["prefetch"] in ("auto", True, False), f"train.prefetch must be auto, true or false, not {t['prefetch']!r}")
     for k in ("val_every", "max_bad_steps", "threads"):
         need(whole(t[k], 0), f"train.{k} must be a whole number >= 0, not {t[k]!r}")

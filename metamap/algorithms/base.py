@@ -30,6 +30,9 @@ class MetaLearner(nn.Module):
     family: ClassVar[str] = ""
     # Adaptation that takes gradient steps needs autograd even at evaluation time.
     adapts_with_gradients: ClassVar[bool] = False
+    # train.precision = "auto" runs bf16 autocast (on hardware with native bf16) only for learners
+    # whose accuracy under bf16 was measured unchanged on their default experiment (BENCHMARKS.md).
+    auto_bf16: ClassVar[bool] = False
 
     def __init__(self, example_dims: int):
         super().__init__()

@@ -29,6 +29,7 @@ def squared_distances(queries: Tensor, prototypes: Tensor) -> Tensor:
 class PrototypicalNetwork(EncodingLearner):
     name = "protonet"
     family = "metric"
+    auto_bf16 = True          # default experiment: 96.64 / 89.56 % in bf16, 96.60 / 89.41 % in fp32
 
     def __init__(self, encoder: nn.Module, example_dims: int):
         super().__init__(example_dims)

@@ -1,7 +1,6 @@
 """The one evaluator: a fixed set of episodes, mean ± 95% confidence interval."""
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -12,6 +11,7 @@ from torch import Tensor
 from metamap.algorithms.base import EncodingLearner, MetaLearner
 from metamap.tasks.batch import TaskBatch
 from metamap.tasks.sampler import TaskSampler, shard
+from metamap.train.precision import autocast
 from metamap.train.progress import progress_bar
 
 
@@ -70,7 +70,8 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
 
     With several ranks, each evaluates its share of the episodes and the scores are gathered,
     so the result is the same as one process evaluating them all. ``precision`` (bf16/fp16)
-    runs the learner under autocast, as in training.
+    runs the learner under autocast, as in training (``auto`` is resolved by the caller:
+    :func:`metamap.train.precision.resolve_precision`).
 
     Learners that encode each example on its own (:class:`EncodingLearner`) see every distinct
     example of the episodes encoded once, in blocks of episodes whose codes fit in ``cache_mb``
@@ -87,11 +88,8 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
     bar = progress_bar(total=len(mine), desc=f"eval {setting}".strip(), enabled=progress and rank == 0,
                        unit="ep")
     try:
-        half = torch.bfloat16 if precision == "bf16" else torch.float16
-        autocast = (torch.autocast(torch.device(device).type, dtype=half) if precision != "fp32"
-                    else contextlib.nullcontext())
         cached = cache_mb > 0 and can_cache(learner, sampler)
-        with torch.set_grad_enabled(learner.adapts_with_gradients), autocast:
+        with torch.set_grad_enabled(learner.adapts_with_gradients), autocast(precision, device):
             batches = (cached_episodes(learner, sampler, mine, chunk, device, memory_format, cache_mb) if cached
                        else episode_inputs(sampler, mine, chunk, device, memory_format))
             for tasks in batches:

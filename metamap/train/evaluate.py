@@ -27,13 +27,17 @@ class EvalResult:
     setting: str
     seed: int
     scores: list[float] = field(default_factory=list, repr=False)
+    finetune: dict | None = None      # test-time fine-tuning used (lr, steps, how they were chosen)
 
     def summary(self) -> str:
         if self.metric == "accuracy":
             value = f"{100 * self.mean:.2f}% ± {100 * self.ci95:.2f}%"
         else:
             value = f"{self.mean:.4f} ± {self.ci95:.4f} {self.metric}"
-        return f"{self.setting}: {value} ({self.episodes} episodes, seed {self.seed})"
+        tuned = ""
+        if self.finetune:
+            tuned = f", fine-tuned at test time: lr {self.finetune['lr']:g}, {self.finetune['steps']} steps"
+        return f"{self.setting}: {value} ({self.episodes} episodes, seed {self.seed}{tuned})"
 
     def to_dict(self, with_scores: bool = False) -> dict:
         d = asdict(self)
@@ -65,7 +69,7 @@ def default_chunk(sampler: TaskSampler) -> int:
 def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, chunk: int = 0,
              device: str | torch.device = "cpu", memory_format=None, progress: bool = True,
              setting: str = "", rank: int = 0, world_size: int = 1, precision: str = "fp32",
-             cache_mb: float = DEFAULT_CACHE_MB) -> EvalResult:
+             cache_mb: float = DEFAULT_CACHE_MB, finetune=None) -> EvalResult:
     """Score ``learner`` on episodes ``0 .. episodes-1`` of ``sampler`` (fixed by its seed).
 
     With several ranks, each evaluates its share of the episodes and the scores are gathered,
@@ -77,6 +81,10 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
     example of the episodes encoded once, in blocks of episodes whose codes fit in ``cache_mb``
     megabytes, instead of once per episode it appears in: the same predictions (to rounding)
     for a fraction of the forward passes. ``cache_mb = 0`` encodes per episode.
+
+    ``finetune`` (a :class:`metamap.train.test_time.FineTuning`) fine-tunes the learner on each
+    episode's support set before it adapts (test-time fine-tuning); the weights change per
+    episode, so codes are never cached then, and they are restored after every episode.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, not {episodes}")
@@ -88,13 +96,19 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
     bar = progress_bar(total=len(mine), desc=f"eval {setting}".strip(), enabled=progress and rank == 0,
                        unit="ep")
     try:
-        cached = cache_mb > 0 and can_cache(learner, sampler)
+        cached = cache_mb > 0 and finetune is None and can_cache(learner, sampler)
         with torch.set_grad_enabled(learner.adapts_with_gradients), autocast(precision, device):
             batches = (cached_episodes(learner, sampler, mine, chunk, device, memory_format, cache_mb) if cached
                        else episode_inputs(sampler, mine, chunk, device, memory_format))
+            done = 0
             for tasks in batches:
-                adapt = learner.adapt_encoded if cached else learner.adapt_tasks
-                outputs = adapt(tasks.support_x, tasks.support_y, tasks.ways)(tasks.query_x)
+                if finetune is not None:
+                    from metamap.train.test_time import finetune_predictions
+                    outputs = finetune_predictions(learner, tasks, mine[done:done + len(tasks)], finetune)[0]
+                else:
+                    adapt = learner.adapt_encoded if cached else learner.adapt_tasks
+                    outputs = adapt(tasks.support_x, tasks.support_y, tasks.ways)(tasks.query_x)
+                done += len(tasks)
                 score = learner.per_task_score(outputs.detach().float(), tasks.query_y).cpu()
                 scores.append(score)
                 bar.update(len(score))

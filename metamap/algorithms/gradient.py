@@ -71,14 +71,14 @@ class GradientLearner(MetaLearner):
                  inner_steps: int = 1, inner_steps_eval: int = 1, inner_lr: float = 0.4,
                  first_order: bool = False, step_sizes: str = "fixed", inner_optimizer: str = "sgd",
                  inner_beta1: float = 0.0, inner_beta2: float = 0.999, inner_eps: float = 1e-8,
-                 inner_batch: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
+                 inner_batch: int = 0, inner_batch_eval: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
                  batched: bool = True, channels_last: bool = True, fuse_bn_pool: bool = True,
                  bf16: bool = False, grad_checkpoint: bool = False, fold_bn: bool = True,
                  cpp_kernels: bool = True, seed: int = 0):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval),
-                        ("inner_batch", inner_batch)):
+                        ("inner_batch", inner_batch), ("inner_batch_eval", inner_batch_eval)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"learner.{what} must be a whole number >= 0, not {v!r}")
         if bn not in BN_MODES:
@@ -87,7 +87,8 @@ class GradientLearner(MetaLearner):
         self.ways, self.inner_steps, self.inner_steps_eval = ways, inner_steps, inner_steps_eval
         self.first_order, self.bn = bool(first_order), bn
         self.multi_step_loss, self.msl_anneal_steps = bool(multi_step_loss), int(msl_anneal_steps)
-        self.grad_checkpoint, self.inner_batch, self.seed = bool(grad_checkpoint), inner_batch, int(seed)
+        self.grad_checkpoint, self.seed = bool(grad_checkpoint), int(seed)
+        self.inner_batch, self.inner_batch_eval = inner_batch, inner_batch_eval
         self.split = ParameterSplit.declare(self.model, adapt, freeze)
         if not self.split.adapted and max(inner_steps, inner_steps_eval) > 0:
             raise ConfigError(f"learner.adapt = {adapt!r} selects no trainable parameter to adapt")
@@ -119,8 +120,9 @@ class GradientLearner(MetaLearner):
         training = self.training
         theta = dict(self.model.named_parameters())
         batches = None
-        if self.inner_batch and steps:
-            batches = minibatch_indices(support_x, self.inner_batch, steps, self.seed)
+        batch = self.inner_batch if training else self.inner_batch_eval
+        if batch and steps:
+            batches = minibatch_indices(support_x, batch, steps, self.seed)
         loop = dict(optimizer=self.inner_optimizer, differentiable=differentiable, second_order=not self.first_order,
                     recompute=self.grad_checkpoint, batches=batches)
         if self.body_adapts:
@@ -264,7 +266,7 @@ class Reptile(GradientLearner):
 COMMON = {
     "inner_steps": 1, "inner_steps_eval": 3, "inner_lr": 0.4, "first_order": False,
     "step_sizes": "fixed", "inner_optimizer": "sgd", "inner_beta1": 0.0, "inner_beta2": 0.999,
-    "inner_eps": 1e-8, "inner_batch": 0, "adapt": "all", "freeze": [], "bn": "transductive", "multi_step_loss": False,
+    "inner_eps": 1e-8, "inner_batch": 0, "inner_batch_eval": 0, "adapt": "all", "freeze": [], "bn": "transductive", "multi_step_loss": False,
     "msl_anneal_steps": 0, "batched": True, "channels_last": True, "fuse_bn_pool": True,
     "bf16": False, "grad_checkpoint": False, "fold_bn": True, "cpp_kernels": True,
 }

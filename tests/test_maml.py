@@ -15,8 +15,7 @@ from torch.func import functional_call
 
 from metamap.algorithms.base import MetaGradient
 from metamap.algorithms.gradient import GradientLearner, Reptile, msl_weights
-from metamap.algorithms.inner_opt import (SGD, Adam, PerElementSGD, PerLayerPerStepSGD,
-                                          build_inner_optimizer)
+from metamap.algorithms.inner_opt import SGD, Adam, PerElementSGD, PerLayerPerStepSGD, build_inner_optimizer
 from metamap.errors import ConfigError, MetamapError
 from metamap.nets.backbones import MLP, Conv4
 from metamap.tasks.batch import TaskBatch

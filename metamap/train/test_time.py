@@ -137,7 +137,7 @@ class Selection:
     lr: float
     steps: int
     chosen_on: str
-    scores: dict = field(default_factory=dict)      # "lr=..,steps=.." -> mean accuracy on the selection episodes
+    scores: dict = field(default_factory=dict)      # "lr=..,steps=.." -> mean score on the selection episodes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,7 +147,7 @@ class Selection:
 
 
 def select(learner, sampler, episodes: int, lrs, steps_grid, base: FineTuning, chosen_on: str) -> Selection:
-    """Pick ``(lr, steps)`` by mean query accuracy on ``episodes`` episodes of ``sampler``.
+    """Pick ``(lr, steps)`` by the mean query score (accuracy) on ``episodes`` episodes of ``sampler``.
 
     Ties go to the smaller learning rate, then to fewer steps (the cheaper, the closer to the
     learner as meta-trained). ``lr = 0`` is the learner without fine-tuning.
@@ -163,9 +163,10 @@ def select(learner, sampler, episodes: int, lrs, steps_grid, base: FineTuning, c
             cfg = FineTuning(lr, max(steps_grid), base.augment, base.aug_prob, base.seed + 1)
             grid = [0] if lr == 0 else steps_grid
             outs = finetune_predictions(learner, tasks, ids, cfg, grid)
+            kind = learner.task_kind(tasks.query_y)
             for steps, out in zip(grid, outs):
-                acc = float(learner.per_task_score(out, tasks.query_y).mean())
-                scores[(lr, steps)] = acc
+                value = float(kind.scores(out, tasks.query_y)[kind.primary.name].mean())
+                scores[(lr, steps)] = value if kind.primary.higher_is_better else -value
     finally:
         learner.train(was)
     best = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))

@@ -53,7 +53,7 @@ def overrides_from(args, names) -> list[str]:
 
 
 TRAIN_FLAGS = list(FLAG_KEYS)
-EVAL_FLAGS = ["episodes", "seed", "device", "threads", "data_root"]
+EVAL_FLAGS = ["data", "episodes", "seed", "device", "threads", "data_root"]
 
 
 def cmd_train(args) -> int:

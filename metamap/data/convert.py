@@ -72,5 +72,8 @@ class ConvertedSource(ClassDataSource):
             self._done[split] = convert_dataset(self.source.dataset(config, split), self.spec)
         return self._done[split]
 
+    def classes(self, config: dict, split: str) -> int | None:
+        return self.source.classes(config, split)
+
     def __getattr__(self, name):
         return getattr(self.__dict__["source"], name)

@@ -22,11 +22,12 @@ drawn from ``(eval.seed, episode)``, so the same seed gives the same result.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from metamap.errors import ConfigError
@@ -61,8 +62,8 @@ def translate(x: Tensor, generator: torch.Generator, ratio: float = 0.125) -> Te
     dy = torch.randint(-sy, sy + 1, (n,), generator=generator)
     dx = torch.randint(-sx, sx + 1, (n,), generator=generator)
     pad = max(sy, sx)
-    background = x[:, :, :1, :1]
-    padded = F.pad(x - background, (pad, pad, pad, pad)) + background
+    padded = x[:, :, :1, :1].expand(-1, -1, h + 2 * pad, w + 2 * pad).clone()      # the corner: background
+    padded[:, :, pad:pad + h, pad:pad + w] = x
     rows = (torch.arange(h).view(1, h) + pad - dy.view(n, 1)).to(x.device)             # [n, h]
     cols = (torch.arange(w).view(1, w) + pad - dx.view(n, 1)).to(x.device)             # [n, w]
     idx = torch.arange(n, device=x.device).view(n, 1, 1)
@@ -89,11 +90,48 @@ def _params(learner, extra: list[Tensor]) -> list[Tensor]:
     return [p for p in learner.parameters() if p.requires_grad] + list(extra)
 
 
+def trajectory(learner, support_x: Tensor, support_y: Tensor, ways: int, cfg: FineTuning, episode: int = 0,
+               at_steps=None) -> Iterator[tuple[int, Callable]]:
+    """Fine-tune ``learner`` in place on one task's support set (``[1, S, ...]``); yields
+    ``(steps, predictor)`` after each count of ``at_steps`` (default ``[cfg.steps]``). A predictor
+    is valid until the next one is yielded; the caller restores the weights (:func:`finetuned`)."""
+    generator = episode_generator(cfg.seed, episode)
+    with torch.enable_grad():
+        extra, state = learner.finetune_start(support_x, support_y, ways)
+        params = _params(learner, extra)
+        opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0) if cfg.lr > 0 else None
+        done = 0
+        for target in sorted(set(at_steps or [cfg.steps])):
+            while opt is not None and done < target:
+                pseudo = augment(support_x[0], generator, cfg.augment, cfg.aug_prob).unsqueeze(0)
+                opt.zero_grad(set_to_none=True)
+                learner.finetune_loss(support_x, support_y, pseudo, ways, state).backward()
+                opt.step()
+                done += 1
+            predict = learner.finetuned_predictor(support_x, support_y, ways, state)
+
+            def predictor(query_x: Tensor, predict=predict) -> Tensor:
+                with torch.set_grad_enabled(learner.adapts_with_gradients):
+                    return predict(query_x).detach().float()
+            yield target, predictor
+
+
+@contextmanager
+def finetuned(learner, support_x: Tensor, support_y: Tensor, ways: int, cfg: FineTuning, episode: int = 0):
+    """``with finetuned(...) as predictor:`` the learner fine-tuned on one support set; its weights
+    are put back as they were when the block ends, whatever happens in it."""
+    saved = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+    try:
+        yield next(trajectory(learner, support_x, support_y, ways, cfg, episode))[1]
+    finally:
+        learner.load_state_dict(saved)
+
+
 def finetune_predictions(learner, tasks, episodes: list[int], cfg: FineTuning, at_steps=None) -> list[Tensor]:
     """Query outputs ``[T, Q, ways]`` after fine-tuning each task of ``tasks`` on its own support set.
 
-    ``at_steps``: a sorted list of step counts; returns one output tensor per count (all from one
-    fine-tuning run per task). The learner's weights are the same before and after.
+    ``at_steps``: step counts; one output tensor per count, from one fine-tuning run per task.
+    The learner's weights are the same before and after.
     """
     at_steps = sorted(set(at_steps or [cfg.steps]))
     saved = {k: v.detach().clone() for k, v in learner.state_dict().items()}
@@ -101,33 +139,13 @@ def finetune_predictions(learner, tasks, episodes: list[int], cfg: FineTuning, a
     try:
         for i, episode in enumerate(episodes):
             task = tasks.task(i)
-            for k, out in enumerate(_tune_one(learner, task, episode, cfg, at_steps)):
-                outputs[k].append(out)
+            for k, (_, predictor) in enumerate(trajectory(learner, task.support_x, task.support_y, task.ways, cfg,
+                                                          episode, at_steps)):
+                outputs[k].append(predictor(task.query_x))
             learner.load_state_dict(saved)
     finally:
         learner.load_state_dict(saved)
     return [torch.cat(o) for o in outputs]
-
-
-def _tune_one(learner, task, episode: int, cfg: FineTuning, at_steps: list[int]):
-    sx, sy, ways = task.support_x, task.support_y, task.ways
-    generator = episode_generator(cfg.seed, episode)
-    with torch.enable_grad():
-        extra, state = learner.finetune_start(sx, sy, ways)
-        params = _params(learner, extra)
-        opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0) if cfg.lr > 0 else None
-        done = 0
-        for target in at_steps:
-            while opt is not None and done < target:
-                pseudo = augment(sx[0], generator, cfg.augment, cfg.aug_prob).unsqueeze(0)
-                opt.zero_grad(set_to_none=True)
-                loss = learner.finetune_loss(sx, sy, pseudo, ways, state)
-                loss.backward()
-                opt.step()
-                done += 1
-            with torch.set_grad_enabled(learner.adapts_with_gradients):
-                out = learner.finetuned_predictor(sx, sy, ways, state)(task.query_x)
-            yield out.detach().float()
 
 
 @dataclass
@@ -174,19 +192,7 @@ def select(learner, sampler, episodes: int, lrs, steps_grid, base: FineTuning, c
                      {f"lr={lr:g},steps={s}": round(v, 6) for (lr, s), v in sorted(scores.items())})
 
 
-# -- configuration ---------------------------------------------------------------------------------
-EVAL_FINETUNE_DEFAULTS = {
-    "finetune": False,                      # test-time fine-tuning of every test episode (true | false)
-    "finetune_lr": "auto",                  # "auto" (picked on validation-class episodes) or a number
-    "finetune_steps": "auto",               # "auto" or a whole number
-    "finetune_lrs": [0.0, 1e-4, 1e-3, 1e-2],   # candidates for "auto" (P>M>F's grid; 0 = no fine-tuning)
-    "finetune_steps_grid": [10, 25, 50],    # candidates for "auto" (one run per learning rate, read at each)
-    "finetune_episodes": 5,                 # episodes the automatic choice is made on (P>M>F: 3-5)
-    "finetune_augment": list(AUGMENTATIONS),
-    "finetune_aug_prob": 0.9,
-}
-
-
+# -- configuration: the eval.finetune* keys (defaults in metamap/config.py) ----------------------------
 def enabled(e: dict) -> bool:
     v = e.get("finetune", False)
     if v in (True, "on", "auto"):

@@ -143,3 +143,31 @@ def test_bad_finetune_keys():
         configlib.resolve(overrides=["eval.finetune_augment=['mixup']"])
     with pytest.raises(ConfigError, match="eval.finetune must be"):
         configlib.resolve(overrides=["eval.finetune='sometimes'"])
+
+
+def test_predict_fine_tunes_given_or_chosen_on_other_classes(run, image_folder, tmp_path, capsys):
+    import shutil
+
+    from metamap.cli import main
+    classes = sorted(p.name for p in image_folder.iterdir() if p.is_dir())
+    support, query, other = tmp_path / "support", tmp_path / "query", tmp_path / "other"
+    query.mkdir()
+    for c in classes[:3]:
+        (support / c).mkdir(parents=True)
+        shutil.copy(sorted((image_folder / c).glob("*.png"))[0], support / c / "0.png")
+        shutil.copy(sorted((image_folder / c).glob("*.png"))[1], query / f"{c}.png")
+    for c in classes[3:7]:
+        shutil.copytree(image_folder / c, other / c)
+    before = digests(run)
+    out = tmp_path / "p.csv"
+    args = ["predict", "--checkpoint", str(run), "--support", str(support), "--query", str(query), "--out", str(out)]
+    assert main(args + ["--finetune-lr", "0.01", "--finetune-steps", "2"]) == 0
+    assert "lr 0.01, 2 steps (given)" in capsys.readouterr().err
+    assert main(args + ["--finetune-select", str(other), "--finetune-steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"chosen on 5 episodes of {other}" in err and (tmp_path / "p.csv.finetune.json").exists()
+    assert len(out.read_text().splitlines()) == 4 and digests(run) == before
+    shutil.copytree(support / classes[0], other / classes[0])
+    assert main(args + ["--finetune-select", str(other)]) == 2          # shares a class with the support set
+    assert "shares class" in capsys.readouterr().err
+    assert main(args + ["--finetune-steps", "2"]) == 2                   # nothing to choose the lr on

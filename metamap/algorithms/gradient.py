@@ -11,6 +11,10 @@ Meta-SGD       ``step_sizes = "per_element"``: a learned step size per weight (L
 MAML++         ``step_sizes = "per_layer_per_step"`` and ``multi_step_loss`` (Antoniou et al. 2019)
 =============  ===========================================================================
 
+``zero_head = true`` is Kao et al.'s (ICLR 2022) zeroing trick: the head's weights and bias are
+zero at initialisation and are set back to zero after every outer step, so every task starts
+from a head that favours no class and the inner steps alone build it from the support set.
+
 Batch norm inside the inner loop (``bn``): ``"transductive"`` (default, as the reference MAML)
 normalises each task's support and query sets with their own batch statistics, at training
 and at test time; ``"running"`` does so in meta-training while tracking running statistics
@@ -100,7 +104,7 @@ class GradientLearner(MetaLearner):
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
                  batched: bool = True, channels_last: bool = True, fuse_bn_pool: bool = True,
                  bf16: bool = False, grad_checkpoint: bool = False, fold_bn: bool = True,
-                 cpp_kernels: bool = True):
+                 cpp_kernels: bool = True, zero_head: bool = False):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -112,6 +116,11 @@ class GradientLearner(MetaLearner):
         self.first_order, self.bn = bool(first_order), bn
         self.multi_step_loss, self.msl_anneal_steps = bool(multi_step_loss), int(msl_anneal_steps)
         self.grad_checkpoint = bool(grad_checkpoint)
+        if not isinstance(zero_head, bool):
+            raise ConfigError(f"learner.zero_head must be true or false, not {zero_head!r}")
+        self.zero_head = zero_head
+        if zero_head:
+            self._zero_head()
         self.adapt_names = self._resolve_adapt(adapt)
         if not self.adapt_names and max(inner_steps, inner_steps_eval) > 0:
             raise ConfigError(f"learner.adapt = {adapt!r} selects no trainable parameter to adapt")
@@ -250,6 +259,13 @@ class GradientLearner(MetaLearner):
 
     def after_step(self) -> None:
         self.outer_steps += 1
+        if self.zero_head:
+            self._zero_head()
+
+    def _zero_head(self) -> None:
+        with torch.no_grad():
+            for p in self.model.head.parameters():
+                p.zero_()
 
     def _update_running_stats(self, record: dict) -> None:
         # Keys are module names relative to the network that ran the query (whole model or body).
@@ -299,7 +315,7 @@ COMMON = {
     "inner_steps": 1, "inner_steps_eval": 3, "inner_lr": 0.4, "first_order": False,
     "step_sizes": "fixed", "adapt": "all", "bn": "transductive", "multi_step_loss": False,
     "msl_anneal_steps": 0, "batched": True, "channels_last": True, "fuse_bn_pool": True,
-    "bf16": False, "grad_checkpoint": False, "fold_bn": True, "cpp_kernels": True,
+    "bf16": False, "grad_checkpoint": False, "fold_bn": True, "cpp_kernels": True, "zero_head": False,
 }
 # Finn et al. (2017), Omniglot 5-way: meta-batch 32, Adam 1e-3, inner step size 0.4, one inner
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults

@@ -23,8 +23,12 @@ class MetaGradient:
     gradient scaler expects. Gradients accumulate into ``.grad`` of the learner's parameters.
     """
 
-    def __init__(self, weight: float = 1.0, scaler=None):
+    def __init__(self, weight: float = 1.0, scaler=None, optimizer=None):
         self.weight, self.scaler = float(weight), scaler
+        # The trainer's optimizer (learning rate already scheduled), for learners whose outer update
+        # is several optimizer steps on one sampled batch (PPO's epochs). Such a learner steps it
+        # itself and leaves every .grad None, so the trainer's own step changes nothing.
+        self.optimizer = optimizer
 
     def _scaled(self, t: Tensor) -> Tensor:
         t = t * self.weight
@@ -61,6 +65,8 @@ class MetaLearner(nn.Module):
     family: ClassVar[str] = ""
     # Adaptation that takes gradient steps needs autograd even at evaluation time.
     adapts_with_gradients: ClassVar[bool] = False
+    # Training metrics the progress bar shows (when the learner reports them).
+    progress_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "mse")
     # Old -> new prefixes of state names, for checkpoints written before a rename.
     renamed_state: ClassVar[dict[str, str]] = {}
 

@@ -46,7 +46,7 @@ class RLLearner(MetaLearner):
 
     family = "reinforcement"
     adapts_with_gradients = True
-    metric_direction = "max"
+    progress_metrics = ("return_pre", "return", "kl", "entropy", "env_steps_per_s")
 
     def __init__(self, env_family, obs_dim: int):
         super().__init__(example_dims=1)
@@ -189,7 +189,8 @@ RL2_OPTIONS = {
 }
 # The authors' 2-D navigation run: meta-batch 20 tasks (paper; their script used 40), 100 meta-iterations.
 RL_DEFAULTS = {"episode": {"tasks_per_batch": 20},
-               "train": {"steps": 100, "log_every": 1, "val_every": 0, "checkpoint_every": 5, "chunk_tasks": 0},
+               "train": {"steps": 100, "log_every": 1, "val_every": 0, "checkpoint_every": 5, "chunk_tasks": 0,
+                         "report": False},
                "eval": {"episodes": 600, "seed": 2024}}
 TRPO_OPTIM = {"optim": {"name": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0},
               "schedule": {"name": "constant"}}

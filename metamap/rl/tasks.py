@@ -90,6 +90,17 @@ class RLTaskSampler:
         """Fixed evaluation tasks: task ``e`` is position 0 of batch ``e``, whatever the chunking."""
         return self.tasks([(int(e), 0) for e in ids])
 
+    # -- the task kind's scoring (used by the evaluator) ----------------------------------------
+    @staticmethod
+    def score(learner, tasks: RLTaskBatch) -> dict[str, Tensor]:
+        """Per-task returns ``[T]`` under each of the learner's metrics (after k adaptation steps,
+        or in episode k of a trial)."""
+        return learner.score_tasks(tasks)
+
+    @staticmethod
+    def direction(metric: str) -> str:
+        return "max"                  # returns: higher is better
+
 
 SOURCE_DEFAULTS = {"horizon": 0, "oracle": False}      # horizon 0 = the family's own (100 or 200)
 
@@ -107,6 +118,10 @@ class RLSource:
         what = "oracle " if family.oracle else ""
         return DataInfo(example_shape=(family.policy_obs_dim,), problem="rl", output_dim=family.act_dim,
                         description=f"{what}{family.name} tasks (horizon {family.horizon})")
+
+    def test_samplers(self, config: dict, split: str = "test") -> list[RLTaskSampler]:
+        """One fixed set of test tasks (``eval.seed``); ways and shots mean nothing here."""
+        return [RLTaskSampler(family_from_config(config), 1, config["eval"]["seed"], split)]
 
     def sampler(self, config: dict, split: str, ways: int, shots: int, queries: int, tasks_per_batch: int,
                 seed: int) -> RLTaskSampler:

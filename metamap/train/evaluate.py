@@ -24,10 +24,17 @@ class EvalResult:
     setting: str
     seed: int
     scores: list[float] = field(default_factory=list, repr=False)
+    higher_is_better: bool | None = None       # None: from the metric (accuracy yes, mse no)
+
+    def __post_init__(self) -> None:
+        if self.higher_is_better is None:
+            self.higher_is_better = self.metric != "mse"
 
     def summary(self) -> str:
         if self.metric == "accuracy":
             value = f"{100 * self.mean:.2f}% ± {100 * self.ci95:.2f}%"
+        elif self.metric.startswith("return"):
+            value = f"{self.metric} {self.mean:.2f} ± {self.ci95:.2f}"
         else:
             value = f"{self.mean:.4f} ± {self.ci95:.4f} {self.metric}"
         return f"{self.setting}: {value} ({self.episodes} episodes, seed {self.seed})"
@@ -62,13 +69,29 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
     so the result is the same as one process evaluating them all. ``precision`` (bf16/fp16)
     runs the learner under autocast, as in training.
     """
+    return evaluate_all(learner, sampler, episodes, chunk, device, memory_format, progress, setting, rank,
+                        world_size, precision)[0]
+
+
+def evaluate_all(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, chunk: int = 0,
+                 device: str | torch.device = "cpu", memory_format=None, progress: bool = True,
+                 setting: str = "", rank: int = 0, world_size: int = 1, precision: str = "fp32"
+                 ) -> list[EvalResult]:
+    """:func:`evaluate` for every metric of the sampler's task kind (the first is the one
+    :func:`evaluate` returns and validation selects on).
+
+    A sampler with ``score(learner, tasks) -> {metric: per-task scores [T]}`` and
+    ``direction(metric) -> "max" | "min"`` scores its own tasks (RL: returns after each number of
+    adaptation steps); otherwise the learner adapts to the support set and the query predictions
+    are scored (accuracy or MSE).
+    """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, not {episodes}")
     chunk = chunk or default_chunk(sampler)
     mine = list(shard(episodes, rank, world_size))
     was_training = learner.training
     learner.eval()
-    scores = []
+    scores: dict[str, list[torch.Tensor]] = {}
     bar = progress_bar(total=len(mine), desc=f"eval {setting}".strip(), enabled=progress and rank == 0,
                        unit="ep")
     try:
@@ -78,21 +101,31 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
         with torch.set_grad_enabled(learner.adapts_with_gradients), autocast:
             for start in range(0, len(mine), chunk):
                 tasks = sampler.episodes(mine[start:start + chunk]).to(device, memory_format=memory_format)
-                outputs = learner.adapt_tasks(tasks.support_x, tasks.support_y, tasks.ways)(tasks.query_x)
-                score = learner.per_task_score(outputs.detach().float(), tasks.query_y).cpu()
-                scores.append(score)
-                bar.update(len(score))
-                bar.set_postfix(mean=f"{float(torch.cat(scores).mean()):.4f}", refresh=False)
+                if hasattr(sampler, "score"):
+                    part = {k: v.detach().double().cpu() for k, v in sampler.score(learner, tasks).items()}
+                else:
+                    outputs = learner.adapt_tasks(tasks.support_x, tasks.support_y, tasks.ways)(tasks.query_x)
+                    metric = "mse" if getattr(sampler, "regression", False) else "accuracy"
+                    part = {metric: learner.per_task_score(outputs.detach().float(), tasks.query_y).cpu()}
+                for k, v in part.items():
+                    scores.setdefault(k, []).append(v)
+                first = next(iter(scores.values()))
+                bar.update(len(first[-1]))
+                bar.set_postfix(mean=f"{float(torch.cat(first).mean()):.4f}", refresh=False)
     finally:
         bar.close()
         learner.train(was_training)
-    scores_t = torch.cat(scores).double()
-    if world_size > 1:
-        scores_t = _gather(scores_t, episodes, world_size)
-    metric = "mse" if getattr(sampler, "regression", False) else "accuracy"
-    mean, ci, std = confidence_interval(scores_t)
-    return EvalResult(metric, mean, ci, std, episodes, setting or sampler.describe(),
-                      int(getattr(sampler, "seed", 0)), scores_t.tolist())
+    direction = getattr(sampler, "direction", None)
+    results = []
+    for metric, parts in scores.items():
+        scores_t = torch.cat(parts).double()
+        if world_size > 1:
+            scores_t = _gather(scores_t, episodes, world_size)
+        mean, ci, std = confidence_interval(scores_t)
+        higher = direction(metric) == "max" if direction is not None else None
+        results.append(EvalResult(metric, mean, ci, std, episodes, setting or sampler.describe(),
+                                  int(getattr(sampler, "seed", 0)), scores_t.tolist(), higher))
+    return results
 
 
 def _gather(local: torch.Tensor, total: int, world_size: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from metamap import config as configlib
 from metamap.errors import CheckpointError, EpisodeError
 from metamap.registry import DataInfo, build_learner, data_source
 from metamap.train import checkpoint
-from metamap.train.evaluate import EvalResult, evaluate
+from metamap.train.evaluate import EvalResult, evaluate, evaluate_all
 from metamap.train.plots import plot_curves
 from metamap.train.runtime import pick_device, set_threads, tune_allocator
 from metamap.train.trainer import Trainer
@@ -58,7 +58,10 @@ def default_run_dir(config: dict) -> Path:
 
 
 def test_samplers(config: dict, source, split: str = "test") -> list:
-    """One fixed-episode sampler per ``eval.ways x eval.shots`` setting (checked before any training)."""
+    """One fixed-episode sampler per ``eval.ways x eval.shots`` setting (checked before any training),
+    or the data source's own (``source.test_samplers``) when ways and shots mean nothing to it."""
+    if hasattr(source, "test_samplers"):
+        return source.test_samplers(config, split)
     e = config["eval"]
     return [source.sampler(config, split, ways, shots, e["queries"], 1, e["seed"])
             for ways, shots in eval_settings(config)]
@@ -68,10 +71,11 @@ def test(learner, config: dict, samplers: list, device, memory_format=None, prog
          episodes: int | None = None, rank: int = 0, world_size: int = 1) -> list[EvalResult]:
     """Evaluate on fixed episodes of every sampler of :func:`test_samplers`."""
     e = config["eval"]
-    return [evaluate(learner, sampler, episodes or e["episodes"], chunk=e["tasks_per_batch"], device=device,
-                     memory_format=memory_format, progress=progress, setting=sampler.describe(), rank=rank,
-                     world_size=world_size, precision=config["train"]["precision"])
-            for sampler in samplers]
+    return [result for sampler in samplers
+            for result in evaluate_all(learner, sampler, episodes or e["episodes"], chunk=e["tasks_per_batch"],
+                                       device=device, memory_format=memory_format, progress=progress,
+                                       setting=sampler.describe(), rank=rank, world_size=world_size,
+                                       precision=config["train"]["precision"])]
 
 
 def describe_split(config: dict, source, split: str) -> str:

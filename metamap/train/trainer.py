@@ -159,7 +159,7 @@ class Trainer:
                     if self.step % self.train_cfg["log_every"] == 0 or self.step == steps:
                         self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", **{k: f"{v:.3f}" for k, v in record.items()
-                                                                    if k in ("accuracy", "mse")},
+                                                                    if k in self.learner.progress_metrics},
                                     tasks_s=f"{record['tasks_per_s']:.1f}", refresh=False)
                     for cb in self.callbacks:
                         cb.on_step(self, record)
@@ -245,7 +245,7 @@ class Trainer:
             part = batch.slice(start, start + size)
             weight = part.num_tasks / n
             with self._autocast():
-                loss, m = self.learner.meta_backward(part, MetaGradient(weight, self.scaler))
+                loss, m = self.learner.meta_backward(part, MetaGradient(weight, self.scaler, self.optimizer))
             total = total + (loss.detach().float() * weight).cpu()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + weight * v
@@ -283,7 +283,7 @@ class Trainer:
     def run_validation(self) -> EvalResult:
         result = self.validate()
         better = self.best is None or self.best.get("mean") is None or (
-            result.mean > self.best["mean"] if result.metric == "accuracy" else result.mean < self.best["mean"])
+            result.mean > self.best["mean"] if result.higher_is_better else result.mean < self.best["mean"])
         if better:
             self.best = {"step": self.step, "metric": result.metric, "mean": result.mean}
             if self.is_main:

@@ -67,6 +67,9 @@ class MetaLearner(nn.Module):
     adapts_with_gradients: ClassVar[bool] = False
     # Training metrics the progress bar shows (when the learner reports them).
     progress_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "mse")
+    # train.precision = "auto" runs bf16 autocast (on hardware with native bf16) only for learners
+    # whose accuracy under bf16 was measured unchanged on their default experiment (BENCHMARKS.md).
+    auto_bf16: ClassVar[bool] = False
     # Old -> new prefixes of state names, for checkpoints written before a rename.
     renamed_state: ClassVar[dict[str, str]] = {}
 
@@ -178,6 +181,41 @@ class MetaLearner(nn.Module):
     def task_metrics(cls, outputs: Tensor, targets: Tensor) -> dict[str, float]:
         name = "mse" if torch.is_floating_point(targets) else "accuracy"
         return {name: float(cls.per_task_score(outputs, targets).mean())}
+
+
+class EncodingLearner(MetaLearner):
+    """A learner that encodes every example on its own and adapts on the encodings.
+
+    ``adapt_tasks`` is :meth:`adapt_encoded` applied to :meth:`encode`'s output. When the
+    encoding of an example does not depend on the rest of its episode (:meth:`encodes_per_example`:
+    evaluation mode, no batch statistics), the evaluator encodes each distinct example of a
+    split once and builds every episode from those codes: the same predictions, a fraction of
+    the forward passes.
+    """
+
+    encoder: nn.Module
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [T, N, *example]`` -> codes ``[T, N, *code]``."""
+        return embed_tasks(self.encoder, x)
+
+    def adapt_encoded(self, support_z: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        """Codes ``support_z [T, S, *code]`` -> predictor of query codes ``[T, Q, *code]``."""
+        raise NotImplementedError
+
+    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        predict = self.adapt_encoded(self.encode(support_x), support_y, ways)
+        return lambda query_x: predict(self.encode(query_x))
+
+    def encodes_per_example(self) -> bool:
+        """Whether an example's code is a function of that example alone, right now: evaluation
+        mode, and no batch norm that normalises with batch statistics at evaluation."""
+        def batch_dependent(m: nn.Module) -> bool:
+            # Training mode: batch statistics, dropout. Batch norm without running statistics
+            # normalises with the batch's even at evaluation (instance norm is per example).
+            return m.training or (isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is None
+                                  and not isinstance(m, nn.modules.instancenorm._InstanceNorm))
+        return not any(batch_dependent(m) for m in self.encoder.modules())
 
 
 def embed_tasks(encoder: nn.Module, x: Tensor) -> Tensor:

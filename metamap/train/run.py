@@ -15,6 +15,7 @@ from metamap.registry import DataInfo, build_learner, data_source
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult, evaluate, evaluate_all
 from metamap.train.plots import plot_curves
+from metamap.train.precision import resolve_precision
 from metamap.train.runtime import pick_device, set_threads, tune_allocator
 from metamap.train.trainer import Trainer
 
@@ -71,11 +72,12 @@ def test(learner, config: dict, samplers: list, device, memory_format=None, prog
          episodes: int | None = None, rank: int = 0, world_size: int = 1) -> list[EvalResult]:
     """Evaluate on fixed episodes of every sampler of :func:`test_samplers`."""
     e = config["eval"]
+    precision = resolve_precision(config["train"]["precision"], device, learner)[0]
     return [result for sampler in samplers
             for result in evaluate_all(learner, sampler, episodes or e["episodes"], chunk=e["tasks_per_batch"],
                                        device=device, memory_format=memory_format, progress=progress,
                                        setting=sampler.describe(), rank=rank, world_size=world_size,
-                                       precision=config["train"]["precision"])]
+                                       precision=precision, cache_mb=e["cache_mb"])]
 
 
 def describe_split(config: dict, source, split: str) -> str:
@@ -123,6 +125,7 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
     if resume:
         trainer.resume(run_dir / "last")
         echo(f"resuming {run_dir} at step {trainer.step} of {config['train']['steps']}")
+    echo(f"precision: {trainer.precision} ({trainer.precision_reason})")
     echo(f"meta-training {config['learner']['name']} on {info.description or config['data']['name']}: "
          f"{train_sampler.describe()}, {train_sampler.tasks_per_batch} task(s) per batch, "
          f"{config['train']['steps']} batches -> {run_dir}")
@@ -179,9 +182,10 @@ def make_validation(learner, config: dict, source, device, memory_format, rank: 
         sampler = source.sampler(config, "val", ways, shots, config["eval"]["queries"], 1, t["val_seed"])
     except EpisodeError:
         return None
+    precision = resolve_precision(t["precision"], device, learner)[0]
     return lambda: evaluate(learner, sampler, t["val_episodes"], device=device, memory_format=memory_format,
                             progress=False, setting=f"val {sampler.describe()}", rank=rank,
-                            world_size=world_size, precision=t["precision"])
+                            world_size=world_size, precision=precision, cache_mb=config["eval"]["cache_mb"])
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str = "test",
@@ -196,6 +200,8 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str 
     memory_format = memory_format_for(config, learner.info)
     if memory_format is not None:
         learner.to(memory_format=memory_format)
+    precision, why = resolve_precision(config["train"]["precision"], device, learner)
+    echo(f"precision: {precision} ({why})")
     results = test(learner, config, test_samplers(config, source, split), device, memory_format, progress)
     echo(f"checkpoint: {path} ({meta['learner']}, step {meta['step']})")
     echo(report(results, config, source, split))

@@ -7,7 +7,6 @@ default the gradient of ``meta_loss``).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -26,6 +25,7 @@ from metamap.tasks.batch import TaskBatch
 from metamap.tasks.sampler import TaskSampler
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult
+from metamap.train.precision import PRECISIONS, autocast, resolve_precision
 from metamap.train.progress import progress_bar
 from metamap.train.schedule import lr_factor
 
@@ -88,12 +88,13 @@ class Trainer:
         self.progress, self.callbacks, self.rank, self.world_size = progress, list(callbacks), rank, world_size
         self.optimizer = build_optimizer([p for p in learner.parameters() if p.requires_grad], config["optim"])
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        precision = self.train_cfg.get("precision", "fp32")
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise MetamapError(f"train.precision must be fp32, bf16 or fp16, not {precision!r}")
-        if precision == "fp16" and self.device.type != "cuda":
+        requested = self.train_cfg.get("precision", "auto")
+        if requested not in PRECISIONS:
+            raise MetamapError(f"train.precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+        self.precision, self.precision_reason = resolve_precision(requested, self.device, learner)
+        if self.precision == "fp16" and self.device.type != "cuda":
             raise MetamapError("train.precision = fp16 needs a CUDA device; on CPU use bf16")
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         prefetch = self.train_cfg.get("prefetch", "auto")
         if prefetch == "auto":
             prefetch = self.device.type == "cuda"
@@ -252,11 +253,7 @@ class Trainer:
         return total, metrics
 
     def _autocast(self):
-        precision = self.train_cfg.get("precision", "fp32")
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device)
 
     def _batch(self, index: int) -> TaskBatch:
         """Batch ``index``, on the device; drawn in a background thread one step ahead if prefetching."""

@@ -29,7 +29,7 @@ def weights(run_dir, name="last"):
 
 @pytest.mark.parametrize("learner,extra", [
     ("maml-trpo", ["learner.hidden=[16, 16]"]),
-    ("rl2", ["learner.hidden=8", "learner.episodes=2", "learner.eval_episodes=2"]),
+    ("rl2", ["learner.hidden=8", "learner.episodes=2"]),
     ("maml-promp", ["learner.hidden=[16]"]),
 ])
 def test_training_resumes_exactly(tmp_path, learner, extra):
@@ -66,13 +66,27 @@ def test_trpo_step_through_the_trainer_lands_on_the_line_searched_parameters(tmp
 
 def test_eval_of_a_checkpoint_repeats_the_test_of_training(tmp_path):
     run = tmp_path / "run"
-    summary = train(cfg("pretrained", 1, "learner.hidden=[8]", "learner.eval_steps=2"), run, progress=False,
-                    echo=lambda *a: None)
-    tested = [(r["metric"], r["mean"]) for r in summary["test"]]
-    assert [m for m, _ in tested] == ["return_0", "return_1", "return_2"]
-    again = evaluate_checkpoint(run, progress=False, echo=lambda *a: None)
-    assert [(r.metric, r.mean) for r in again] == tested
-    assert all(r.higher_is_better and r.episodes == 6 for r in again)
+    summary = train(cfg("pretrained", 1, "learner.hidden=[8]"), run, progress=False, echo=lambda *a: None)
+    (tested,) = summary["test"]
+    assert tested["metric"] == "return_1" and set(tested["others"]) == {"return_0", "return_2", "return_3"}
+    (again,) = evaluate_checkpoint(run, progress=False, echo=lambda *a: None)
+    assert again.mean == tested["mean"] and again.higher_is_better and again.episodes == 6
+    assert {k: v["mean"] for k, v in again.others.items()} == {k: v["mean"] for k, v in tested["others"].items()}
+
+
+def test_oracle_does_not_adapt_and_rl2_scores_episodes(tmp_path):
+    config = cfg("oracle", 0, "learner.hidden=[8]")
+    _, _, oracle = build(config)
+    from metamap.rl.tasks import RLSource
+    tasks = RLSource().sampler(config, "test", 0, 0, 0, 1, 9).episodes([0, 1])
+    scores = oracle.score_tasks(tasks)
+    assert list(scores) == ["return_0", "return_1", "return_2", "return_3"]
+    assert all(torch.equal(scores["return_0"], v) for v in scores.values())
+    _, _, rl2 = build(cfg("rl2", 0, "learner.hidden=8", "learner.eval_trajectories=2"))
+    per = rl2.score_tasks(tasks)
+    trials = rl2.rl2.collect(tasks.tasks(), tasks.seeds(0), 4, 2)
+    for k in range(4):
+        torch.testing.assert_close(per[f"return_{k}"], trials.episode_returns()[..., k].mean(1).double())
 
 
 def test_cli_train_and_eval(tmp_path, capsys):

@@ -12,9 +12,11 @@ its own outer update in ``meta_backward``:
 * PPO (RL², ``outer = "ppo"``) takes several minibatch steps per batch with the trainer's own
   optimizer (Adam), whose moments the trainer checkpoints.
 
-Evaluation (``score_tasks``): the mean return of ``eval.trajectories`` episodes per test task after
-0, 1, ..., ``eval_steps`` policy-gradient steps (MAML, baselines), or of episodes 1, 2, ... of a
-trial (RL²). Higher is better.
+Evaluation (``score_tasks``, the ``rl`` task kind's metrics): ``return_k``, the mean return of
+``eval_trajectories`` episodes per test task after ``k = 0..3`` policy-gradient steps (MAML,
+pre-trained, random; step sizes ``inner_lr`` then ``eval_lr_factor * inner_lr``), or of episode
+``k + 1`` of a four-episode trial (RL²). The oracle does not adapt: every ``return_k`` is the
+return of its one set of episodes. Higher is better.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from metamap.registry import DataInfo, options, register_learner
 from metamap.rl.maml import PGConfig, PolicyGradientMeta
 from metamap.rl.policies import GaussianMLPPolicy, RecurrentPolicy
 from metamap.rl.rl2 import RL2, RL2Config
-from metamap.rl.tasks import RLTaskBatch, family_from_config
+from metamap.rl.tasks import ADAPTATION_STEPS, RLTaskBatch, family_from_config
 
 
 def trainer_optimizer(grad, name: str):
@@ -46,7 +48,6 @@ class RLLearner(MetaLearner):
 
     family = "reinforcement"
     adapts_with_gradients = True
-    progress_metrics = ("return_pre", "return", "kl", "entropy", "env_steps_per_s")
 
     def __init__(self, env_family, obs_dim: int):
         super().__init__(example_dims=1)
@@ -58,11 +59,8 @@ class RLLearner(MetaLearner):
             raise ConfigError(f"{self.name} takes one outer step per meta-batch and cannot split it into "
                               "chunks; set train.chunk_tasks = 0 (or auto)")
 
-    def metric_names(self) -> list[str]:
-        raise NotImplementedError
-
     def score_tasks(self, tasks: RLTaskBatch) -> dict[str, Tensor]:
-        """Per-task scores ``[T]`` for every metric of :meth:`metric_names` (higher is better)."""
+        """``return_k -> [T]`` for ``k = 0..3`` (see the module docstring)."""
         raise NotImplementedError
 
     def meta_loss(self, tasks: RLTaskBatch):
@@ -76,17 +74,14 @@ class PolicyGradientLearner(RLLearner):
     name = "maml-trpo"
 
     def __init__(self, env_family, cfg: PGConfig, hidden=(100, 100), activation: str = "relu",
-                 eval_steps: int = 3, eval_trajectories: int = 40):
+                 adapt_at_test: bool = True, eval_trajectories: int = 40):
         super().__init__(env_family, env_family.policy_obs_dim)
         self.policy = GaussianMLPPolicy(env_family.policy_obs_dim, env_family.act_dim, tuple(hidden), activation)
-        self.cfg, self.eval_steps, self.eval_trajectories = cfg, eval_steps, eval_trajectories
+        self.cfg, self.adapt_at_test, self.eval_trajectories = cfg, bool(adapt_at_test), eval_trajectories
         self.meta = PolicyGradientMeta(self.policy, env_family, cfg)
 
     def preferred_chunk(self) -> int:
         return 0
-
-    def metric_names(self) -> list[str]:
-        return [f"return_{k}" for k in range(self.eval_steps + 1)]
 
     def meta_backward(self, tasks: RLTaskBatch, grad) -> tuple[Tensor, dict[str, float]]:
         self._whole_batch(grad)
@@ -104,8 +99,9 @@ class PolicyGradientLearner(RLLearner):
                 grad.add(p, before - new)     # with sgd, lr 1: the trainer's step lands on `new`
         else:
             loss, kl = self._ppo_outer(batch, grad)
+        # return_0: the support episodes (before adaptation); return_1: the query episodes (after).
         return torch.tensor(loss), {
-            "return_pre": batch.stats["return_pre"], "return": batch.stats["return"], "kl": kl,
+            "return_0": batch.stats["return_pre"], "return_1": batch.stats["return"], "kl": kl,
             "entropy": self.meta.entropy(), "env_steps": batch.stats["env_steps"],
             "env_steps_per_s": batch.stats["env_steps"] / max(sampled, 1e-9)}
 
@@ -128,9 +124,9 @@ class PolicyGradientLearner(RLLearner):
         return float(loss.detach()), kl
 
     def score_tasks(self, tasks: RLTaskBatch) -> dict[str, Tensor]:
-        returns = self.meta.adaptation_returns(tasks.tasks(), tasks.seeds, self.eval_steps,
-                                               self.eval_trajectories)
-        return {f"return_{k}": r for k, r in enumerate(returns)}
+        steps = ADAPTATION_STEPS if self.adapt_at_test else 0
+        returns = self.meta.adaptation_returns(tasks.tasks(), tasks.seeds, steps, self.eval_trajectories)
+        return {f"return_{k}": returns[min(k, steps)] for k in range(ADAPTATION_STEPS + 1)}
 
 
 class RL2Learner(RLLearner):
@@ -138,18 +134,14 @@ class RL2Learner(RLLearner):
 
     name = "rl2"
 
-    def __init__(self, env_family, cfg: RL2Config, hidden: int = 64, eval_episodes: int = 3,
-                 eval_trajectories: int = 40):
+    def __init__(self, env_family, cfg: RL2Config, hidden: int = 64, eval_trajectories: int = 40):
         super().__init__(env_family, env_family.policy_obs_dim)
         self.policy = RecurrentPolicy(env_family.policy_obs_dim, env_family.act_dim, hidden)
-        self.cfg, self.eval_episodes, self.eval_trajectories = cfg, eval_episodes, eval_trajectories
+        self.cfg, self.eval_trajectories = cfg, eval_trajectories
         self.rl2 = RL2(self.policy, env_family, cfg)
 
     def preferred_chunk(self) -> int:
         return 0
-
-    def metric_names(self) -> list[str]:
-        return [f"return_ep{k}" for k in range(1, self.eval_episodes + 1)]
 
     def meta_backward(self, tasks: RLTaskBatch, grad) -> tuple[Tensor, dict[str, float]]:
         self._whole_batch(grad)
@@ -165,13 +157,13 @@ class RL2Learner(RLLearner):
         record = {"return": float(trials.episode_returns().mean()), "kl": stats["kl"], "entropy": stats["entropy"],
                   "value_loss": stats["value_loss"], "env_steps": trials.steps,
                   "env_steps_per_s": trials.steps / max(sampled, 1e-9)}
-        record.update({f"return_ep{k + 1}": float(v) for k, v in enumerate(per_episode)})
+        record.update({f"return_{k}": float(v) for k, v in enumerate(per_episode)})    # episode k + 1
         return torch.tensor(stats["policy_loss"]), record
 
     def score_tasks(self, tasks: RLTaskBatch) -> dict[str, Tensor]:
-        trials = self.rl2.collect(tasks.tasks(), tasks.seeds(0), self.eval_episodes, self.eval_trajectories)
+        trials = self.rl2.collect(tasks.tasks(), tasks.seeds(0), ADAPTATION_STEPS + 1, self.eval_trajectories)
         per = trials.episode_returns().mean(1).double()          # [T, episodes]
-        return {f"return_ep{k + 1}": per[:, k] for k in range(self.eval_episodes)}
+        return {f"return_{k}": per[:, k] for k in range(ADAPTATION_STEPS + 1)}
 
 
 # -- registration -----------------------------------------------------------------------------------
@@ -180,18 +172,19 @@ PG_OPTIONS = {
     "trajectories": 20, "discount": 0.99, "gae_lambda": 1.0, "normalize_advantages": True,
     "outer": "trpo", "max_kl": 0.01, "cg_iterations": 10, "cg_damping": 1e-5, "backtrack_ratio": 0.8,
     "max_backtracks": 15, "curvature_tasks": 1.0, "ppo_clip": 0.2, "ppo_epochs": 5,
-    "hidden": [100, 100], "activation": "relu", "eval_steps": 3, "eval_trajectories": 40,
+    "hidden": [100, 100], "activation": "relu", "adapt_at_test": True, "eval_trajectories": 40,
 }
 RL2_OPTIONS = {
     "episodes": 2, "trajectories": 20, "discount": 0.99, "gae_lambda": 0.95, "ppo_clip": 0.2,
     "ppo_epochs": 5, "minibatches": 4, "value_coef": 0.5, "entropy_coef": 0.0, "hidden": 64,
-    "eval_episodes": 3, "eval_trajectories": 40,
+    "eval_trajectories": 40,
 }
 # The authors' 2-D navigation run: meta-batch 20 tasks (paper; their script used 40), 100 meta-iterations.
 RL_DEFAULTS = {"episode": {"tasks_per_batch": 20},
                "train": {"steps": 100, "log_every": 1, "val_every": 0, "checkpoint_every": 5, "chunk_tasks": 0,
                          "report": False},
-               "eval": {"episodes": 600, "seed": 2024}}
+               # RL tasks have no classes or shots: one evaluation setting.
+               "eval": {"episodes": 600, "seed": 2024, "ways": [1], "shots": [1]}}
 TRPO_OPTIM = {"optim": {"name": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0},
               "schedule": {"name": "constant"}}
 
@@ -201,7 +194,7 @@ def _check_pg(o: dict) -> None:
         raise ConfigError(f"learner.outer must be trpo or ppo, not {o['outer']!r}")
     if o["estimator"] not in ("paper", "lvc"):
         raise ConfigError(f"learner.estimator must be paper or lvc, not {o['estimator']!r}")
-    for k in ("inner_steps", "eval_steps"):
+    for k in ("inner_steps",):
         if isinstance(o[k], bool) or not isinstance(o[k], int) or o[k] < 0:
             raise ConfigError(f"learner.{k} must be a whole number >= 0, not {o[k]!r}")
     for k in ("trajectories", "eval_trajectories"):
@@ -225,7 +218,7 @@ def build_pg(config: dict, info: DataInfo) -> PolicyGradientLearner:
     keys = set(PGConfig.__dataclass_fields__)
     cfg = PGConfig(**{k: v for k, v in o.items() if k in keys})
     return PolicyGradientLearner(family_from_config(config), cfg, o["hidden"], o["activation"],
-                                 o["eval_steps"], o["eval_trajectories"])
+                                 o["adapt_at_test"], o["eval_trajectories"])
 
 
 def build_rl2(config: dict, info: DataInfo) -> RL2Learner:
@@ -233,7 +226,7 @@ def build_rl2(config: dict, info: DataInfo) -> RL2Learner:
     o = options(config["learner"], RL2_OPTIONS, "learner")
     keys = set(RL2Config.__dataclass_fields__)
     cfg = RL2Config(**{k: v for k, v in o.items() if k in keys})
-    return RL2Learner(family_from_config(config), cfg, o["hidden"], o["eval_episodes"], o["eval_trajectories"])
+    return RL2Learner(family_from_config(config), cfg, o["hidden"], o["eval_trajectories"])
 
 
 def _register_pg(name: str, summary: str, extra: dict | None = None, **learner):
@@ -255,7 +248,7 @@ _register_pg("pretrained", "baseline: one policy trained by TRPO on all tasks jo
 _register_pg("random", "baseline: a randomly initialised policy fine-tuned by policy gradient (no training)",
              {"train": {**RL_DEFAULTS["train"], "steps": 0}}, inner_steps=0)
 _register_pg("oracle", "baseline: TRPO on all tasks with the task's parameters in the observation",
-             {"data": {"oracle": True}}, inner_steps=0, eval_steps=0)
+             {"data": {"oracle": True}}, inner_steps=0, adapt_at_test=False)
 _register_pg("maml-promp", "MAML for RL with a ProMP-style outer step: Adam on the clipped surrogate, "
              "low-variance-curvature inner estimator (Rothfuss et al. 2019)",
              {"optim": {"name": "adam", "lr": 1e-3}, "schedule": {"name": "constant"}},

@@ -8,7 +8,14 @@ batch ``i`` is a pure function of ``(seed, split, i, position)``: the same seed 
 tasks and rollouts, resuming needs only the step, and torch.distributed ranks draw their share.
 
 Data sources: ``navigation2d``, ``cheetah-velocity``, ``cheetah-direction`` (``[data]`` keys:
-``horizon``, ``oracle``).
+``horizon``, ``oracle``); their task kind is ``rl``: metrics ``return_k``, the mean return of a
+test task's episodes after ``k`` adaptation steps (policy-gradient learners) or in episode
+``k + 1`` of a trial (RL², i.e. after ``k`` episodes of experience), ``k = 0..3``, higher is
+better; ``return_1`` chooses the best checkpoint.
+
+The kind's ``collect`` hands the batch over unchanged: MAML's support and query trajectories are
+collected in turn, with an adaptation step between them that only the learner knows, so the
+learner collects in ``meta_backward`` (training) and ``score_tasks`` (evaluation).
 """
 from __future__ import annotations
 
@@ -19,9 +26,28 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metamap.registry import DataInfo, options, register_data
+from metamap.data.sources import DataSource
+from metamap.registry import DataInfo, options, register_data, register_task_kind, task_kind
 from metamap.rl.envs import FAMILIES, TaskFamily, make_family
+from metamap.tasks.kinds import Metric, TaskKind
 from metamap.tasks.sampler import check_positive, shard
+
+ADAPTATION_STEPS = 3          # return_0 .. return_3
+
+
+@register_task_kind("rl")
+class Reinforcement(TaskKind):
+    """Tasks an agent acts in; scored by its returns after 0..3 adaptation steps (or episodes)."""
+
+    metrics = tuple(Metric(f"return_{k}", higher_is_better=True) for k in (1, 0, 2, 3))
+    progress = ("kl", "entropy", "env_steps_per_s")
+
+    def loss(self, outputs, targets):
+        raise NotImplementedError("RL tasks have no labelled targets; the learner computes its own objective")
+
+    def evaluate(self, learner, tasks) -> dict[str, Tensor]:
+        """The learner acts in each task (collecting and adapting as it does): ``return_k -> [T]``."""
+        return learner.score_tasks(tasks)
 
 
 @dataclass
@@ -65,12 +91,11 @@ class RLTaskBatch:
 class RLTaskSampler:
     """Meta-batches of ``tasks_per_batch`` tasks of one family (see the module docstring)."""
 
-    regression = False
-
     def __init__(self, family: TaskFamily, tasks_per_batch: int = 1, seed: int = 0, split: str = "train"):
         check_positive(tasks_per_batch=tasks_per_batch)
         self.family, self.tasks_per_batch, self.seed, self.split = family, tasks_per_batch, int(seed), split
         self._split_key = zlib.crc32(split.encode())
+        self.kind = task_kind("rl")
 
     def describe(self) -> str:
         return f"{self.family.name} tasks, horizon {self.family.horizon}"
@@ -90,17 +115,6 @@ class RLTaskSampler:
         """Fixed evaluation tasks: task ``e`` is position 0 of batch ``e``, whatever the chunking."""
         return self.tasks([(int(e), 0) for e in ids])
 
-    # -- the task kind's scoring (used by the evaluator) ----------------------------------------
-    @staticmethod
-    def score(learner, tasks: RLTaskBatch) -> dict[str, Tensor]:
-        """Per-task returns ``[T]`` under each of the learner's metrics (after k adaptation steps,
-        or in episode k of a trial)."""
-        return learner.score_tasks(tasks)
-
-    @staticmethod
-    def direction(metric: str) -> str:
-        return "max"                  # returns: higher is better
-
 
 SOURCE_DEFAULTS = {"horizon": 0, "oracle": False}      # horizon 0 = the family's own (100 or 200)
 
@@ -110,7 +124,7 @@ def family_from_config(config: dict) -> TaskFamily:
     return make_family(config["data"]["name"], oracle=bool(o["oracle"]), horizon=o["horizon"] or None)
 
 
-class RLSource:
+class RLSource(DataSource):
     """``[data] name = "navigation2d" | "cheetah-velocity" | "cheetah-direction"``."""
 
     def info(self, config: dict) -> DataInfo:
@@ -119,9 +133,10 @@ class RLSource:
         return DataInfo(example_shape=(family.policy_obs_dim,), problem="rl", output_dim=family.act_dim,
                         description=f"{what}{family.name} tasks (horizon {family.horizon})")
 
-    def test_samplers(self, config: dict, split: str = "test") -> list[RLTaskSampler]:
-        """One fixed set of test tasks (``eval.seed``); ways and shots mean nothing here."""
-        return [RLTaskSampler(family_from_config(config), 1, config["eval"]["seed"], split)]
+    def describe(self, config: dict, split: str) -> str:
+        family = family_from_config(config)
+        return (f"{family.name} {split} tasks (drawn from the task distribution with the {split} split's own "
+                f"random stream)")
 
     def sampler(self, config: dict, split: str, ways: int, shots: int, queries: int, tasks_per_batch: int,
                 seed: int) -> RLTaskSampler:

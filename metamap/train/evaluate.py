@@ -10,6 +10,7 @@ from torch import Tensor
 
 from metamap.algorithms.base import EncodingLearner, MetaLearner
 from metamap.tasks.batch import TaskBatch
+from metamap.tasks.kinds import Metric, TaskKind
 from metamap.tasks.sampler import TaskSampler, shard
 from metamap.train.precision import autocast
 from metamap.train.progress import progress_bar
@@ -17,7 +18,12 @@ from metamap.train.progress import progress_bar
 
 @dataclass
 class EvalResult:
-    """``mean`` and ``ci95`` are in the metric's unit (accuracy as a fraction, or MSE)."""
+    """``mean`` and ``ci95`` are in the metric's unit (accuracy as a fraction, or MSE).
+
+    ``metric`` is the task kind's first metric (the one that chooses the best checkpoint) and
+    ``higher_is_better`` its direction; ``others`` holds the kind's other metrics as
+    ``name -> {"mean", "ci95", "std", "higher_is_better"}``.
+    """
 
     metric: str
     mean: float
@@ -27,26 +33,29 @@ class EvalResult:
     setting: str
     seed: int
     scores: list[float] = field(default_factory=list, repr=False)
-    higher_is_better: bool | None = None       # None: from the metric (accuracy yes, mse no)
-
-    def __post_init__(self) -> None:
-        if self.higher_is_better is None:
-            self.higher_is_better = self.metric != "mse"
+    higher_is_better: bool = True
+    percent: bool = False
+    others: dict[str, dict] = field(default_factory=dict)
 
     def summary(self) -> str:
-        if self.metric == "accuracy":
-            value = f"{100 * self.mean:.2f}% ± {100 * self.ci95:.2f}%"
-        elif self.metric.startswith("return"):
-            value = f"{self.metric} {self.mean:.2f} ± {self.ci95:.2f}"
-        else:
-            value = f"{self.mean:.4f} ± {self.ci95:.4f} {self.metric}"
-        return f"{self.setting}: {value} ({self.episodes} episodes, seed {self.seed})"
+        fmt = Metric(self.metric, self.higher_is_better, self.percent).format
+        extra = "".join(f", {k} {fmt_of(k, v)}" for k, v in self.others.items())
+        return f"{self.setting}: {fmt(self.mean, self.ci95)}{extra} ({self.episodes} episodes, seed {self.seed})"
+
+    def better_than(self, mean: float | None) -> bool:
+        """Whether this result beats an earlier one's mean (``None``: nothing to beat)."""
+        return mean is None or Metric(self.metric, self.higher_is_better).better(self.mean, mean)
 
     def to_dict(self, with_scores: bool = False) -> dict:
         d = asdict(self)
         if not with_scores:
             d.pop("scores")
         return d
+
+
+def fmt_of(name: str, summary: dict) -> str:
+    return Metric(name, summary["higher_is_better"], summary.get("percent", False)).format(summary["mean"],
+                                                                                           summary["ci95"])
 
 
 # Codes of distinct examples kept at once during evaluation (MB); 0 = encode per episode.
@@ -65,8 +74,7 @@ def confidence_interval(scores: torch.Tensor) -> tuple[float, float, float]:
 
 def default_chunk(sampler: TaskSampler) -> int:
     """Episodes per forward pass: about 2,000 examples, at most 50 episodes."""
-    per = getattr(sampler, "ways", 1) * (getattr(sampler, "shots", 1) + getattr(sampler, "queries", 1))
-    return max(1, min(50, 2000 // max(per, 1)))
+    return max(1, min(50, 2000 // max(sampler.examples_per_task, 1)))
 
 
 def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, chunk: int = 0,
@@ -75,6 +83,7 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
              cache_mb: float = DEFAULT_CACHE_MB) -> EvalResult:
     """Score ``learner`` on episodes ``0 .. episodes-1`` of ``sampler`` (fixed by its seed).
 
+    The sampler's task kind adapts and scores (``kind.evaluate``) and names the metrics.
     With several ranks, each evaluates its share of the episodes and the scores are gathered,
     so the result is the same as one process evaluating them all. ``precision`` (bf16/fp16)
     runs the learner under autocast, as in training (``auto`` is resolved by the caller:
@@ -85,29 +94,15 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
     megabytes, instead of once per episode it appears in: the same predictions (to rounding)
     for a fraction of the forward passes. ``cache_mb = 0`` encodes per episode.
     """
-    return evaluate_all(learner, sampler, episodes, chunk, device, memory_format, progress, setting, rank,
-                        world_size, precision, cache_mb)[0]
-
-
-def evaluate_all(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, chunk: int = 0,
-                 device: str | torch.device = "cpu", memory_format=None, progress: bool = True,
-                 setting: str = "", rank: int = 0, world_size: int = 1, precision: str = "fp32",
-                 cache_mb: float = DEFAULT_CACHE_MB) -> list[EvalResult]:
-    """:func:`evaluate` for every metric of the sampler's task kind (the first is the one
-    :func:`evaluate` returns and validation selects on).
-
-    A sampler with ``score(learner, tasks) -> {metric: per-task scores [T]}`` and
-    ``direction(metric) -> "max" | "min"`` scores its own tasks (RL: returns after each number of
-    adaptation steps); otherwise the learner adapts to the support set and the query predictions
-    are scored (accuracy or MSE).
-    """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, not {episodes}")
+    kind = sampler.kind
     chunk = chunk or default_chunk(sampler)
     mine = list(shard(episodes, rank, world_size))
     was_training = learner.training
     learner.eval()
-    scores: dict[str, list[torch.Tensor]] = {}
+    scores: dict[str, list] = {m.name: [] for m in kind.metrics}
+    primary = kind.primary.name
     bar = progress_bar(total=len(mine), desc=f"eval {setting}".strip(), enabled=progress and rank == 0,
                        unit="ep")
     try:
@@ -116,32 +111,30 @@ def evaluate_all(learner: MetaLearner, sampler: TaskSampler, episodes: int = 100
             batches = (cached_episodes(learner, sampler, mine, chunk, device, memory_format, cache_mb) if cached
                        else episode_inputs(sampler, mine, chunk, device, memory_format))
             for tasks in batches:
-                if hasattr(sampler, "score"):
-                    part = {k: v.detach().double().cpu() for k, v in sampler.score(learner, tasks).items()}
+                if cached:
+                    outputs = learner.adapt_encoded(tasks.support_x, tasks.support_y, tasks.ways)(tasks.query_x)
+                    got = kind.scores(outputs.detach().float(), tasks.query_y)
                 else:
-                    adapt = learner.adapt_encoded if cached else learner.adapt_tasks
-                    outputs = adapt(tasks.support_x, tasks.support_y, tasks.ways)(tasks.query_x)
-                    metric = "mse" if getattr(sampler, "regression", False) else "accuracy"
-                    part = {metric: learner.per_task_score(outputs.detach().float(), tasks.query_y).cpu()}
-                for k, v in part.items():
-                    scores.setdefault(k, []).append(v)
-                first = next(iter(scores.values()))
-                bar.update(len(first[-1]))
-                bar.set_postfix(mean=f"{float(torch.cat(first).mean()):.4f}", refresh=False)
+                    got = kind.evaluate(learner, kind.collect(tasks, learner))
+                for name in scores:
+                    scores[name].append(got[name].detach().double().cpu())
+                bar.update(len(got[primary]))
+                bar.set_postfix(mean=f"{float(torch.cat(scores[primary]).mean()):.4f}", refresh=False)
     finally:
         bar.close()
         learner.train(was_training)
-    direction = getattr(sampler, "direction", None)
-    results = []
-    for metric, parts in scores.items():
-        scores_t = torch.cat(parts).double()
+    summaries = {}
+    for m in kind.metrics:
+        values = torch.cat(scores[m.name])
         if world_size > 1:
-            scores_t = _gather(scores_t, episodes, world_size)
-        mean, ci, std = confidence_interval(scores_t)
-        higher = direction(metric) == "max" if direction is not None else None
-        results.append(EvalResult(metric, mean, ci, std, episodes, setting or sampler.describe(),
-                                  int(getattr(sampler, "seed", 0)), scores_t.tolist(), higher))
-    return results
+            values = _gather(values, episodes, world_size)
+        mean, ci, std = confidence_interval(values)
+        summaries[m.name] = (values, {"mean": mean, "ci95": ci, "std": std, "higher_is_better": m.higher_is_better,
+                                      "percent": m.percent})
+    values, head = summaries.pop(primary)
+    return EvalResult(primary, head["mean"], head["ci95"], head["std"], episodes, setting or sampler.describe(),
+                      int(getattr(sampler, "seed", 0)), values.tolist(), kind.primary.higher_is_better,
+                      kind.primary.percent, {k: v for k, (_, v) in summaries.items()})
 
 
 def episode_inputs(sampler: TaskSampler, ids: list[int], chunk: int, device, memory_format) -> Iterator[TaskBatch]:
@@ -152,7 +145,9 @@ def episode_inputs(sampler: TaskSampler, ids: list[int], chunk: int, device, mem
 
 def can_cache(learner: MetaLearner, sampler: TaskSampler) -> bool:
     """Whether episodes can be built from codes encoded once (call in evaluation mode)."""
-    return (isinstance(learner, EncodingLearner) and learner.encodes_per_example()
+    # Only for kinds that evaluate the plain way (adapt, predict the queries, score them).
+    plain = type(sampler.kind).evaluate is TaskKind.evaluate and type(sampler.kind).collect is TaskKind.collect
+    return (plain and isinstance(learner, EncodingLearner) and learner.encodes_per_example()
             and hasattr(sampler, "episode_positions") and hasattr(sampler, "dataset"))
 
 

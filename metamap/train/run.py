@@ -13,7 +13,7 @@ from metamap import config as configlib
 from metamap.errors import CheckpointError, EpisodeError
 from metamap.registry import DataInfo, build_learner, data_source
 from metamap.train import checkpoint
-from metamap.train.evaluate import EvalResult, evaluate, evaluate_all
+from metamap.train.evaluate import EvalResult, evaluate
 from metamap.train.plots import plot_curves
 from metamap.train.precision import resolve_precision
 from metamap.train.runtime import pick_device, set_threads, tune_allocator
@@ -59,10 +59,7 @@ def default_run_dir(config: dict) -> Path:
 
 
 def test_samplers(config: dict, source, split: str = "test") -> list:
-    """One fixed-episode sampler per ``eval.ways x eval.shots`` setting (checked before any training),
-    or the data source's own (``source.test_samplers``) when ways and shots mean nothing to it."""
-    if hasattr(source, "test_samplers"):
-        return source.test_samplers(config, split)
+    """One fixed-episode sampler per ``eval.ways x eval.shots`` setting (checked before any training)."""
     e = config["eval"]
     return [source.sampler(config, split, ways, shots, e["queries"], 1, e["seed"])
             for ways, shots in eval_settings(config)]
@@ -73,22 +70,14 @@ def test(learner, config: dict, samplers: list, device, memory_format=None, prog
     """Evaluate on fixed episodes of every sampler of :func:`test_samplers`."""
     e = config["eval"]
     precision = resolve_precision(config["train"]["precision"], device, learner)[0]
-    return [result for sampler in samplers
-            for result in evaluate_all(learner, sampler, episodes or e["episodes"], chunk=e["tasks_per_batch"],
-                                       device=device, memory_format=memory_format, progress=progress,
-                                       setting=sampler.describe(), rank=rank, world_size=world_size,
-                                       precision=precision, cache_mb=e["cache_mb"])]
-
-
-def describe_split(config: dict, source, split: str) -> str:
-    try:
-        return source.dataset(config, split).description
-    except (AttributeError, KeyError):
-        return f"{config['data']['name']} {split} split"
+    return [evaluate(learner, sampler, episodes or e["episodes"], chunk=e["tasks_per_batch"], device=device,
+                     memory_format=memory_format, progress=progress, setting=sampler.describe(), rank=rank,
+                     world_size=world_size, precision=precision, cache_mb=e["cache_mb"])
+            for sampler in samplers]
 
 
 def report(results: list[EvalResult], config: dict, source, split: str = "test") -> str:
-    lines = [f"{split} data: {describe_split(config, source, split)}"]
+    lines = [f"{split} data: {source.describe(config, split)}"]
     lines += [f"  {r.summary()}  [95% CI = 1.96 * std / sqrt(n)]" for r in results]
     return "\n".join(lines)
 
@@ -162,13 +151,9 @@ def make_validation(learner, config: dict, source, device, memory_format, rank: 
     t = config["train"]
     if not t["val_every"]:
         return None
-    try:
-        val = source.dataset(config, "val")
-        if val is None or val.num_classes < 2:
-            return None
-        limit = val.num_classes
-    except (AttributeError, KeyError):
-        limit = None
+    limit = source.classes(config, "val")
+    if limit is not None and limit < 2:
+        return None
     ways, shots = max(eval_settings(config))
     fixed = getattr(learner, "ways", 0)          # learners whose head is built for one number of ways
     if fixed:

@@ -44,7 +44,7 @@ def test_training_resumes_exactly(tmp_path, learner, extra):
         assert torch.equal(a[k], b[k]), k
     log = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
-    assert {"return", "kl", "entropy", "env_steps_per_s"} <= set(log[-1])
+    assert {"return_0", "return_1", "kl", "entropy", "env_steps_per_s"} <= set(log[-1])
 
 
 def test_trpo_step_through_the_trainer_lands_on_the_line_searched_parameters(tmp_path):

@@ -91,6 +91,10 @@ class RLTaskBatch:
 class RLTaskSampler:
     """Meta-batches of ``tasks_per_batch`` tasks of one family (see the module docstring)."""
 
+    # Sizes evaluation chunks: a test task runs about 40 trajectories per adaptation step, so
+    # the evaluator takes 50 tasks at a time.
+    examples_per_task = 40
+
     def __init__(self, family: TaskFamily, tasks_per_batch: int = 1, seed: int = 0, split: str = "train"):
         check_positive(tasks_per_batch=tasks_per_batch)
         self.family, self.tasks_per_batch, self.seed, self.split = family, tasks_per_batch, int(seed), split

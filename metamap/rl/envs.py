@@ -28,6 +28,8 @@ gives the same tasks, rollouts and returns.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from metamap.errors import ConfigError, MetamapError
@@ -155,14 +157,22 @@ class Navigation2D(TaskFamily):
 
 
 # -- half-cheetah -------------------------------------------------------------------------------
+def _mujoco_warning(message: str) -> None:
+    # gymnasium's half_cheetah.xml still uses a compiler attribute MuJoCo 3 deprecates; that one is
+    # harmless. Without a handler MuJoCo appends every warning to MUJOCO_LOG.TXT in the working folder.
+    if "settotalmass" not in message:
+        warnings.warn(f"MuJoCo: {message.strip()}", stacklevel=2)
+
+
 def require_mujoco():
     """gymnasium with MuJoCo, or a clear error saying how to install it."""
     try:
         import gymnasium
-        import mujoco  # noqa: F401
+        import mujoco
     except ImportError as e:
         raise MetamapError(f"the half-cheetah tasks need gymnasium with MuJoCo ({e}); install them with "
                            "pip install 'metamap[rl]'") from None
+    mujoco.set_mju_user_warning(_mujoco_warning)
     return gymnasium
 
 

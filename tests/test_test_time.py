@@ -25,9 +25,18 @@ def folder_overrides(folder):
 
 
 @pytest.fixture(scope="module")
-def run(image_folder, tmp_path_factory):
+def folder(image_folder, tmp_path_factory):
+    """A copy of the shared image folder: its split file (3 / 3 / 4 classes) is ours alone."""
+    import shutil
+    copy = tmp_path_factory.mktemp("tt-data") / "data"
+    shutil.copytree(image_folder, copy, ignore=shutil.ignore_patterns("metamap-split.json"))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def run(folder, tmp_path_factory):
     path = tmp_path_factory.mktemp("tt") / "run"
-    runlib.train(configlib.resolve(overrides=folder_overrides(image_folder)), path, run_test=False, **QUIET)
+    runlib.train(configlib.resolve(overrides=folder_overrides(folder)), path, run_test=False, **QUIET)
     return path
 
 
@@ -58,9 +67,9 @@ def test_given_values_and_another_seed(run):
     assert other.seed == 5 and other.scores != given.scores
 
 
-def test_weights_in_memory_are_restored_and_lr_zero_is_plain(run, image_folder):
+def test_weights_in_memory_are_restored_and_lr_zero_is_plain(run, folder):
     learner_ = load_learner(run)
-    config = configlib.resolve(overrides=folder_overrides(image_folder), base=None)
+    config = configlib.resolve(overrides=folder_overrides(folder), base=None)
     sampler = runlib.test_samplers(config, data_source(config))[0]
     before = {k: v.clone() for k, v in learner_.state_dict().items()}
     tuned = evaluate(learner_, sampler, 4, progress=False, finetune=test_time.FineTuning(0.05, 3))
@@ -71,9 +80,9 @@ def test_weights_in_memory_are_restored_and_lr_zero_is_plain(run, image_folder):
     assert tuned.scores != plain.scores or tuned.mean == plain.mean
 
 
-def test_selection_sees_only_validation_classes(run, image_folder):
+def test_selection_sees_only_validation_classes(run, folder):
     learner_ = load_learner(run)
-    config = configlib.resolve(overrides=folder_overrides(image_folder) + FAST)
+    config = configlib.resolve(overrides=folder_overrides(folder) + FAST)
     source = data_source(config)
     val, test = source.dataset(config, "val"), source.dataset(config, "test")
     seen = []
@@ -94,9 +103,9 @@ def test_selection_sees_only_validation_classes(run, image_folder):
             assert key in val_rows and key not in test_rows
 
 
-def test_selection_refuses_shared_classes_and_needs_a_test_split(run, image_folder, monkeypatch):
+def test_selection_refuses_shared_classes_and_needs_a_test_split(run, folder, monkeypatch):
     learner_ = load_learner(run)
-    config = configlib.resolve(overrides=folder_overrides(image_folder) + FAST)
+    config = configlib.resolve(overrides=folder_overrides(folder) + FAST)
     source = data_source(config)
     sampler = runlib.test_samplers(config, source)[0]
     with pytest.raises(ConfigError, match="give them instead"):
@@ -145,10 +154,11 @@ def test_bad_finetune_keys():
         configlib.resolve(overrides=["eval.finetune='sometimes'"])
 
 
-def test_predict_fine_tunes_given_or_chosen_on_other_classes(run, image_folder, tmp_path, capsys):
+def test_predict_fine_tunes_given_or_chosen_on_other_classes(run, folder, tmp_path, capsys):
     import shutil
 
     from metamap.cli import main
+    image_folder = folder
     classes = sorted(p.name for p in image_folder.iterdir() if p.is_dir())
     support, query, other = tmp_path / "support", tmp_path / "query", tmp_path / "other"
     query.mkdir()

@@ -15,6 +15,10 @@ Reptile        the outer update is ``theta - mean_t phi_t`` (:class:`Reptile`, N
 The inner step is an inner optimizer object (:mod:`metamap.algorithms.inner_opt`: SGD, learned
 step sizes, Adam) and which weights adapt is a declared :class:`ParameterSplit`.
 
+``zero_head = true`` is Kao et al.'s (ICLR 2022) zeroing trick: the head's weights and bias are
+zero at initialisation and are set back to zero after every outer step, so every task starts
+from a head that favours no class and the inner steps alone build it from the support set.
+
 Batch norm inside the inner loop (``bn``): ``"transductive"`` (default, as the reference MAML)
 normalises each task's support and query sets with their own batch statistics, at training
 and at test time; ``"running"`` does so in meta-training while tracking running statistics
@@ -76,7 +80,8 @@ class GradientLearner(MetaLearner):
                  inner_batch: int = 0, inner_batch_eval: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
                  backend: str = "fast", channels_last: bool = True, fuse_bn_pool: bool = True,
-                 fold_bn: bool = True, cpp_kernels: bool = True, grad_checkpoint: bool = False, seed: int = 0):
+                 fold_bn: bool = True, cpp_kernels: bool = True, grad_checkpoint: bool = False, seed: int = 0,
+                 zero_head: bool = False):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval),
                         ("inner_batch", inner_batch), ("inner_batch_eval", inner_batch_eval)):
@@ -90,6 +95,11 @@ class GradientLearner(MetaLearner):
         self.multi_step_loss, self.msl_anneal_steps = bool(multi_step_loss), int(msl_anneal_steps)
         self.grad_checkpoint, self.seed = bool(grad_checkpoint), int(seed)
         self.inner_batch, self.inner_batch_eval = inner_batch, inner_batch_eval
+        if not isinstance(zero_head, bool):
+            raise ConfigError(f"learner.zero_head must be true or false, not {zero_head!r}")
+        self.zero_head = zero_head
+        if zero_head:
+            self._zero_head()
         self.split = ParameterSplit.declare(self.model, adapt, freeze)
         if not self.split.adapted and max(inner_steps, inner_steps_eval) > 0:
             raise ConfigError(f"learner.adapt = {adapt!r} selects no trainable parameter to adapt")
@@ -215,6 +225,13 @@ class GradientLearner(MetaLearner):
 
     def after_step(self) -> None:
         self.outer_steps += 1
+        if self.zero_head:
+            self._zero_head()
+
+    def _zero_head(self) -> None:
+        with torch.no_grad():
+            for p in self.model.head.parameters():
+                p.zero_()
 
     def _update_running_stats(self, record: dict) -> None:
         with torch.no_grad():
@@ -270,8 +287,10 @@ COMMON = {
     "inner_eps": 1e-8, "inner_batch": 0, "inner_batch_eval": 0, "adapt": "all", "freeze": [],
     "bn": "transductive", "multi_step_loss": False,
     "msl_anneal_steps": 0, "backend": "fast", "channels_last": True, "fuse_bn_pool": True,
-    "fold_bn": True, "cpp_kernels": True, "grad_checkpoint": False,
+    "fold_bn": True, "cpp_kernels": True, "grad_checkpoint": False, "zero_head": False,
 }
+
+
 def legacy_options(section: dict) -> dict:
     """``section`` with retired keys translated: ``batched = false`` was the reference backend;
     ``bf16`` moved to ``train.precision``."""

@@ -19,7 +19,7 @@ from metamap.errors import MetamapError
 FLAG_KEYS = {
     "learner": ("learner.name", str, "meta-learner (see `metamap learners`)"),
     "data": ("data.name", str, "data source, e.g. omniglot"),
-    "split": ("data.split", str, "class split of the data set (omniglot: lake | vinyals)"),
+    "split": ("data.split", str, "class split of the data set (omniglot: lake | vinyals | vinyals-trainval)"),
     "data_root": ("data.root", str, "folder holding the data set archives (else $METAMAP_DATA, else the cache)"),
     "steps": ("train.steps", int, "meta-training batches"),
     "ways": ("episode.ways", int, "classes per training task (N)"),

@@ -44,7 +44,9 @@ DEFAULTS: dict[str, Any] = {
         "tune_allocator": True,    # keep freed memory in-process (glibc mallopt); faster on CPU
         "max_bad_steps": 10,       # non-finite losses/gradients tolerated before the run stops
         "max_weight_growth": 1e4,  # the run stops when the weights' norm exceeds this x its start (0 = off)
-        "precision": "fp32",       # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU)
+        "precision": "auto",       # auto (bf16 where the hardware has it and the learner's accuracy is
+                                   # measured unchanged, else fp32) | fp32 | bf16 (autocast, CPU or GPU)
+                                   # | fp16 (autocast + grad scaler, GPU)
         "chunk_tasks": "auto",     # tasks per forward/backward pass (same gradient): 0 = the whole
                                    # meta-batch, auto = the learner's choice (MetaLearner.preferred_chunk)
         "prefetch": "auto",        # draw the next batch in a background thread (auto = on CUDA)
@@ -58,6 +60,8 @@ DEFAULTS: dict[str, Any] = {
         "episodes": 1000,
         "seed": 2024,
         "tasks_per_batch": 0,      # 0 = choose from the episode size
+        "cache_mb": 1024,          # learners that encode examples one by one: encode each distinct
+                                   # example once, keeping this many MB of codes (0 = per episode)
     },
 }
 
@@ -153,13 +157,15 @@ def validate(config: dict) -> None:
         v = e[k] if isinstance(e[k], list) else [e[k]]
         need(all(whole(x, 1) for x in v), f"eval.{k} must be whole numbers >= 1, not {e[k]!r}")
     need(whole(e["episodes"], 1), f"eval.episodes must be a whole number >= 1, not {e['episodes']!r}")
+    need(isinstance(e["cache_mb"], (int, float)) and not isinstance(e["cache_mb"], bool) and e["cache_mb"] >= 0,
+         f"eval.cache_mb must be a number of megabytes >= 0 (0 = encode per episode), not {e['cache_mb']!r}")
     lr = config["optim"]["lr"]
     need(isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0,
          f"optim.lr must be a positive number, not {lr!r}")
     for k in ("log_every", "checkpoint_every"):
         need(whole(t[k], 1), f"train.{k} must be a whole number >= 1, not {t[k]!r}")
-    need(t["precision"] in ("fp32", "bf16", "fp16"),
-         f"train.precision must be fp32, bf16 or fp16, not {t['precision']!r}")
+    need(t["precision"] in ("auto", "fp32", "bf16", "fp16"),
+         f"train.precision must be auto, fp32, bf16 or fp16, not {t['precision']!r}")
     need(t["prefetch"] in ("auto", True, False), f"train.prefetch must be auto, true or false, not {t['prefetch']!r}")
     growth = t["max_weight_growth"]
     need(isinstance(growth, (int, float)) and not isinstance(growth, bool) and math.isfinite(growth) and growth >= 0,

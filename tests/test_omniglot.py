@@ -34,8 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path("/work/shared/data/omniglot")
 TINY_BACKGROUND = ["Bengali/character01", "Bengali/character02", "Greek/character01",
                    "Greek/character02", "Greek/character03", "Latin/character01", "Latin/character02"]
-# SHA-256 of the vinyals split's test character names joined by newlines: pins the split.
-VINYALS_TEST_SHA256 = "b385192fb98f4687a099f60aebc15182e81e91bb32d103dfd4927606365b5016"
 TINY_EVALUATION = ["Angelic/character01", "Angelic/character02", "ULOG/character01", "ULOG/character02"]
 
 
@@ -166,15 +164,45 @@ def test_rotations_off(bundled):
 
 def test_vinyals_split(bundled):
     splits = omniglot.make_splits(bundled, "vinyals", rotations=True)
-    names = {k: {n.split("@")[0] for n in ds.class_names} for k, ds in splits.items()}
-    assert [len(names[k]) for k in ("train", "val", "test")] == [1028, 172, 423]
-    assert splits["train"].num_classes == 4 * 1028
-    train, val, test = names["train"], names["val"], names["test"]
+    assert [splits[k].num_classes for k in ("train", "val", "test")] == [4112, 688, 1692]
+    chars = {k: {n.split("@")[0] for n in ds.class_names} for k, ds in splits.items()}
+    assert [len(chars[k]) for k in ("train", "val", "test")] == [1028, 172, 423]
+    train, val, test = chars["train"], chars["val"], chars["test"]
     assert not (train & val or train & test or val & test)
     assert train | val | test == set(bundled["background"].names + bundled["evaluation"].names)
-    # The split must never change between versions: pin its test characters.
-    digest = hashlib.sha256("\n".join(splits["test"].class_names).encode()).hexdigest()
-    assert digest == VINYALS_TEST_SHA256
+    # The published lists: 13 evaluation alphabets for testing, Gurmukhi shared by both sides.
+    alphabets = lambda names: {n.split("/")[0] for n in names}
+    assert len(alphabets(test)) == 13 and alphabets(test) <= set(bundled["evaluation"].alphabets())
+    assert alphabets(test) & alphabets(train | val) == {"Gurmukhi"}
+    assert "Gurmukhi/character42" in test
+    assert all(len(ds.labels) == 20 * ds.num_classes for ds in splits.values())
+
+
+def test_vinyals_trainval_split(bundled):
+    splits = omniglot.make_splits(bundled, "vinyals-trainval", rotations=True)
+    assert splits["train"].num_classes == 4800 and splits["test"].num_classes == 1692
+    train = {n.split("@")[0] for n in splits["train"].class_names}
+    test = {n.split("@")[0] for n in splits["test"].class_names}
+    assert len(train) == 1200 and not train & test          # no test character in training
+    assert {n.split("@")[0] for n in splits["val"].class_names} <= train
+
+
+def test_vinyals_rotations_are_listed_classes(bundled):
+    test = omniglot.make_splits(bundled, "vinyals")["test"]
+    c = test.class_names.index("Gurmukhi/character42")
+    for k, degrees in enumerate((90, 180, 270), start=1):
+        r = test.class_names.index(f"Gurmukhi/character42@rot{degrees}")
+        assert torch.equal(test.data[test.indices_of(r)], torch.rot90(test.data[test.indices_of(c)], k, dims=(-2, -1)))
+    plain = omniglot.make_splits(bundled, "vinyals", rotations=False)
+    assert [plain[k].num_classes for k in ("train", "val", "test")] == [1028, 172, 423]
+
+
+def test_vinyals_lists_are_shipped():
+    from metamap.data.splits import SPLIT_DIR, published
+    lists = published("omniglot-vinyals", ("train", "val", "trainval", "test"))
+    assert [len(lists[k]) for k in ("train", "val", "trainval", "test")] == [4112, 688, 4800, 1692]
+    assert sorted(lists["train"] + lists["val"]) == sorted(lists["trainval"])
+    assert "Jake Snell" in (SPLIT_DIR / "LICENSE-omniglot-vinyals").read_text()
 
 
 def test_bad_split_and_size():

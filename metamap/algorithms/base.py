@@ -15,6 +15,37 @@ Predictor = Callable[[Tensor], Tensor]
 """Query inputs ``[T, Q, *example_shape]`` -> outputs ``[T, Q, ways]`` (logits) or ``[T, Q, *target_shape]``."""
 
 
+class MetaGradient:
+    """Where a learner puts its meta-gradient for one part of a meta-batch (see ``meta_backward``).
+
+    ``weight`` is the part's share of the meta-batch's tasks, so that the parts' contributions
+    add up to the whole batch's mean; ``scaler`` (fp16 training) scales them as the trainer's
+    gradient scaler expects. Gradients accumulate into ``.grad`` of the learner's parameters.
+    """
+
+    def __init__(self, weight: float = 1.0, scaler=None):
+        self.weight, self.scaler = float(weight), scaler
+
+    def _scaled(self, t: Tensor) -> Tensor:
+        t = t * self.weight
+        return self.scaler.scale(t) if self.scaler is not None else t
+
+    def backward(self, loss: Tensor) -> None:
+        """Add the gradient of ``loss`` (the part's mean loss) by backpropagation."""
+        if loss.dtype in (torch.float16, torch.bfloat16):
+            loss = loss.float()
+        with torch.autocast(loss.device.type, enabled=False):
+            self._scaled(loss).backward()
+
+    def add(self, param: Tensor, grad: Tensor) -> None:
+        """Add ``grad`` (the part's mean meta-gradient for ``param``) directly."""
+        g = self._scaled(grad.detach().to(param.dtype))
+        if param.grad is None:
+            param.grad = g.clone()
+        else:
+            param.grad.add_(g)
+
+
 class MetaLearner(nn.Module):
     """Base class of all meta-learners.
 
@@ -30,6 +61,11 @@ class MetaLearner(nn.Module):
     family: ClassVar[str] = ""
     # Adaptation that takes gradient steps needs autograd even at evaluation time.
     adapts_with_gradients: ClassVar[bool] = False
+    # train.precision = "auto" runs bf16 autocast (on hardware with native bf16) only for learners
+    # whose accuracy under bf16 was measured unchanged on their default experiment (BENCHMARKS.md).
+    auto_bf16: ClassVar[bool] = False
+    # Old -> new prefixes of state names, for checkpoints written before a rename.
+    renamed_state: ClassVar[dict[str, str]] = {}
 
     def __init__(self, example_dims: int):
         super().__init__()
@@ -83,12 +119,32 @@ class MetaLearner(nn.Module):
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise MetamapError(f"{what} contains NaN or infinite values; clean the inputs first")
 
+    def upgrade_state(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A checkpoint's tensors under today's names (see ``renamed_state``)."""
+        def renamed(key: str) -> str:
+            for old, new in self.renamed_state.items():
+                if key.startswith(old):
+                    return new + key[len(old):]
+            return key
+        return {renamed(k): v for k, v in weights.items()}
+
     # -- what meta-training minimises ----------------------------------------------------------
     def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         """Mean query loss over the tasks after adapting to their support sets, plus metrics."""
         predictor = self.adapt_tasks(tasks.support_x, tasks.support_y, tasks.ways)
         outputs = predictor(tasks.query_x)
         return self.query_loss(outputs, tasks.query_y), self.task_metrics(outputs.detach(), tasks.query_y)
+
+    def meta_backward(self, tasks: TaskBatch, grad: MetaGradient) -> tuple[Tensor, dict[str, float]]:
+        """Put the meta-gradient of ``tasks`` into ``grad``; return the (detached) loss and metrics.
+
+        The trainer calls this once per part of a meta-batch. The default backpropagates
+        :meth:`meta_loss`; a learner whose update is not the gradient of a loss (Reptile) writes
+        its update direction with ``grad.add(param, direction)`` instead.
+        """
+        loss, metrics = self.meta_loss(tasks)
+        grad.backward(loss)
+        return loss.detach(), metrics
 
     def preferred_chunk(self) -> int:
         """Tasks per forward/backward pass when ``train.chunk_tasks = "auto"``; 0 = the whole meta-batch."""
@@ -119,6 +175,41 @@ class MetaLearner(nn.Module):
     def task_metrics(cls, outputs: Tensor, targets: Tensor) -> dict[str, float]:
         name = "mse" if torch.is_floating_point(targets) else "accuracy"
         return {name: float(cls.per_task_score(outputs, targets).mean())}
+
+
+class EncodingLearner(MetaLearner):
+    """A learner that encodes every example on its own and adapts on the encodings.
+
+    ``adapt_tasks`` is :meth:`adapt_encoded` applied to :meth:`encode`'s output. When the
+    encoding of an example does not depend on the rest of its episode (:meth:`encodes_per_example`:
+    evaluation mode, no batch statistics), the evaluator encodes each distinct example of a
+    split once and builds every episode from those codes: the same predictions, a fraction of
+    the forward passes.
+    """
+
+    encoder: nn.Module
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [T, N, *example]`` -> codes ``[T, N, *code]``."""
+        return embed_tasks(self.encoder, x)
+
+    def adapt_encoded(self, support_z: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        """Codes ``support_z [T, S, *code]`` -> predictor of query codes ``[T, Q, *code]``."""
+        raise NotImplementedError
+
+    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        predict = self.adapt_encoded(self.encode(support_x), support_y, ways)
+        return lambda query_x: predict(self.encode(query_x))
+
+    def encodes_per_example(self) -> bool:
+        """Whether an example's code is a function of that example alone, right now: evaluation
+        mode, and no batch norm that normalises with batch statistics at evaluation."""
+        def batch_dependent(m: nn.Module) -> bool:
+            # Training mode: batch statistics, dropout. Batch norm without running statistics
+            # normalises with the batch's even at evaluation (instance norm is per example).
+            return m.training or (isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is None
+                                  and not isinstance(m, nn.modules.instancenorm._InstanceNorm))
+        return not any(batch_dependent(m) for m in self.encoder.modules())
 
 
 def embed_tasks(encoder: nn.Module, x: Tensor) -> Tensor:

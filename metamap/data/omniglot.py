@@ -34,17 +34,21 @@ Splits
 ------
 ``lake`` (default): train and val are disjoint groups of whole background alphabets
 (:data:`LAKE_VAL_ALPHABETS` are val), test is the 20 evaluation alphabets, which are used for
-nothing else. ``vinyals``: the 1,623 characters of both sets are ordered by a fixed keyed hash
-(:func:`vinyals_order`) and cut into 1,028 train, 172 val and 423 test characters, the sizes
-used by Vinyals et al. (2016) and Snell et al. (2017); their exact character lists are not part
-of the dataset, so this split has the same sizes but its own membership. Because it mixes the
-two sets, it trains on evaluation alphabets; prefer ``lake`` unless comparing with papers that
-used this protocol. Rotated copies (90, 180, 270 degrees counter-clockwise) become extra classes
-in the train split only.
+nothing else. Rotated copies (90, 180, 270 degrees counter-clockwise) become extra classes in
+the train split only.
+
+``vinyals``: the published split of Vinyals et al. (2016), read from the class lists that Snell
+et al. released with Prototypical Networks (shipped in :mod:`metamap.data.splits` with their MIT
+notice): 1,028 train, 172 val and 423 test characters, each in four rotations that are classes
+of their own in every part, as the lists say (4,112 / 688 / 1,692 classes). Training characters
+come from all 30 background alphabets and 8 evaluation alphabets; the test characters from the
+other 13 evaluation alphabets (Gurmukhi is shared between the two sides). ``vinyals-trainval``
+trains on train + val (4,800 classes), as the papers' final models do; its val part is then the
+(seen) val classes, useful to watch training, not for model selection. ``rotations = false``
+keeps only the unrotated classes of every part.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -101,8 +105,8 @@ STD = 0.235903
 # scripts of different families, none of them used for training.
 LAKE_VAL_ALPHABETS = ("Bengali", "Futurama", "Hebrew", "Korean", "Tagalog")
 
-VINYALS_KEY = "metamap-omniglot-vinyals-v1"
-VINYALS_SIZES = {"train": 1028, "val": 172, "test": 423}
+SPLITS = ("lake", "vinyals", "vinyals-trainval")
+VINYALS_LISTS = "omniglot-vinyals"       # metamap/data/splits/omniglot-vinyals-<part>.txt
 
 BUNDLED_SIZE = 28
 BUNDLED_PATH = Path(__file__).resolve().parent / "bundled" / "omniglot28.npz"
@@ -396,18 +400,9 @@ def load_omniglot_sets(image_size: int = BUNDLED_SIZE, root: str | os.PathLike |
 
 
 # -- sets -> splits ----------------------------------------------------------------------
-def vinyals_order(names: list[str]) -> list[str]:
-    """The names ordered by SHA-256 of ``VINYALS_KEY + ':' + name``.
-
-    A keyed hash instead of a seeded random generator: the order depends on nothing but the
-    names, so no library version can change the split.
-    """
-    key = lambda n: hashlib.sha256(f"{VINYALS_KEY}:{n}".encode()).hexdigest()
-    return sorted(names, key=key)
-
-
 def split_characters(sets: dict[str, CharacterSet], split: str) -> dict[str, list[str]]:
-    """Split name -> sorted character names (``"Alphabet/characterNN"``) in that split."""
+    """Split name -> sorted class names in that split: ``"Alphabet/characterNN"``, and for the
+    Vinyals split also ``"Alphabet/characterNN@rotDD"`` for the rotated copies it lists."""
     background, evaluation = sets["background"].names, sets["evaluation"].names
     if split == "lake":
         missing = sorted(set(LAKE_VAL_ALPHABETS) - set(sets["background"].alphabets()))
@@ -417,11 +412,28 @@ def split_characters(sets: dict[str, CharacterSet], split: str) -> dict[str, lis
         return {"train": [n for n in background if not is_val(n)],
                 "val": [n for n in background if is_val(n)],
                 "test": list(evaluation)}
-    if split == "vinyals":
-        order = vinyals_order(background + evaluation)
-        a, b = VINYALS_SIZES["train"], VINYALS_SIZES["train"] + VINYALS_SIZES["val"]
-        return {"train": sorted(order[:a]), "val": sorted(order[a:b]), "test": sorted(order[b:])}
-    raise ConfigError(f"data.split must be 'lake' or 'vinyals', not {split!r}")
+    if split in ("vinyals", "vinyals-trainval"):
+        return vinyals_classes(set(background) | set(evaluation), trainval=split == "vinyals-trainval")
+    raise ConfigError(f"data.split must be one of {', '.join(SPLITS)}, not {split!r}")
+
+
+def vinyals_classes(characters: set[str], trainval: bool = False) -> dict[str, list[str]]:
+    """The published Vinyals lists as class names (``"Greek/character05@rot90"``; rot000 is the
+    character itself), checked against the characters present."""
+    from metamap.data.splits import published
+    lists = published(VINYALS_LISTS, ("trainval" if trainval else "train", "val", "test"))
+    out = {}
+    for part, entries in lists.items():
+        names = []
+        for entry in entries:
+            character, rotation = entry.rsplit("/", 1)
+            if character not in characters:
+                raise DataError(f"the Vinyals split lists {character!r}, which this Omniglot copy lacks; "
+                                "use the complete official archives")
+            degrees = int(rotation.removeprefix("rot"))
+            names.append(character if degrees == 0 else f"{character}@rot{degrees}")
+        out["train" if part == "trainval" else part] = sorted(names)
+    return out
 
 
 def _gather(sets: dict[str, CharacterSet], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -450,34 +462,63 @@ def _with_rotations(images: np.ndarray, labels: np.ndarray, names: list[str]):
     return np.concatenate(all_images), np.concatenate(all_labels), all_names
 
 
+def _with_listed_rotations(sets: dict[str, CharacterSet], names: list[str], rotations: bool):
+    """Images and labels of classes named ``"Alphabet/characterNN[@rotDD]"`` (rotated copies
+    counter-clockwise); without ``rotations`` only the unrotated classes are kept."""
+    if not rotations:
+        names = [n for n in names if "@" not in n]
+    characters = sorted({n.split("@")[0] for n in names})
+    images, labels = _gather(sets, characters)
+    position = {n: i for i, n in enumerate(names)}
+    out_images, out_labels = [], []
+    for k, degrees in enumerate((0, *ROTATIONS)):
+        suffix = f"@rot{degrees}" if degrees else ""
+        relabel = np.array([position.get(c + suffix, -1) for c in characters], dtype=np.int64)
+        new = relabel[labels]
+        keep = new >= 0
+        out_images.append(np.rot90(images[keep], k, axes=(-2, -1)))
+        out_labels.append(new[keep])
+    images, labels = np.concatenate(out_images), np.concatenate(out_labels)
+    order = np.argsort(labels, kind="stable")
+    return images[order], labels[order], names
+
+
 def _describe(split: str, part: str, names: list[str], rotated: bool) -> str:
     alphabets = sorted({n.split("/")[0] for n in names})
-    chars = f"{len(names)} characters"
-    if rotated:
-        chars += f" x 4 rotations = {4 * len(names)} classes"
+    characters = {n.split("@")[0] for n in names}
     if split == "lake":
+        chars = f"{len(names)} characters"
+        if rotated:
+            chars += f" x 4 rotations = {4 * len(names)} classes"
         what = {"train": f"{len(alphabets)} background alphabets",
                 "val": "background alphabets " + ", ".join(alphabets),
                 "test": "evaluation alphabets"}[part]
-    else:
-        what = f"{len(alphabets)} alphabets of both sets"
-    return f"Omniglot {split} split, {part}: {what} ({chars})"
+        return f"Omniglot {split} split, {part}: {what} ({chars})"
+    what = f"{len(alphabets)} alphabets, {len(characters)} characters, {len(names)} classes"
+    if split == "vinyals-trainval" and part == "val":
+        what += ", all also in train"
+    return f"Omniglot {split} split (published lists), {part}: {what}"
 
 
 def make_splits(sets: dict[str, CharacterSet], split: str = "lake", rotations: bool = True,
                 spec: ImageSpec | None = None) -> dict[str, ClassDataset]:
     """``{"train", "val", "test"}`` -> :class:`ClassDataset` (data ``uint8 [n, 1, S, S]``).
 
-    Rotated copies are extra classes of the train split only.
+    Lake split: rotated copies are extra classes of the train split only. Vinyals split: the
+    rotated copies the lists name are classes of every part.
     """
     spec = spec or omniglot_spec(sets["background"].images.shape[-1])
     out = {}
     for part, names in split_characters(sets, split).items():
-        images, labels = _gather(sets, names)
-        rotate = rotations and part == "train"
-        description = _describe(split, part, names, rotate)
-        if rotate:
-            images, labels, names = _with_rotations(images, labels, names)
+        if split == "lake":
+            images, labels = _gather(sets, names)
+            rotate = rotations and part == "train"
+            description = _describe(split, part, names, rotate)
+            if rotate:
+                images, labels, names = _with_rotations(images, labels, names)
+        else:
+            images, labels, names = _with_listed_rotations(sets, names, rotations)
+            description = _describe(split, part, names, rotations)
         out[part] = ClassDataset(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),
                                  list(names), spec, description)
     return out
@@ -488,13 +529,14 @@ def load_omniglot(split: str = "lake", image_size: int = BUNDLED_SIZE, rotations
                   *, base_url: str | None = None) -> dict[str, ClassDataset]:
     """Omniglot as a dict ``{"train", "val", "test"} -> ClassDataset``.
 
-    split: ``"lake"`` or ``"vinyals"`` (see the module docstring).
+    split: ``"lake"``, ``"vinyals"`` or ``"vinyals-trainval"`` (see the module docstring).
     image_size: side of the square images; 28 comes from the bundled copy.
-    rotations: add rotated copies as extra train classes (``"Greek/character05@rot90"``).
+    rotations: rotated copies as classes (``"Greek/character05@rot90"``): extra train classes
+    of the lake split; the listed ones of every part of the Vinyals split.
     root, download, base_url: where archives are looked for / fetched from when needed.
     """
-    if split not in ("lake", "vinyals"):
-        raise ConfigError(f"data.split must be 'lake' or 'vinyals', not {split!r}")
+    if split not in SPLITS:
+        raise ConfigError(f"data.split must be one of {', '.join(SPLITS)}, not {split!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 4 <= image_size <= 512:
         raise ConfigError(f"data.image_size must be a whole number from 4 to 512, not {image_size!r}")
     sets = load_omniglot_sets(image_size, root, download, progress, base_url)

@@ -37,7 +37,7 @@ class ClassDataSource:
 
 
 OMNIGLOT_OPTIONS = {
-    "split": "lake",          # lake | vinyals
+    "split": "lake",          # lake | vinyals | vinyals-trainval (published lists)
     "image_size": 28,
     "rotations": True,        # rotations by 90/180/270 degrees as extra training classes
     "root": "",               # folder of the archives; "" = $METAMAP_DATA, else the per-user cache

@@ -94,6 +94,14 @@ class EpisodeSampler:
 
     def tasks(self, keys: list[tuple[int, int]]) -> TaskBatch:
         """The tasks at ``(batch index, position)`` keys, stacked along the task dimension."""
+        return self.task_positions(keys).map_inputs(self.dataset.inputs)
+
+    def episode_positions(self, ids) -> TaskBatch:
+        """:meth:`episodes` with dataset positions (``long [T, S]``, ``[T, Q]``) in place of inputs."""
+        return self.task_positions([(int(e), 0) for e in ids])
+
+    def task_positions(self, keys: list[tuple[int, int]]) -> TaskBatch:
+        """:meth:`tasks` with the examples' positions in the dataset in place of their inputs."""
         if not keys:
             raise EpisodeError("no tasks requested (is the meta-batch smaller than the number of ranks?)")
         picks, classes = zip(*(self.task_indices(i, p) for i, p in keys))
@@ -101,9 +109,9 @@ class EpisodeSampler:
         k, t = self.shots, len(keys)
         labels = torch.arange(self.ways)
         return TaskBatch(
-            support_x=self.dataset.inputs(picks[:, :, :k].flatten(1)),   # class-major order
+            support_x=picks[:, :, :k].flatten(1),             # class-major order
             support_y=labels.repeat_interleave(k).expand(t, -1).clone(),
-            query_x=self.dataset.inputs(picks[:, :, k:].flatten(1)),
+            query_x=picks[:, :, k:].flatten(1),
             query_y=labels.repeat_interleave(self.queries).expand(t, -1).clone(),
             ways=self.ways,
             classes=torch.from_numpy(np.stack(classes)),

@@ -2,11 +2,11 @@
 
 It owns the loop, the learning-rate schedule, logging, validation, checkpoints, resume,
 the divergence guard, clean stops on SIGINT/SIGTERM and gradient all-reduce across
-torch.distributed ranks. Learners only provide ``meta_loss``.
+torch.distributed ranks. Learners only provide their meta-gradient (``meta_backward``, by
+default the gradient of ``meta_loss``).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from metamap.algorithms.base import MetaLearner
+from metamap.algorithms.base import MetaGradient, MetaLearner
 from metamap.data.paths import atomic_write
 from metamap.errors import CheckpointError, DivergenceError, MetamapError
 from metamap.tasks.batch import TaskBatch
@@ -27,6 +27,7 @@ from metamap.tasks.sampler import TaskSampler
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult
 from metamap.train.metrics_log import read_log
+from metamap.train.precision import PRECISIONS, autocast, resolve_precision
 from metamap.train.progress import progress_bar
 from metamap.train.schedule import lr_factor
 
@@ -106,12 +107,13 @@ class Trainer:
         self.progress, self.callbacks, self.rank, self.world_size = progress, list(callbacks), rank, world_size
         self.optimizer = build_optimizer([p for p in learner.parameters() if p.requires_grad], config["optim"])
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        precision = self.train_cfg.get("precision", "fp32")
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise MetamapError(f"train.precision must be fp32, bf16 or fp16, not {precision!r}")
-        if precision == "fp16" and self.device.type != "cuda":
+        requested = self.train_cfg.get("precision", "auto")
+        if requested not in PRECISIONS:
+            raise MetamapError(f"train.precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+        self.precision, self.precision_reason = resolve_precision(requested, self.device, learner)
+        if self.precision == "fp16" and self.device.type != "cuda":
             raise MetamapError("train.precision = fp16 needs a CUDA device; on CPU use bf16")
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         prefetch = self.train_cfg.get("prefetch", "auto")
         if prefetch == "auto":
             prefetch = self.device.type == "cuda"
@@ -287,11 +289,11 @@ class Trainer:
                 **memory_use(self.device)}
 
     def _forward_backward(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        """Mean loss over the batch's tasks and its gradients, accumulated chunk by chunk.
+        """Mean loss over the batch's tasks; the learner's meta-gradient, accumulated chunk by chunk.
 
         With ``train.chunk_tasks = c`` the meta-batch runs ``c`` tasks at a time: each chunk's
-        loss is weighted by its share of the tasks, so the accumulated gradient equals the
-        whole batch's (per-task losses are independent), in a fraction of the memory.
+        meta-gradient is weighted by its share of the tasks, so the accumulated gradient equals
+        the whole batch's (per-task losses are independent), in a fraction of the memory.
         ``"auto"`` asks the learner (``preferred_chunk``); 0 is the whole meta-batch.
         """
         n = batch.num_tasks
@@ -302,22 +304,14 @@ class Trainer:
             part = batch.slice(start, start + size)
             weight = part.num_tasks / n
             with self._autocast():
-                loss, m = self.learner.meta_loss(part)
-            if loss.dtype in (torch.float16, torch.bfloat16):
-                loss = loss.float()
-            scaled = loss * weight
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            total = total + scaled.detach().cpu()
+                loss, m = self.learner.meta_backward(part, MetaGradient(weight, self.scaler))
+            total = total + (loss.detach().float() * weight).cpu()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + weight * v
         return total, metrics
 
     def _autocast(self):
-        precision = self.train_cfg.get("precision", "fp32")
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device)
 
     def _batch(self, index: int) -> TaskBatch:
         """Batch ``index``, on the device; drawn in a background thread one step ahead if prefetching."""

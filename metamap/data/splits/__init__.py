@@ -9,7 +9,11 @@ sets, taken from the papers' released split files:
 * ``cifarfs-bertinetto``: the 64 / 16 / 20 CIFAR-100 fine classes of CIFAR-FS
   (Bertinetto et al., ICLR 2019);
 * ``fc100-oreshkin``: the 12 / 4 / 4 CIFAR-100 superclasses of FC100 (Oreshkin et al.,
-  NeurIPS 2018), i.e. 60 / 20 / 20 fine classes.
+  NeurIPS 2018), i.e. 60 / 20 / 20 fine classes;
+* ``omniglot-vinyals``: Vinyals et al.'s (NeurIPS 2016) Omniglot split as Snell et al.
+  published it with Prototypical Networks (MIT licence, ``LICENSE-omniglot-vinyals``):
+  4112 / 688 / 1692 classes ``Alphabet/characterNN/rotDDD`` (rotated copies are classes), and
+  ``trainval`` = train + val (4800), the part the papers train on.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from pathlib import Path
 
 SPLIT_DIR = Path(__file__).resolve().parent
 PARTS = ("train", "val", "test")
+# Parts beyond the three that some splits publish (Omniglot's train + val).
+EXTRA_PARTS = ("trainval",)
 
 
 @cache
@@ -31,9 +37,9 @@ def _read(name: str, part: str) -> tuple[str, ...]:
     return tuple(line for line in lines if line and not line.startswith("#"))
 
 
-def published(name: str) -> dict[str, list[str]]:
-    """``{"train", "val", "test"}`` -> class names of the published split ``name``."""
-    return {part: list(_read(name, part)) for part in PARTS}
+def published(name: str, parts: tuple[str, ...] = PARTS) -> dict[str, list[str]]:
+    """``{"train", "val", "test"}`` (or ``parts``) -> class names of the published split ``name``."""
+    return {part: list(_read(name, part)) for part in parts}
 
 
 def available() -> list[str]:

@@ -124,7 +124,9 @@ def build_backbone(config: dict, info: DataInfo) -> nn.Module:
 
 
 def build_learner(config: dict, info: DataInfo) -> nn.Module:
-    return _lookup(_LEARNERS, config["learner"]["name"], "learner", "learner.name").builder(config, info)
+    learner = _lookup(_LEARNERS, config["learner"]["name"], "learner", "learner.name").builder(config, info)
+    learner.example_shape, learner.problem = tuple(info.example_shape), info.problem   # for adapt()'s checks
+    return learner
 
 
 def options(section: dict, allowed: dict[str, Any], where: str) -> dict:

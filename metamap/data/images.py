@@ -46,6 +46,8 @@ class ImageSpec:
             raise ValueError(f"ImageSpec.channels must be 1 (grey) or 3 (RGB), not {self.channels}")
         if self.size < 1:
             raise ValueError(f"ImageSpec.size must be positive, not {self.size}")
+        if self.size * self.size > MAX_PIXELS:
+            raise ValueError(f"ImageSpec.size {self.size} makes images of more than {MAX_PIXELS:,} pixels")
         if self.resample not in _RESAMPLE:
             raise ValueError(f"ImageSpec.resample must be one of {sorted(_RESAMPLE)}, not {self.resample!r}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:

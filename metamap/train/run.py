@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from metamap import config as configlib
+from metamap.data.memory import check_fits
 from metamap.data.paths import check_writable_dir, write_text
 from metamap.errors import CheckpointError, EpisodeError, OutputError
 from metamap.registry import DataInfo, build_learner, data_source
@@ -58,6 +59,28 @@ def build(config: dict, seed_offset: int = 0):
         torch.manual_seed(config["seed"] + seed_offset)
         learner = build_learner(config, info)
     return source, info, learner
+
+
+def trainer_share(tasks_per_batch: int, world_size: int) -> int:
+    return -(-tasks_per_batch // world_size)
+
+
+def check_step_memory(learner, info: DataInfo, config: dict, tasks: int) -> None:
+    """Refuse, before training, a meta-batch pass that cannot fit: the output of the first
+    convolution, with the batch norm and ReLU outputs kept beside it for the backward pass, is
+    a lower bound of what one pass over image tasks holds."""
+    conv = next((m for m in learner.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if conv is None or len(info.example_shape) != 3:
+        return
+    chunk = config["train"]["chunk_tasks"]
+    chunk = learner.preferred_chunk() if chunk == "auto" else chunk
+    ep = config["episode"]
+    examples = min(chunk or tasks, tasks) * ep["ways"] * (ep["shots"] + ep["queries"])
+    c, h, w = info.example_shape
+    per_example = 3 * conv.out_channels * (h // conv.stride[0]) * (w // conv.stride[1]) * 4
+    check_fits(per_example * examples, f"one training pass over {examples} images of {c}x{h}x{w} "
+               f"({min(chunk or tasks, tasks)} task(s) of {ep['ways']} ways x {ep['shots'] + ep['queries']} examples)",
+               "choose a smaller data.image_size, fewer ways or queries per episode, or a smaller train.chunk_tasks")
 
 
 def default_run_dir(config: dict) -> Path:
@@ -183,6 +206,7 @@ def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bo
     train_sampler = source.sampler(config, "train", ep["ways"], ep["shots"], ep["queries"],
                                    ep["tasks_per_batch"], config["seed"])
     samplers = test_samplers(config, source) if run_test else []   # a bad eval request fails now, not after training
+    check_step_memory(learner, info, config, trainer_share(train_sampler.tasks_per_batch, world_size))
     validate = make_validation(learner, config, source, device, memory_format, rank, world_size)
     meta = {"learner": config["learner"]["name"], "config": config, "data_info": info_to_dict(info)}
     callbacks = []

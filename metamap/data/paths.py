@@ -101,11 +101,18 @@ def _probe(folder: Path, what: str) -> None:
                           "location") from None
 
 
+def _is(test, path: Path, what: str) -> bool:
+    try:
+        return test(path)
+    except OSError as e:            # a name too long, a loop of links...
+        raise OutputError(f"{what} {path}: {e.strerror or e}; choose another location") from None
+
+
 def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     """Create folder ``path`` (and its parents) and check that files can be written in it."""
     path = Path(path)
     for parent in (path, *path.parents):
-        if parent.exists() and not parent.is_dir():
+        if _is(Path.exists, parent, what) and not _is(Path.is_dir, parent, what):
             raise OutputError(f"{what} {path}: {parent} is a file, not a folder; choose another location")
         if parent.exists():
             break
@@ -121,11 +128,14 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
 def check_output_file(path: str | os.PathLike, what: str) -> Path:
     """Before any work: the file ``path`` can be written (replaced, if it exists)."""
     path = Path(path)
-    if path.is_dir():
+    if _is(Path.is_dir, path, what):
         raise OutputError(f"{what} {path} is a folder; give a file name (e.g. {path / 'out'}{path.suffix})")
     folder = path.parent
-    if not folder.is_dir():
+    if not _is(Path.is_dir, folder, what):
         raise OutputError(f"{what} {path}: the folder {folder} does not exist; create it first "
                           f"(mkdir -p {folder}) or choose another path")
+    if len(path.name.encode()) > 255 or _is(Path.exists, path, what) and not _is(Path.is_file, path, what):
+        raise OutputError(f"{what} {path}: the name is too long, or it exists and is not a regular file (a "
+                          "device, a socket...); choose another path")
     _probe(folder, f"{what} {path}")
     return path

@@ -25,7 +25,7 @@ def read_log(path: str | Path) -> list[tuple[str, dict]]:
     """``(line, record)`` for every record of the log at ``path`` (blank lines skipped)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode()        # bytes: lines end at "\n" only, as they are written
     except UnicodeDecodeError:
         raise CheckpointError(f"{path} is not text (damaged); move it away to resume without the "
                               "log of the earlier steps") from None

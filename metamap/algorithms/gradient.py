@@ -15,6 +15,10 @@ Reptile        the outer update is ``theta - mean_t phi_t`` (:class:`Reptile`, N
 The inner step is an inner optimizer object (:mod:`metamap.algorithms.inner_opt`: SGD, learned
 step sizes, Adam) and which weights adapt is a declared :class:`ParameterSplit`.
 
+``zero_head = true`` is Kao et al.'s (ICLR 2022) zeroing trick: the head's weights and bias are
+zero at initialisation and are set back to zero after every outer step, so every task starts
+from a head that favours no class and the inner steps alone build it from the support set.
+
 Batch norm inside the inner loop (``bn``): ``"transductive"`` (default, as the reference MAML)
 normalises each task's support and query sets with their own batch statistics, at training
 and at test time; ``"running"`` does so in meta-training while tracking running statistics
@@ -29,13 +33,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from metamap.algorithms.base import MetaGradient, MetaLearner, Predictor
-from metamap.algorithms.inner_loop import TaskForward, inner_loop, minibatch_indices, task_losses
+from metamap.algorithms.inner_loop import TaskForward, inner_loop, minibatch_indices
 from metamap.algorithms.inner_opt import build_inner_optimizer
 from metamap.algorithms.split import ParameterSplit
 from metamap.errors import ConfigError, MetamapError
 from metamap.nets.functional import BN_MODES
-from metamap.registry import DataInfo, build_backbone, options, register_learner
+from metamap.registry import DataInfo, build_backbone, options, register_learner, task_kind
 from metamap.tasks.batch import TaskBatch
+
 
 def msl_weights(steps: int, progress: float) -> Tensor:
     """MAML++ multi-step loss weights ``[steps]`` (for the query loss after each inner step).
@@ -71,14 +76,14 @@ class GradientLearner(MetaLearner):
                  inner_steps: int = 1, inner_steps_eval: int = 1, inner_lr: float = 0.4,
                  first_order: bool = False, step_sizes: str = "fixed", inner_optimizer: str = "sgd",
                  inner_beta1: float = 0.0, inner_beta2: float = 0.999, inner_eps: float = 1e-8,
-                 inner_batch: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
+                 inner_batch: int = 0, inner_batch_eval: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
                  batched: bool = True, channels_last: bool = True, fuse_bn_pool: bool = True,
                  bf16: bool = False, grad_checkpoint: bool = False, fold_bn: bool = True,
-                 cpp_kernels: bool = True, seed: int = 0):
+                 cpp_kernels: bool = True, seed: int = 0, zero_head: bool = False):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval),
-                        ("inner_batch", inner_batch)):
+                        ("inner_batch", inner_batch), ("inner_batch_eval", inner_batch_eval)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"learner.{what} must be a whole number >= 0, not {v!r}")
         if bn not in BN_MODES:
@@ -87,7 +92,13 @@ class GradientLearner(MetaLearner):
         self.ways, self.inner_steps, self.inner_steps_eval = ways, inner_steps, inner_steps_eval
         self.first_order, self.bn = bool(first_order), bn
         self.multi_step_loss, self.msl_anneal_steps = bool(multi_step_loss), int(msl_anneal_steps)
-        self.grad_checkpoint, self.inner_batch, self.seed = bool(grad_checkpoint), inner_batch, int(seed)
+        self.grad_checkpoint, self.seed = bool(grad_checkpoint), int(seed)
+        self.inner_batch, self.inner_batch_eval = inner_batch, inner_batch_eval
+        if not isinstance(zero_head, bool):
+            raise ConfigError(f"learner.zero_head must be true or false, not {zero_head!r}")
+        self.zero_head = zero_head
+        if zero_head:
+            self._zero_head()
         self.split = ParameterSplit.declare(self.model, adapt, freeze)
         if not self.split.adapted and max(inner_steps, inner_steps_eval) > 0:
             raise ConfigError(f"learner.adapt = {adapt!r} selects no trainable parameter to adapt")
@@ -119,10 +130,11 @@ class GradientLearner(MetaLearner):
         training = self.training
         theta = dict(self.model.named_parameters())
         batches = None
-        if self.inner_batch and steps:
-            batches = minibatch_indices(support_x, self.inner_batch, steps, self.seed)
+        batch = self.inner_batch if training else self.inner_batch_eval
+        if batch and steps:
+            batches = minibatch_indices(support_x, batch, steps, self.seed)
         loop = dict(optimizer=self.inner_optimizer, differentiable=differentiable, second_order=not self.first_order,
-                    recompute=self.grad_checkpoint, batches=batches)
+                    recompute=self.grad_checkpoint, loss=self.task_kind(support_y).loss, batches=batches)
         if self.body_adapts:
             def fwd(p, x, record=None):
                 return self.full(p, x, training, record)
@@ -138,7 +150,7 @@ class GradientLearner(MetaLearner):
         return history, fwd
 
     def _check_ways(self, support_y: Tensor, ways: int) -> None:
-        if not torch.is_floating_point(support_y) and ways != self.ways:
+        if self.task_kind(support_y).classes and ways != self.ways:
             raise MetamapError(
                 f"this {self.name} learner's head has {self.ways} outputs, so it adapts to {self.ways}-way "
                 f"tasks only, not {ways}-way; train and evaluate with the same number of ways "
@@ -184,7 +196,7 @@ class GradientLearner(MetaLearner):
             loss = torch.zeros(())
             for k in range(1, steps + 1):
                 outputs = self._query(fwd, history[k], tasks.query_x, record if k == steps else None)
-                loss = loss + weights[k - 1] * task_losses(outputs, tasks.query_y).mean()
+                loss = loss + weights[k - 1] * self.query_loss(outputs, tasks.query_y)
         else:
             outputs = self._query(fwd, history[-1], tasks.query_x, record)
             loss = self.query_loss(outputs, tasks.query_y)
@@ -212,6 +224,13 @@ class GradientLearner(MetaLearner):
 
     def after_step(self) -> None:
         self.outer_steps += 1
+        if self.zero_head:
+            self._zero_head()
+
+    def _zero_head(self) -> None:
+        with torch.no_grad():
+            for p in self.model.head.parameters():
+                p.zero_()
 
     def _update_running_stats(self, record: dict) -> None:
         with torch.no_grad():
@@ -264,9 +283,10 @@ class Reptile(GradientLearner):
 COMMON = {
     "inner_steps": 1, "inner_steps_eval": 3, "inner_lr": 0.4, "first_order": False,
     "step_sizes": "fixed", "inner_optimizer": "sgd", "inner_beta1": 0.0, "inner_beta2": 0.999,
-    "inner_eps": 1e-8, "inner_batch": 0, "adapt": "all", "freeze": [], "bn": "transductive", "multi_step_loss": False,
+    "inner_eps": 1e-8, "inner_batch": 0, "inner_batch_eval": 0, "adapt": "all", "freeze": [],
+    "bn": "transductive", "multi_step_loss": False,
     "msl_anneal_steps": 0, "batched": True, "channels_last": True, "fuse_bn_pool": True,
-    "bf16": False, "grad_checkpoint": False, "fold_bn": True, "cpp_kernels": True,
+    "bf16": False, "grad_checkpoint": False, "fold_bn": True, "cpp_kernels": True, "zero_head": False,
 }
 # Finn et al. (2017), Omniglot 5-way: meta-batch 32, Adam 1e-3, inner step size 0.4, one inner
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults
@@ -279,9 +299,9 @@ DEFAULTS = {"episode": EPISODE, "optim": {"lr": 1e-3}, "schedule": {"name": "con
 def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) -> GradientLearner:
     o = options(config["learner"], COMMON, "learner")
     body = build_backbone(config, info)
-    regression = info.problem == "regression"
-    ways = 0 if regression else config["episode"]["ways"]
-    head = nn.Linear(body.out_features, info.output_dim if regression else ways)
+    kind = task_kind(info.problem)
+    ways = config["episode"]["ways"] if kind.classes else 0
+    head = nn.Linear(body.out_features, kind.output_size(ways, info.output_dim))
     return cls(body, head, len(info.example_shape), ways=ways, seed=config["seed"], **o)
 
 

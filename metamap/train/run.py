@@ -158,15 +158,8 @@ def test(learner, config: dict, samplers: list, device, memory_format=None, prog
             for sampler in samplers]
 
 
-def describe_split(config: dict, source, split: str) -> str:
-    try:
-        return source.dataset(config, split).description
-    except (AttributeError, KeyError):
-        return f"{config['data']['name']} {split} split"
-
-
 def report(results: list[EvalResult], config: dict, source, split: str = "test") -> str:
-    lines = [f"{split} data: {describe_split(config, source, split)}"]
+    lines = [f"{split} data: {source.describe(config, split)}"]
     lines += [f"  {r.summary()}  [95% CI = 1.96 * std / sqrt(n)]" for r in results]
     return "\n".join(lines)
 
@@ -258,13 +251,9 @@ def make_validation(learner, config: dict, source, device, memory_format, rank: 
     t = config["train"]
     if not t["val_every"]:
         return None
-    try:
-        val = source.dataset(config, "val")
-        if val is None or val.num_classes < 2:
-            return None
-        limit = val.num_classes
-    except (AttributeError, KeyError):
-        limit = None
+    limit = source.classes(config, "val")
+    if limit is not None and limit < 2:
+        return None
     ways, shots = max(eval_settings(config))
     fixed = getattr(learner, "ways", 0)          # learners whose head is built for one number of ways
     if fixed:

@@ -140,15 +140,11 @@ def build_backbone(config: dict, info: DataInfo) -> nn.Module:
 
 
 def build_learner(config: dict, info: DataInfo) -> nn.Module:
-<<<<<<< HEAD
-    learner = _lookup(_LEARNERS, config["learner"]["name"], "learner", "learner.name").builder(config, info)
-    learner.example_shape, learner.problem = tuple(info.example_shape), info.problem   # for adapt()'s checks
-=======
     """The learner ``config`` names, for the data ``info`` describes (and its task kind)."""
     kind = task_kind(info.problem)
     learner = _lookup(_LEARNERS, config["learner"]["name"], "learner", "learner.name").builder(config, info)
     learner.kind = kind
->>>>>>> main
+    learner.example_shape = tuple(info.example_shape)        # for adapt()'s checks of its inputs
     return learner
 
 

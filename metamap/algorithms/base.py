@@ -89,10 +89,9 @@ class MetaLearner(nn.Module):
     def __init__(self, example_dims: int):
         super().__init__()
         self.example_dims = example_dims
-        # What one example looks like and what the labels are (set by the registry's builder from the
-        # data): adapt() then names a wrong input instead of failing inside a layer.
+        # What one example looks like (set by build_learner from the data): adapt() then names a
+        # wrong input instead of failing inside a layer.
         self.example_shape: tuple[int, ...] | None = None
-        self.problem: str | None = None          # "classification" | "regression"
 
     # -- the mapping -------------------------------------------------------------------------
     def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
@@ -180,7 +179,7 @@ class MetaLearner(nn.Module):
     def check_labels(self, support_y: Tensor, ways) -> tuple[Tensor, int]:
         """Support labels ``[T, S]`` and the number of ways, checked: class labels ``0..ways-1``
         covering every class of each task, or finite real-valued targets for regression."""
-        regression = self.problem == "regression" or (self.problem is None and support_y.is_floating_point())
+        regression = not self.kind.classes if self.kind is not None else support_y.is_floating_point()
         if regression:
             if not support_y.is_floating_point():
                 raise MetamapError(f"support_y is {support_y.dtype}; this learner regresses real-valued targets: "

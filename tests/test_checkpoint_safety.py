@@ -287,8 +287,9 @@ def test_resumed_optimizer_uses_the_configs_hyper_parameters(run_copy, image_fol
     from metamap.train.run import build
     from metamap.train.trainer import Trainer
     config = folder_config(image_folder, steps=4, **{**SWEEP, "optim.weight_decay": 0.25})
-    _, _, learner = build(config)
-    trainer = Trainer(learner, None, config, run_copy, meta={"learner": "protonet"}, progress=False)
+    source, _, learner = build(config)
+    sampler = source.sampler(config, "train", 3, 1, 2, 2, 0)
+    trainer = Trainer(learner, sampler, config, run_copy, meta={"learner": "protonet"}, progress=False)
     trainer.resume(run_copy / "last")
     assert trainer.step == 2 and all(g["weight_decay"] == 0.25 for g in trainer.optimizer.param_groups)
     assert all(len(s) for s in trainer.optimizer.state.values())          # the moments came back

@@ -278,8 +278,8 @@ def check_rebuild(meta: dict, where: Path) -> None:
     shape = info.get("example_shape")
     need(isinstance(shape, list) and 0 < len(shape) <= 4 and all(_whole(d, 1) for d in shape),
          "data_info.example_shape", f"must be a list of 1 to 4 whole numbers >= 1, not {shape!r}")
-    need(info.get("problem", "classification") in ("classification", "regression"), "data_info.problem",
-         f"must be classification or regression, not {info.get('problem')!r}")
+    need(isinstance(info.get("problem", "classification"), str), "data_info.problem",
+         f"must name a task kind (e.g. classification), not {info.get('problem')!r}")
     need(_whole(info.get("num_train_classes", 0)), "data_info.num_train_classes", "must be a whole number >= 0")
     need(_whole(info.get("output_dim", 1), 1), "data_info.output_dim", "must be a whole number >= 1")
     need(isinstance(info.get("description", ""), str), "data_info.description", "must be text")

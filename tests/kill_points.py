@@ -8,7 +8,7 @@ in a process started with ``python -m tests.kill_points``, or a :class:`Killed` 
 (nothing of ``save`` runs after it either: it has no clean-up code).
 
     python -m tests.kill_points INDEX TORN NAME STEP -- train --run-dir R ...   # one real kill
-    python -m tests.kill_points --sweep FOLDER                                   # every point, real kills
+    python -m tests.kill_points --sweep                                          # every point, real kills
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def inject(index: int, torn: bool, name: str, step: int, action: str = "raise"):
         checkpoint.save = real_save
 
 
-def sweep(folder: str) -> int:
+def sweep() -> int:
     """Every kill point with a real SIGKILL, each followed by a resume; compared with one whole run."""
     import json
     import subprocess
@@ -93,6 +93,7 @@ def sweep(folder: str) -> int:
 
     from safetensors.torch import load_file
 
+    from tests.conftest import _make_image_folder
     from tests.test_interrupt import train_cmd
     from tests.test_training import MACHINE_DEPENDENT
 
@@ -102,6 +103,7 @@ def sweep(folder: str) -> int:
 
     steps, failures = 12, 0
     with tempfile.TemporaryDirectory() as d:
+        folder = _make_image_folder(Path(d) / "data")
         full = Path(d) / "full"
         subprocess.run(train_cmd(folder, full, steps), check=True, capture_output=True)
         ref = load_file(full / "last" / checkpoint.WEIGHTS)
@@ -126,7 +128,7 @@ def sweep(folder: str) -> int:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--sweep"]:
-        return sweep(argv[1])
+        return sweep()
     index, torn, name, step = int(argv[0]), bool(int(argv[1])), argv[2], int(argv[3])
     args = argv[argv.index("--") + 1:]
     from metamap.cli import main as cli

@@ -72,9 +72,10 @@ def cmd_train(args) -> int:
                     run_test=False)
     train_cpu, train_wall = time.process_time() - cpu0, time.perf_counter() - wall0
     cpu1 = time.process_time()
-    (result,) = evaluate_checkpoint(folder / "last", progress=not args.quiet)
+    (result,) = evaluate_checkpoint(folder, progress=not args.quiet)      # best/ (= last/ without validation)
     eval_cpu = time.process_time() - cpu1
-    log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    log_file = folder / "metrics.jsonl"                  # absent when nothing was trained (random)
+    log = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] if log_file.exists() else []
     steps_s = [r["env_steps_per_s"] for r in log if "env_steps_per_s" in r]
     iteration_s = np.diff([0.0] + [r["elapsed_s"] for r in log if "elapsed_s" in r])
     returns = {result.metric: (result.mean, result.ci95), **{k: (v["mean"], v["ci95"]) for k, v in result.others.items()}}
@@ -115,8 +116,8 @@ def cmd_report(args) -> int:
     if args.family == "navigation2d":
         goals = np.array([[0.3, 0.35], [-0.4, 0.1], [0.1, -0.45], [-0.25, -0.3]])
         for method in ("maml-trpo", "pretrained"):
-            if (run_dir(args.family, method) / "last").exists():
-                learner = load_learner(run_dir(args.family, method) / "last")
+            if (run_dir(args.family, method) / "best").exists():
+                learner = load_learner(run_dir(args.family, method))
                 out = plot_navigation(learner.meta, goals, folder / f"paths-{method}.png", label=method)
                 print(f"trajectories: {out}")
     return 0

@@ -71,6 +71,13 @@ def cmd_train(args) -> int:
     summary = train(config, folder, resume=folder if args.resume else None, progress=not args.quiet,
                     run_test=False)
     train_cpu, train_wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    spent = {"train_cpu_minutes": round(previous.get("train_cpu_minutes", 0.0) + train_cpu / 60, 2),
+             "train_wall_minutes": round(previous.get("train_wall_minutes", 0.0) + train_wall / 60, 2),
+             "steps": summary["steps"], "method": args.method, "family": args.family}
+    if args.no_eval:                  # a segment of a longer run: keep the time spent, test at the end
+        (folder.parent / f"{args.method}.json").write_text(json.dumps(spent, indent=2))
+        print(json.dumps(spent))
+        return 0
     cpu1 = time.process_time()
     (result,) = evaluate_checkpoint(folder, progress=not args.quiet)      # best/ (= last/ without validation)
     eval_cpu = time.process_time() - cpu1
@@ -81,9 +88,7 @@ def cmd_train(args) -> int:
     returns = {result.metric: (result.mean, result.ci95), **{k: (v["mean"], v["ci95"]) for k, v in result.others.items()}}
     payload = {
         "command": "python benchmarks/rl_meta.py " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
-        "method": args.method, "family": args.family, "steps": summary["steps"],
-        "train_cpu_minutes": round(previous.get("train_cpu_minutes", 0.0) + train_cpu / 60, 2),
-        "train_wall_minutes_this_session": round(train_wall / 60, 2), "eval_cpu_minutes": round(eval_cpu / 60, 2),
+        **spent, "eval_cpu_minutes": round(eval_cpu / 60, 2),
         "median_iteration_wall_s": float(np.median(iteration_s)) if len(iteration_s) else None,
         "median_env_steps_per_s": float(np.median(steps_s)) if steps_s else None,
         "test": {k: list(returns[k]) for k in sorted(returns)}, "test_setting": result.setting,
@@ -134,6 +139,7 @@ def main(argv=None) -> int:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--no-eval", action="store_true", help="train only (a segment of a run continued later)")
     r = sub.add_parser("report")
     r.add_argument("--family", default="navigation2d")
     args = p.parse_args(argv)

@@ -15,6 +15,10 @@ Reptile        the outer update is ``theta - mean_t phi_t`` (:class:`Reptile`, N
 The inner step is an inner optimizer object (:mod:`metamap.algorithms.inner_opt`: SGD, learned
 step sizes, Adam) and which weights adapt is a declared :class:`ParameterSplit`.
 
+``zero_head = true`` is Kao et al.'s (ICLR 2022) zeroing trick: the head's weights and bias are
+zero at initialisation and are set back to zero after every outer step, so every task starts
+from a head that favours no class and the inner steps alone build it from the support set.
+
 Batch norm inside the inner loop (``bn``): ``"transductive"`` (default, as the reference MAML)
 normalises each task's support and query sets with their own batch statistics, at training
 and at test time; ``"running"`` does so in meta-training while tracking running statistics
@@ -29,10 +33,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from metamap.algorithms.base import MetaGradient, MetaLearner, Predictor
-from metamap.algorithms.inner_loop import TaskForward, inner_loop, minibatch_indices
+from metamap.algorithms.inner_loop import inner_loop, minibatch_indices
 from metamap.algorithms.inner_opt import build_inner_optimizer
 from metamap.algorithms.split import ParameterSplit
 from metamap.errors import ConfigError, MetamapError
+from metamap.nets.backend import BackendOptions, make_backend
 from metamap.nets.functional import BN_MODES
 from metamap.registry import DataInfo, build_backbone, options, register_learner, task_kind
 from metamap.tasks.batch import TaskBatch
@@ -74,9 +79,9 @@ class GradientLearner(MetaLearner):
                  inner_beta1: float = 0.0, inner_beta2: float = 0.999, inner_eps: float = 1e-8,
                  inner_batch: int = 0, inner_batch_eval: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
-                 batched: bool = True, channels_last: bool = True, fuse_bn_pool: bool = True,
-                 bf16: bool = False, grad_checkpoint: bool = False, fold_bn: bool = True,
-                 cpp_kernels: bool = True, seed: int = 0):
+                 backend: str = "fast", channels_last: bool = True, fuse_bn_pool: bool = True,
+                 fold_bn: bool = True, cpp_kernels: bool = True, grad_checkpoint: bool = False, seed: int = 0,
+                 zero_head: bool = False):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval),
                         ("inner_batch", inner_batch), ("inner_batch_eval", inner_batch_eval)):
@@ -90,6 +95,11 @@ class GradientLearner(MetaLearner):
         self.multi_step_loss, self.msl_anneal_steps = bool(multi_step_loss), int(msl_anneal_steps)
         self.grad_checkpoint, self.seed = bool(grad_checkpoint), int(seed)
         self.inner_batch, self.inner_batch_eval = inner_batch, inner_batch_eval
+        if not isinstance(zero_head, bool):
+            raise ConfigError(f"learner.zero_head must be true or false, not {zero_head!r}")
+        self.zero_head = zero_head
+        if zero_head:
+            self._zero_head()
         self.split = ParameterSplit.declare(self.model, adapt, freeze)
         if not self.split.adapted and max(inner_steps, inner_steps_eval) > 0:
             raise ConfigError(f"learner.adapt = {adapt!r} selects no trainable parameter to adapt")
@@ -103,10 +113,10 @@ class GradientLearner(MetaLearner):
         # When the body does not adapt (ANIL), its features are computed once per task batch, as
         # one large batch, and only the head runs in the inner loop.
         self.body_adapts = self.split.adapts("body")
-        speed = (batched, channels_last, bn, fuse_bn_pool, bf16, fold_bn, cpp_kernels)
-        self.full = TaskForward(self.model, *speed)
-        self.body_fn = TaskForward(self.model, *speed, part="body")
-        self.head_fn = TaskForward(self.model, *speed, part="head")
+        options = BackendOptions(backend, channels_last, fuse_bn_pool, fold_bn, cpp_kernels)
+        self.full = make_backend(self.model, "", bn, options)
+        self.body_fn = make_backend(self.model, "body", bn, options)
+        self.head_fn = make_backend(self.model, "head", bn, options)
 
     @property
     def adapt_names(self) -> list[str]:
@@ -211,10 +221,17 @@ class GradientLearner(MetaLearner):
         # batch's memory. Small MLPs (regression) are the opposite: per-pass overhead dominates,
         # and two-task chunks ran 5x slower than the whole meta-batch.
         convolutional = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
-        return 8 if convolutional and self.body_adapts and self.full.batched else 0
+        return 8 if convolutional and self.body_adapts and self.full.name == "fast" else 0
 
     def after_step(self) -> None:
         self.outer_steps += 1
+        if self.zero_head:
+            self._zero_head()
+
+    def _zero_head(self) -> None:
+        with torch.no_grad():
+            for p in self.model.head.parameters():
+                p.zero_()
 
     def _update_running_stats(self, record: dict) -> None:
         with torch.no_grad():
@@ -269,9 +286,22 @@ COMMON = {
     "step_sizes": "fixed", "inner_optimizer": "sgd", "inner_beta1": 0.0, "inner_beta2": 0.999,
     "inner_eps": 1e-8, "inner_batch": 0, "inner_batch_eval": 0, "adapt": "all", "freeze": [],
     "bn": "transductive", "multi_step_loss": False,
-    "msl_anneal_steps": 0, "batched": True, "channels_last": True, "fuse_bn_pool": True,
-    "bf16": False, "grad_checkpoint": False, "fold_bn": True, "cpp_kernels": True,
+    "msl_anneal_steps": 0, "backend": "fast", "channels_last": True, "fuse_bn_pool": True,
+    "fold_bn": True, "cpp_kernels": True, "grad_checkpoint": False, "zero_head": False,
 }
+
+
+def legacy_options(section: dict) -> dict:
+    """``section`` with retired keys translated: ``batched = false`` was the reference backend;
+    ``bf16`` moved to ``train.precision``."""
+    section = dict(section)
+    batched, bf16 = section.pop("batched", True), section.pop("bf16", False)
+    if batched is False:
+        section["backend"] = "reference"
+    if bf16 is not False:
+        raise ConfigError("learner.bf16 is replaced by train.precision = \"bf16\" (bfloat16 autocast for the "
+                          "whole learner, or \"auto\"); remove learner.bf16")
+    return section
 # Finn et al. (2017), Omniglot 5-way: meta-batch 32, Adam 1e-3, inner step size 0.4, one inner
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults
 # to the same number of ways.
@@ -281,7 +311,7 @@ DEFAULTS = {"episode": EPISODE, "optim": {"lr": 1e-3}, "schedule": {"name": "con
 
 
 def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) -> GradientLearner:
-    o = options(config["learner"], COMMON, "learner")
+    o = options(legacy_options(config["learner"]), COMMON, "learner")
     body = build_backbone(config, info)
     kind = task_kind(info.problem)
     ways = config["episode"]["ways"] if kind.classes else 0

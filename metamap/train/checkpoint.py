@@ -383,6 +383,7 @@ def data_info(meta: dict):
 
 def load_learner(path: str | Path, device: str = "cpu"):
     """Rebuild a learner from its checkpoint (config + data info) and load its weights."""
+    from metamap.data.memory import check_model_fits
     from metamap.errors import MetamapError
     from metamap.registry import build_learner
 
@@ -390,6 +391,7 @@ def load_learner(path: str | Path, device: str = "cpu"):
     check_rebuild(meta, path)
     info = data_info(meta)
     try:
+        check_model_fits(lambda: build_learner(meta["config"], info), f"the learner of {path}")
         learner = build_learner(meta["config"], info)
     except MetamapError as e:
         raise CheckpointError(f"{path}: cannot rebuild its learner from {META}: {e}") from None

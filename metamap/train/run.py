@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from metamap import config as configlib
-from metamap.data.memory import check_fits
+from metamap.data.memory import check_fits, check_model_fits
 from metamap.data.paths import check_writable_dir, write_text
 from metamap.errors import CheckpointError, ConfigError, EpisodeError, OutputError
 from metamap.registry import DataInfo, build_learner, data_source
@@ -56,6 +56,7 @@ def build(config: dict, seed_offset: int = 0):
     """The data source, its info and a freshly initialised learner (weights from ``config['seed']``)."""
     source = data_source(config)
     info = source.info(config)
+    check_model_fits(lambda: build_learner(config, info), f"the {config['learner']['name']} learner")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"] + seed_offset)
         learner = build_learner(config, info)

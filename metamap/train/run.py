@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict
@@ -225,17 +226,24 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
             dist.barrier()          # rank 0 has checked the run folder (and put back a checkpoint) first
         return _train(config, run_dir, checkpoint.resume_source(run_dir) if resume else None, device, progress,
                       run_test, echo, rank, world_size)
+    created = not resume and not run_dir.exists()
     if not resume:
         open_run_dir(run_dir, resume=False)
-    with hold_run_dir(run_dir):
-        start = open_run_dir(run_dir, resume=True) if resume else None
-        if start is not None:       # before the data are loaded
-            from metamap.train.trainer import check_same_run
-            check_same_run(checkpoint.read_meta(start)[1], config, start)
-        if world_size > 1:
-            import torch.distributed as dist
-            dist.barrier()
-        return _train(config, run_dir, start, device, progress, run_test, echo, rank, world_size)
+    try:
+        with hold_run_dir(run_dir):
+            start = open_run_dir(run_dir, resume=True) if resume else None
+            if start is not None:       # before the data are loaded
+                from metamap.train.trainer import check_same_run
+                check_same_run(checkpoint.read_meta(start)[1], config, start)
+            if world_size > 1:
+                import torch.distributed as dist
+                dist.barrier()
+            return _train(config, run_dir, start, device, progress, run_test, echo, rank, world_size)
+    except BaseException:
+        # A run refused before it wrote anything leaves no empty folder behind.
+        if created and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bool, run_test: bool, echo,

@@ -189,16 +189,14 @@ def recover(path: str | Path) -> Path | None:
     Only for a folder no running process writes to (the trainer holds the run folder's lock)."""
     path = Path(path)
     found = locate(path)
-    if found is None:
-        return None
-    if found != path:
+    if found is not None and found != path:
         if path.exists():      # an empty or foreign folder where the checkpoint belongs: keep it aside
             _rename(path, path.with_name(f".{path.name}.unknown-{os.getpid()}-{int(time.time())}"))
         _rename(found, path)
         _fsync(path.parent)
-    for folder in _leftovers(path):
+    for folder in _leftovers(path):      # what is left is older or incomplete
         _remove(folder)
-    return path
+    return path if found is not None else None
 
 
 def resume_source(run_dir: str | Path) -> Path:

@@ -127,8 +127,12 @@ def hold_run_dir(run_dir: Path):
     except ImportError:           # not POSIX: no lock
         yield
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OutputError(f"cannot write in the run folder {run_dir} ({e.strerror or e}); training writes its "
+                          "checkpoints there: copy the run to a writable place and resume that copy") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -86,3 +86,22 @@ def test_short_reptile_run_improves_on_its_own_untrained_evaluation(tmp_path):
     trained = checkpoint.load_learner(tmp_path / "run" / "last")
     after = evaluate(trained, sampler, 60, progress=False).mean
     assert after > before + 0.05, (before, after)
+
+
+def test_every_reproduce_config_resolves_and_names_its_targets():
+    from pathlib import Path
+    sys_path = Path(__file__).resolve().parents[1]
+    configs = sorted((sys_path / "configs" / "reproduce").glob("*.toml"))
+    assert len(configs) >= 20
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reproduce", sys_path / "benchmarks" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    import sys
+    sys.path.insert(0, str(sys_path / "benchmarks"))
+    spec.loader.exec_module(reproduce)
+    for path in configs:
+        c = config.resolve(path)
+        assert c["data"]["split"] == "vinyals", path
+        assert c["train"]["val_every"] > 0 and c["eval"]["episodes"] == 1000, path
+        if not path.stem.startswith("finetune"):
+            assert reproduce.targets_of(path), path

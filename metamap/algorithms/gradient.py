@@ -36,10 +36,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from metamap.algorithms.base import MetaGradient, MetaLearner, Predictor
-from metamap.algorithms.inner_loop import TaskForward, inner_loop, minibatch_indices
+from metamap.algorithms.inner_loop import inner_loop, minibatch_indices
 from metamap.algorithms.inner_opt import build_inner_optimizer
 from metamap.algorithms.split import ParameterSplit
 from metamap.errors import ConfigError, MetamapError
+from metamap.nets.backend import BackendOptions, make_backend
 from metamap.nets.functional import BN_MODES
 from metamap.registry import DataInfo, build_backbone, options, register_learner, task_kind
 from metamap.tasks.batch import TaskBatch
@@ -81,9 +82,9 @@ class GradientLearner(MetaLearner):
                  inner_beta1: float = 0.0, inner_beta2: float = 0.999, inner_eps: float = 1e-8,
                  inner_batch: int = 0, inner_batch_eval: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
-                 batched: bool = True, channels_last: bool = True, fuse_bn_pool: bool = True,
-                 bf16: bool = False, grad_checkpoint: bool = False, fold_bn: bool = True,
-                 cpp_kernels: bool = True, seed: int = 0, zero_head: bool = False, transductive: bool = True):
+                 backend: str = "fast", channels_last: bool = True, fuse_bn_pool: bool = True,
+                 fold_bn: bool = True, cpp_kernels: bool = True, grad_checkpoint: bool = False, seed: int = 0,
+                 zero_head: bool = False, transductive: bool = True):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval),
                         ("inner_batch", inner_batch), ("inner_batch_eval", inner_batch_eval)):
@@ -117,10 +118,10 @@ class GradientLearner(MetaLearner):
         # When the body does not adapt (ANIL), its features are computed once per task batch, as
         # one large batch, and only the head runs in the inner loop.
         self.body_adapts = self.split.adapts("body")
-        speed = (batched, channels_last, bn, fuse_bn_pool, bf16, fold_bn, cpp_kernels)
-        self.full = TaskForward(self.model, *speed)
-        self.body_fn = TaskForward(self.model, *speed, part="body")
-        self.head_fn = TaskForward(self.model, *speed, part="head")
+        options = BackendOptions(backend, channels_last, fuse_bn_pool, fold_bn, cpp_kernels)
+        self.full = make_backend(self.model, "", bn, options)
+        self.body_fn = make_backend(self.model, "body", bn, options)
+        self.head_fn = make_backend(self.model, "head", bn, options)
 
     @property
     def adapt_names(self) -> list[str]:
@@ -189,6 +190,14 @@ class GradientLearner(MetaLearner):
             out = fwd(per_task, batch)[:, -1]
         return out.reshape(t, q, *out.shape[1:])
 
+    def finetune_loss(self, support_x: Tensor, support_y: Tensor, pseudo_x: Tensor, ways: int,
+                      state: object) -> Tensor:
+        # Test-time fine-tuning moves the initial weights themselves on the augmented support set;
+        # the usual inner steps then adapt from the fine-tuned weights (finetuned_predictor).
+        self._check_ways(support_y, ways)
+        history, fwd = self._adapt(support_x, support_y, 0, True)
+        return self.query_loss(fwd(history[0], pseudo_x), support_y)
+
     def adapt_trajectory(self, support_x: Tensor, support_y: Tensor, steps: int, ways: int = 0
                          ) -> list[Predictor]:
         """Predictors after ``0, 1, ..., steps`` inner steps (for plots and step sweeps)."""
@@ -239,7 +248,7 @@ class GradientLearner(MetaLearner):
         # batch's memory. Small MLPs (regression) are the opposite: per-pass overhead dominates,
         # and two-task chunks ran 5x slower than the whole meta-batch.
         convolutional = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
-        return 8 if convolutional and self.body_adapts and self.full.batched else 0
+        return 8 if convolutional and self.body_adapts and self.full.name == "fast" else 0
 
     def after_step(self) -> None:
         self.outer_steps += 1
@@ -304,10 +313,23 @@ COMMON = {
     "step_sizes": "fixed", "inner_optimizer": "sgd", "inner_beta1": 0.0, "inner_beta2": 0.999,
     "inner_eps": 1e-8, "inner_batch": 0, "inner_batch_eval": 0, "adapt": "all", "freeze": [],
     "bn": "transductive", "multi_step_loss": False,
-    "msl_anneal_steps": 0, "batched": True, "channels_last": True, "fuse_bn_pool": True,
-    "bf16": False, "grad_checkpoint": False, "fold_bn": True, "cpp_kernels": True, "zero_head": False,
+    "msl_anneal_steps": 0, "backend": "fast", "channels_last": True, "fuse_bn_pool": True,
+    "fold_bn": True, "cpp_kernels": True, "grad_checkpoint": False, "zero_head": False,
     "transductive": True,
 }
+
+
+def legacy_options(section: dict) -> dict:
+    """``section`` with retired keys translated: ``batched = false`` was the reference backend;
+    ``bf16`` moved to ``train.precision``."""
+    section = dict(section)
+    batched, bf16 = section.pop("batched", True), section.pop("bf16", False)
+    if batched is False:
+        section["backend"] = "reference"
+    if bf16 is not False:
+        raise ConfigError("learner.bf16 is replaced by train.precision = \"bf16\" (bfloat16 autocast for the "
+                          "whole learner, or \"auto\"); remove learner.bf16")
+    return section
 # Finn et al. (2017), Omniglot 5-way: meta-batch 32, Adam 1e-3, inner step size 0.4, one inner
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults
 # to the same number of ways.
@@ -317,7 +339,7 @@ DEFAULTS = {"episode": EPISODE, "optim": {"lr": 1e-3}, "schedule": {"name": "con
 
 
 def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) -> GradientLearner:
-    o = options(config["learner"], COMMON, "learner")
+    o = options(legacy_options(config["learner"]), COMMON, "learner")
     body = build_backbone(config, info)
     kind = task_kind(info.problem)
     ways = config["episode"]["ways"] if kind.classes else 0

@@ -174,6 +174,37 @@ def plot(result: dict, out: Path) -> Path:
     return out
 
 
+def curve_of(results_dir: Path, name: str) -> list[dict]:
+    """A run's validation curve: from NAME.json when it finished, else from its last/ checkpoint."""
+    done = results_dir / f"{name}.json"
+    if done.is_file():
+        return json.loads(done.read_text())["curve"]
+    from metamap.train import checkpoint
+    return checkpoint.read_meta(results_dir / name / "last")[1]["reproduce"]["curve"]
+
+
+def compare(results_dir: Path, names: list[str], out: Path) -> Path:
+    """Validation accuracy of several runs against the number of training images seen (equal work for
+    metric learners whose episodes differ in size), and against CPU-minutes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name in names:
+        curve = curve_of(results_dir, name)[1:]
+        for ax, key in zip(axes, ("images", "cpu_minutes")):
+            ax.plot([p[key] for p in curve], [100 * p["val_accuracy"] for p in curve], marker="o", ms=3, label=name)
+    axes[0].set(xlabel="training images seen", ylabel="validation accuracy (%)", xscale="log")
+    axes[1].set(xlabel="training CPU-minutes (1 thread)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def row(result: dict) -> list[str]:
     tests = {r["setting"].split(",")[0]: r for r in result.get("test", [])}
     cells = [f"{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}" for r in tests.values()]
@@ -211,12 +242,17 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="continue NAME/last (same config, same budget unless given)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--table", action="store_true", help="print the table of all results and exit")
+    p.add_argument("--compare", nargs="+", metavar="NAME",
+                   help="plot these runs' validation curves against images seen and CPU-minutes and exit")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="also test the best checkpoint with these learner overrides (adaptation only), "
                         "e.g. non-transductive:learner.transductive=false")
     args = p.parse_args()
     if args.table:
         print(table(args.results))
+        return
+    if args.compare:
+        print(compare(args.results, args.compare, args.results / ("compare-" + "-".join(args.compare) + ".png")))
         return
     if not args.config:
         p.error("a config is needed (or --table)")

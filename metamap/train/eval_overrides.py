@@ -21,27 +21,32 @@ RUNTIME_KEYS = frozenset({"backend", "batched", "channels_last", "fuse_bn_pool",
                           "grad_checkpoint"})
 
 
-def changed_keys(trained: dict, now: dict, section: str) -> dict[str, tuple]:
-    """``key -> (trained value, new value)`` for the keys of ``section`` that differ."""
-    a, b = trained.get(section, {}), now.get(section, {})
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+def requested(overrides) -> set[tuple[str, str]]:
+    """``(section, key)`` of each ``section.key=value`` override (only the first two levels)."""
+    out = set()
+    for item in overrides:
+        parts = item.split("=", 1)[0].strip().split(".")
+        if len(parts) >= 2:
+            out.add((parts[0], parts[1]))
+    return out
 
 
-def check(trained: dict, now: dict) -> dict[str, tuple]:
-    """The learner keys ``now`` changes relative to the ``trained`` config, all of them allowed;
-    raises :class:`ConfigError` for a change to the model or to a training-only learner key."""
-    model = changed_keys(trained, now, "model")
-    if model:
-        k, (old, new) = next(iter(model.items()))
-        raise ConfigError(f"--set model.{k}={new!r} would change the network of this checkpoint (trained with "
-                          f"model.{k} = {old!r}); eval cannot change the architecture. Train a new model instead")
-    learner = changed_keys(trained, now, "learner")
-    refused = [k for k in learner if k not in ADAPTATION_KEYS | RUNTIME_KEYS]
-    if refused:
-        k = refused[0]
-        old, new = learner[k]
-        raise ConfigError(f"--set learner.{k}={new!r}: this checkpoint was trained with learner.{k} = {old!r}, and "
-                          "that key shapes the trained model (its architecture, loss or meta-training), not how it "
-                          "adapts; eval can change only " + ", ".join(f"learner.{a}" for a in sorted(ADAPTATION_KEYS)
-                                                                     if a in trained.get("learner", {})))
-    return learner
+def check(trained: dict, now: dict, overrides=None) -> dict[str, tuple]:
+    """The learner keys that the overrides (all of them when ``None``) change relative to the
+    ``trained`` config, all of them allowed; raises :class:`ConfigError` for a change to the model or
+    to a learner key that shapes the trained model."""
+    asked = requested(overrides) if overrides is not None else \
+        {(sec, k) for sec in ("model", "learner") for k in set(trained.get(sec, {})) | set(now.get(sec, {}))}
+    changed = {(sec, k): (trained.get(sec, {}).get(k), now.get(sec, {}).get(k)) for sec, k in sorted(asked)
+               if sec in ("model", "learner") and trained.get(sec, {}).get(k) != now.get(sec, {}).get(k)}
+    for (sec, k), (old, new) in changed.items():
+        if sec == "model":
+            raise ConfigError(f"--set model.{k}={new!r} would change the network of this checkpoint (trained "
+                              f"with model.{k} = {old!r}); eval cannot change the architecture. Train a new "
+                              "model instead")
+        if k not in ADAPTATION_KEYS | RUNTIME_KEYS:
+            allowed = ", ".join(f"learner.{a}" for a in sorted(ADAPTATION_KEYS) if a in trained.get("learner", {}))
+            raise ConfigError(f"--set learner.{k}={new!r}: this checkpoint was trained with learner.{k} = {old!r}, "
+                              "and that key shapes the trained model (its architecture, loss or meta-training), "
+                              f"not how it adapts; eval can change only {allowed}")
+    return {k: v for (sec, k), v in changed.items()}

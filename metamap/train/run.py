@@ -234,7 +234,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str 
     config = configlib.resolve(overrides=list(overrides), base=checkpoint_base(meta["config"], overrides))
     device = setup_runtime(config)
     learner = load_learner(path, device=str(device))
-    adaptation = eval_overrides.check(meta["config"], config)
+    adaptation = eval_overrides.check(meta["config"], config, overrides)
     if adaptation:
         # The same weights in a learner built with the new adaptation settings.
         rebuilt = build_learner(config, learner.info)

@@ -12,9 +12,9 @@ import torch
 from metamap import config as configlib
 from metamap.errors import CheckpointError, EpisodeError
 from metamap.registry import DataInfo, build_learner, data_source
+from metamap.report import plot_curves, write_report
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult, evaluate
-from metamap.train.plots import plot_curves
 from metamap.train.precision import resolve_precision
 from metamap.train.runtime import pick_device, set_threads, tune_allocator
 from metamap.train.trainer import Trainer
@@ -137,8 +137,9 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
     if rank == 0:
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
         if config["train"].get("report", True):
-            from metamap.report import write_report
-            echo(f"report: {write_report(run_dir, episodes=run_test)}")
+            # The figure of test tasks uses the best checkpoint, loaded afresh on the CPU.
+            best = checkpoint.load_learner(run_dir / "best") if run_test else None
+            echo(f"report: {write_report(run_dir, best, info.spec, config)}")
         else:
             curves = plot_curves(run_dir)
             if curves:

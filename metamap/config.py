@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "channels_last": True,     # faster convolutions on CPU
         "tune_allocator": True,    # keep freed memory in-process (glibc mallopt); faster on CPU
         "max_bad_steps": 10,       # non-finite losses/gradients tolerated before the run stops
+        "max_weight_growth": 1e4,  # the run stops when the weights' norm exceeds this x its start (0 = off)
         "precision": "auto",       # auto (bf16 where the hardware has it and the learner's accuracy is
                                    # measured unchanged, else fp32) | fp32 | bf16 (autocast, CPU or GPU)
                                    # | fp16 (autocast + grad scaler, GPU)
@@ -225,6 +226,9 @@ def validate(config: dict) -> None:
     need(t["precision"] in ("auto", "fp32", "bf16", "fp16"),
          f"train.precision must be auto, fp32, bf16 or fp16, not {t['precision']!r}")
     need(t["prefetch"] in ("auto", True, False), f"train.prefetch must be auto, true or false, not {t['prefetch']!r}")
+    growth = t["max_weight_growth"]
+    need(isinstance(growth, (int, float)) and not isinstance(growth, bool) and math.isfinite(growth) and growth >= 0,
+         f"train.max_weight_growth must be a number >= 0 (0 = no limit), not {growth!r}")
     for k in ("val_every", "max_bad_steps", "threads"):
         need(whole(t[k], 0), f"train.{k} must be a whole number >= 0, not {t[k]!r}")
     need(t["chunk_tasks"] == "auto" or whole(t["chunk_tasks"], 0),

@@ -143,6 +143,7 @@ def build_learner(config: dict, info: DataInfo) -> nn.Module:
     kind = task_kind(info.problem)
     learner = _lookup(_LEARNERS, config["learner"]["name"], "learner", "learner.name").builder(config, info)
     learner.kind = kind
+    learner.example_shape = tuple(info.example_shape)        # for adapt()'s checks of its inputs
     return learner
 
 

@@ -250,6 +250,8 @@ def dumps(config: dict) -> str:
             return json.dumps(v)
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):            # an inline table, e.g. one domain of a mixture
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
         raise ConfigError(f"cannot write {v!r} to TOML")
 
     for k, v in config.items():

@@ -188,7 +188,8 @@ def finetune_for(learner, config: dict, source, sampler, split: str):
         raise ConfigError("automatic test-time fine-tuning picks its learning rate and steps on the validation "
                           "classes of labelled image data while testing on the test classes; give them instead "
                           "(eval.finetune_lr, eval.finetune_steps)")
-    val, evaluated = source.dataset(config, "val"), source.dataset(config, split)
+    tune = getattr(source, "tuning_split", lambda _: "val")(config)
+    val, evaluated = source.dataset(config, tune), source.dataset(config, split)
     shared = sorted(set(val.class_names) & set(evaluated.class_names))
     if shared:
         raise ConfigError(f"the validation classes share {len(shared)} class(es) with the test classes "
@@ -196,7 +197,7 @@ def finetune_for(learner, config: dict, source, sampler, split: str):
                           "classes; give eval.finetune_lr and eval.finetune_steps")
     ways = getattr(sampler, "ways", 0)
     try:
-        chooser = source.sampler(config, "val", ways, sampler.shots, sampler.queries, 1,
+        chooser = source.sampler(config, tune, ways, sampler.shots, sampler.queries, 1,
                                  e["seed"] + SELECTION_SEED_OFFSET)
     except EpisodeError as err:
         raise ConfigError(f"automatic test-time fine-tuning needs {ways}-way {sampler.shots}-shot episodes of the "
@@ -240,6 +241,10 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
 def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bool, run_test: bool, echo,
            rank: int, world_size: int) -> dict:
     source, info, learner = build(config)
+    if config["eval"]["protocol"] == "bscd-fsl" and not getattr(source, "held_out", lambda _: "")(config):
+        raise ConfigError("the BSCD-FSL protocol tests on a domain never meta-trained on: train on the source "
+                          "domain(s), then `metamap eval --checkpoint RUN --data TARGET --set eval.protocol=bscd-fsl` "
+                          "(or hold the target out of a mixture: data.name = 'mixture', data.holdout = TARGET)")
     memory_format = memory_format_for(config, info)
     learner.to(device)
     if memory_format is not None:

@@ -16,9 +16,9 @@ from metamap.data.memory import check_fits
 from metamap.data.paths import check_writable_dir, write_text
 from metamap.errors import CheckpointError, ConfigError, EpisodeError, OutputError
 from metamap.registry import DataInfo, build_learner, data_source
+from metamap.report import plot_curves, write_report
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult, evaluate
-from metamap.train.plots import plot_curves
 from metamap.train.precision import resolve_precision
 from metamap.train import test_time
 from metamap.train.runtime import pick_device, set_threads, tune_allocator
@@ -292,8 +292,9 @@ def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bo
     if rank == 0:
         write_text(run_dir / "results.json", json.dumps(summary, indent=2))
         if config["train"].get("report", True):
-            from metamap.report import write_report
-            echo(f"report: {write_report(run_dir, episodes=run_test)}")
+            # The figure of test tasks uses the best checkpoint, loaded afresh on the CPU.
+            best = checkpoint.load_learner(run_dir / "best") if run_test else None
+            echo(f"report: {write_report(run_dir, best, info.spec, config)}")
         else:
             curves = plot_curves(run_dir)
             if curves:

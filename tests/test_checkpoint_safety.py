@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 import metamap
 from metamap.cli import main
 from metamap.errors import CheckpointError
+from metamap.metrics_log import read_records
 from metamap.train import checkpoint
-from metamap.train.metrics_log import read_records
 from metamap.train.run import train
 from tests import kill_points
 from tests.test_training import folder_config, metrics_without_timing, weights

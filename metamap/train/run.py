@@ -17,9 +17,9 @@ from metamap.data.memory import check_fits, check_model_fits
 from metamap.data.paths import check_writable_dir, write_text
 from metamap.errors import CheckpointError, ConfigError, EpisodeError, OutputError
 from metamap.registry import DataInfo, build_learner, data_source
-from metamap.train import checkpoint
+from metamap.report import plot_curves, write_report
+from metamap.train import checkpoint, eval_overrides
 from metamap.train.evaluate import EvalResult, evaluate
-from metamap.train.plots import plot_curves
 from metamap.train.precision import resolve_precision
 from metamap.train import test_time
 from metamap.train.runtime import pick_device, set_threads, tune_allocator
@@ -194,7 +194,8 @@ def finetune_for(learner, config: dict, source, sampler, split: str):
         raise ConfigError("automatic test-time fine-tuning picks its learning rate and steps on the validation "
                           "classes of labelled image data while testing on the test classes; give them instead "
                           "(eval.finetune_lr, eval.finetune_steps)")
-    val, evaluated = source.dataset(config, "val"), source.dataset(config, split)
+    tune = getattr(source, "tuning_split", lambda _: "val")(config)
+    val, evaluated = source.dataset(config, tune), source.dataset(config, split)
     shared = sorted(set(val.class_names) & set(evaluated.class_names))
     if shared:
         raise ConfigError(f"the validation classes share {len(shared)} class(es) with the test classes "
@@ -202,7 +203,7 @@ def finetune_for(learner, config: dict, source, sampler, split: str):
                           "classes; give eval.finetune_lr and eval.finetune_steps")
     ways = getattr(sampler, "ways", 0)
     try:
-        chooser = source.sampler(config, "val", ways, sampler.shots, sampler.queries, 1,
+        chooser = source.sampler(config, tune, ways, sampler.shots, sampler.queries, 1,
                                  e["seed"] + SELECTION_SEED_OFFSET)
     except EpisodeError as err:
         raise ConfigError(f"automatic test-time fine-tuning needs {ways}-way {sampler.shots}-shot episodes of the "
@@ -253,6 +254,10 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
 def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bool, run_test: bool, echo,
            rank: int, world_size: int) -> dict:
     source, info, learner = build(config)
+    if config["eval"]["protocol"] == "bscd-fsl" and not getattr(source, "held_out", lambda _: "")(config):
+        raise ConfigError("the BSCD-FSL protocol tests on a domain never meta-trained on: train on the source "
+                          "domain(s), then `metamap eval --checkpoint RUN --data TARGET --set eval.protocol=bscd-fsl` "
+                          "(or hold the target out of a mixture: data.name = 'mixture', data.holdout = TARGET)")
     memory_format = memory_format_for(config, info)
     learner.to(device)
     if memory_format is not None:
@@ -300,8 +305,9 @@ def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bo
     if rank == 0:
         write_text(run_dir / "results.json", json.dumps(summary, indent=2))
         if config["train"].get("report", True):
-            from metamap.report import write_report
-            echo(f"report: {write_report(run_dir, episodes=run_test)}")
+            # The figure of test tasks uses the best checkpoint, loaded afresh on the CPU.
+            best = checkpoint.load_learner(run_dir / "best") if run_test else None
+            echo(f"report: {write_report(run_dir, best, info.spec, config)}")
         else:
             curves = plot_curves(run_dir)
             if curves:
@@ -354,6 +360,17 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str 
                 f"trained as {config[section][key]!r}")
     device = setup_runtime(config)
     learner = load_learner(path, device=str(device))
+    adaptation = eval_overrides.check(meta["config"], config, overrides)
+    if adaptation:
+        # The same weights in a learner built with the new adaptation settings.
+        rebuilt = build_learner(config, learner.info)
+        checkpoint.load_state(rebuilt, learner.state_dict(), path)
+        rebuilt.to(device).eval()
+        for attr in ("spec", "config", "info", "checkpoint_meta"):
+            setattr(rebuilt, attr, getattr(learner, attr))
+        learner = rebuilt
+        echo("adaptation overrides: " + ", ".join(f"learner.{k} = {new!r} (trained with {old!r})"
+                                                  for k, (old, new) in adaptation.items()))
     source = data_source(config)
     trained_on = meta["config"]["data"]["name"]
     if learner.spec is not None and hasattr(source, "dataset"):

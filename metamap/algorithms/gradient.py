@@ -80,7 +80,8 @@ class GradientLearner(MetaLearner):
                  inner_steps: int = 1, inner_steps_eval: int = 1, inner_lr: float = 0.4,
                  first_order: bool = False, step_sizes: str = "fixed", inner_optimizer: str = "sgd",
                  inner_beta1: float = 0.0, inner_beta2: float = 0.999, inner_eps: float = 1e-8,
-                 inner_batch: int = 0, inner_batch_eval: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
+                 inner_state: str = "reset", inner_batch: int = 0, inner_batch_eval: int = 0,
+                 adapt: str | list = "all", freeze: list | tuple = (),
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
                  backend: str = "fast", channels_last: bool = True, fuse_bn_pool: bool = True,
                  fold_bn: bool = True, cpp_kernels: bool = True, grad_checkpoint: bool = False, seed: int = 0,
@@ -112,7 +113,7 @@ class GradientLearner(MetaLearner):
             self.model.get_parameter(n).requires_grad_(False)
         shapes = {n: self.model.get_parameter(n).shape for n in self.split.adapted}
         self.inner_optimizer = build_inner_optimizer(inner_optimizer, step_sizes, inner_lr, shapes, inner_steps,
-                                                     inner_beta1, inner_beta2, inner_eps)
+                                                     inner_beta1, inner_beta2, inner_eps, inner_state)
         # Outer steps taken so far: drives the multi-step-loss annealing and survives checkpoints.
         self.register_buffer("outer_steps", torch.zeros((), dtype=torch.long))
         # When the body does not adapt (ANIL), its features are computed once per task batch, as
@@ -139,8 +140,11 @@ class GradientLearner(MetaLearner):
         batch = self.inner_batch if training else self.inner_batch_eval
         if batch and steps:
             batches = minibatch_indices(support_x, batch, steps, self.seed)
+        # Meta-training adaptations hand their final optimizer state on (Adam carried across tasks).
+        done = (lambda state: self.inner_optimizer.commit(self.adapt_names, state)) if training else None
         loop = dict(optimizer=self.inner_optimizer, differentiable=differentiable, second_order=not self.first_order,
-                    recompute=self.grad_checkpoint, loss=self.task_kind(support_y).loss, batches=batches)
+                    recompute=self.grad_checkpoint, loss=self.task_kind(support_y).loss, batches=batches,
+                    on_done=done)
         if self.body_adapts:
             def fwd(p, x, record=None):
                 return self.full(p, x, training, record)
@@ -311,7 +315,8 @@ class Reptile(GradientLearner):
 COMMON = {
     "inner_steps": 1, "inner_steps_eval": 3, "inner_lr": 0.4, "first_order": False,
     "step_sizes": "fixed", "inner_optimizer": "sgd", "inner_beta1": 0.0, "inner_beta2": 0.999,
-    "inner_eps": 1e-8, "inner_batch": 0, "inner_batch_eval": 0, "adapt": "all", "freeze": [],
+    "inner_eps": 1e-8, "inner_state": "reset", "inner_batch": 0, "inner_batch_eval": 0,
+    "adapt": "all", "freeze": [],
     "bn": "transductive", "multi_step_loss": False,
     "msl_anneal_steps": 0, "backend": "fast", "channels_last": True, "fuse_bn_pool": True,
     "fold_bn": True, "cpp_kernels": True, "grad_checkpoint": False, "zero_head": False,

@@ -429,7 +429,7 @@ def fuzz_checkpoints(n: int, seed: int, work: Path) -> Section:
 
 # -- metrics.jsonl -----------------------------------------------------------------------------
 def fuzz_metrics(n: int, seed: int, work: Path) -> Section:
-    from metamap.train.metrics_log import read_log
+    from metamap.metrics_log import read_log
     section, rng = Section("metrics"), np.random.default_rng(seed)
     good = [json.dumps({"step": s, "loss": 1.0 / s, "accuracy": 0.5}) for s in range(1, 9)]
     junk = ["[1, 2]", "5", '"x"', "{}", '{"step": "3"}', '{"step": -1}', '{"step": 2.5}', '{"step": true}', "{",

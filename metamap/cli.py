@@ -127,8 +127,12 @@ def cmd_predict(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from metamap.report import write_report
-    print(f"wrote {write_report(args.run_dir, episodes=not args.no_episodes)}")
+    import metamap
+    from metamap.report import check_run_dir, write_report
+    run = check_run_dir(args.run_dir)
+    learner = None if args.no_episodes else metamap.load(run)
+    spec, config = (None, None) if learner is None else (learner.spec, learner.config)
+    print(f"wrote {write_report(run, learner, spec, config)}")
     return 0
 
 

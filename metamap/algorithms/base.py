@@ -211,9 +211,11 @@ class MetaLearner(nn.Module):
 
     def upgrade_state(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
         """A checkpoint's tensors under today's names (see ``renamed_state``)."""
+        own = self.state_dict()
+
         def renamed(key: str) -> str:
             for old, new in self.renamed_state.items():
-                if key.startswith(old):
+                if key not in own and key.startswith(old):
                     return new + key[len(old):]
             return key
         return {renamed(k): v for k, v in weights.items()}
@@ -314,8 +316,9 @@ class EncodingLearner(MetaLearner):
         return not any(batch_dependent(m) for m in self.encoder.modules())
 
 
-def embed_tasks(encoder: nn.Module, x: Tensor) -> Tensor:
-    """Run ``encoder`` over ``x [T, S, *example]`` -> ``[T, S, features]``.
+def embed_tasks(encoder: nn.Module, x: Tensor, keep_shape: bool = False) -> Tensor:
+    """Run ``encoder`` over ``x [T, S, *example]`` -> ``[T, S, features]`` (``keep_shape``: the
+    encoder's output shape per example, e.g. feature maps ``[T, S, C, H, W]``).
 
     In training mode each task goes through the encoder on its own, so BatchNorm statistics
     are per task: a task's result does not depend on the other tasks of the meta-batch, nor on
@@ -324,5 +327,8 @@ def embed_tasks(encoder: nn.Module, x: Tensor) -> Tensor:
     """
     t, s = x.shape[:2]
     if encoder.training and t > 1:
-        return torch.stack([encoder(task) for task in x.unbind(0)]).reshape(t, s, -1)
-    return encoder(x.flatten(0, 1)).reshape(t, s, -1)
+        z = torch.stack([encoder(task) for task in x.unbind(0)])
+    else:
+        z = encoder(x.flatten(0, 1))
+        z = z.reshape(t, s, *z.shape[1:])
+    return z if keep_shape else z.reshape(t, s, -1)

@@ -22,11 +22,11 @@ from torch import Tensor
 from metamap.algorithms.base import MetaGradient, MetaLearner
 from metamap.data.paths import atomic_write
 from metamap.errors import CheckpointError, DivergenceError, MetamapError
+from metamap.metrics_log import read_log
 from metamap.tasks.batch import TaskBatch
 from metamap.tasks.sampler import TaskSampler
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult
-from metamap.train.metrics_log import read_log
 from metamap.train.precision import PRECISIONS, autocast, resolve_precision
 from metamap.train.progress import progress_bar
 from metamap.train.schedule import lr_factor

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metamap.train.metrics_log import read_records
+from metamap.metrics_log import read_records
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

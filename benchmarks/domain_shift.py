@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,8 @@ def run(args) -> None:
     learners = dict(kv.split("=", 1) for kv in args.checkpoints)
     if "protonet" in learners and not args.no_ft:
         learners["protonet+ft"] = learners["protonet"]
+    if args.learners:
+        learners = {name: path for name, path in learners.items() if name in args.learners}
     done = {(r["learner"], r["target"], r["shots"]) for r in load()}
     for name, target, shots in cells(learners, args.targets, args.shots):
         if (name, target, shots) in done:
@@ -73,6 +76,8 @@ def run(args) -> None:
                "checkpoint": learners[name], "overrides": overrides, "mean": result.mean, "ci95": result.ci95,
                "episodes": result.episodes, "seed": result.seed, "finetune": result.finetune,
                "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
+               "load": [round(x, 2) for x in os.getloadavg()], "threads": args.threads,
+               "date": time.strftime("%Y-%m-%d %H:%M"),
                "command": "metamap eval --checkpoint " + learners[name] + " " +
                           " ".join(f"--set {o}" for o in overrides)}
         rows = load()
@@ -114,6 +119,7 @@ def main() -> None:
     r.add_argument("--episodes", type=int, default=600)
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--no-ft", action="store_true", help="skip ProtoNet + test-time fine-tuning")
+    r.add_argument("--learners", nargs="+", metavar="NAME", help="only these (e.g. protonet+ft)")
     r.set_defaults(func=run)
     t = sub.add_parser("table")
     t.set_defaults(func=table)

@@ -52,6 +52,18 @@ def load() -> list[dict]:
     return json.loads(OUT.read_text()) if OUT.exists() else []
 
 
+def save(rows: list[dict]) -> None:
+    """Write the results, one line per list of per-episode scores (the file stays readable)."""
+    text = json.dumps([{**r, "scores": "@"} if "scores" in r else r for r in rows], indent=1)
+    for r in rows:
+        if "scores" in r:
+            text = text.replace('"scores": "@"', '"scores": ' + json.dumps(r["scores"]), 1)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    tmp = OUT.with_suffix(".json.tmp")
+    tmp.write_text(text)
+    tmp.replace(OUT)
+
+
 def run(args) -> None:
     import torch
 
@@ -88,8 +100,7 @@ def run(args) -> None:
                           " ".join(f"--set {o}" for o in overrides)}
         rows = load()
         rows.append(row)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(rows, indent=1))
+        save(rows)
         tuned = f" (lr {result.finetune['lr']:g}, {result.finetune['steps']} steps)" if result.finetune else ""
         print(f"{name:12s} {target:16s} {shots:2d}-shot: {100 * result.mean:.2f} ± {100 * result.ci95:.2f} %"
               f"{tuned}  [{row['cpu_s']:.0f} CPU s]", flush=True)
@@ -107,7 +118,7 @@ def backfill(row: dict) -> None:
     for r in rows:
         if (r["learner"], r["target"], r["shots"]) == (row["learner"], row["target"], row["shots"]):
             r["scores"] = [round(float(x), 6) for x in result.scores]
-    OUT.write_text(json.dumps(rows, indent=1))
+    save(rows)
     print(f"{row['learner']:12s} {row['target']:16s} {row['shots']:2d}-shot: scores added (same mean)", flush=True)
 
 

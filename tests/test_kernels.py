@@ -109,7 +109,8 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         raise RuntimeError("Ninja is required to load C++ extensions")
     monkeypatch.setattr(ext, "load", broken)
     monkeypatch.setattr(kernels, "_module", None)
-    monkeypatch.setattr(kernels, "_failed", None)
+    monkeypatch.setattr(kernels, "_built", {})
+    monkeypatch.setattr(kernels, "_failed", {})
     model = learner(True).double().train()
     with pytest.warns(RuntimeWarning, match="could not compile its C\\+\\+ kernel.*Ninja is required"):
         loss, _ = model.meta_loss(tasks())
@@ -119,3 +120,40 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         warnings.simplefilter("error")           # the warning is not repeated
         model.meta_loss(tasks())
     assert not kernels.available()
+
+
+def bn_relu_pool_reference(z, gamma, beta, eps):
+    return F.relu(F.max_pool2d(F.batch_norm(z, None, None, gamma, beta, True, 0.0, eps), 2))
+
+
+@needs_compiler
+@pytest.mark.parametrize(("n", "k", "size"), [(5, 12, 7), (4, 8, 6), (3, 6, 3), (2, 16, 14)])
+def test_bn_relu_pool_matches_pytorch_layers(n, k, size):
+    assert kernels.build("bn_relu_pool") is not None, "the C++ kernel failed to compile (see the warning)"
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(n, k, size, size, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    z.requires_grad_()
+    # Negative scales pool the minimum. (At gamma = 0 exactly the layers' d/dgamma depends on how
+    # ties are broken; the kernel, like TaskBatchedNet's fused block, takes the limit gamma -> 0+.)
+    gamma = torch.randn(k, generator=g, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(k, generator=g, dtype=torch.float64, requires_grad=True)
+    y, mean, rstd = kernels.bn_relu_pool(z, gamma, beta, 1e-5)
+    ref = bn_relu_pool_reference(z, gamma, beta, 1e-5)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(mean, z.mean((0, 2, 3)).detach(), rtol=1e-12, atol=1e-12)
+    var = z.var((0, 2, 3), correction=0).detach()
+    torch.testing.assert_close(rstd, (var + 1e-5).rsqrt(), rtol=1e-10, atol=1e-12)
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, e in zip(torch.autograd.grad(y, (z, gamma, beta), gy), torch.autograd.grad(ref, (z, gamma, beta), gy)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *a: kernels.bn_relu_pool(*a, 1e-5)[0], (z, gamma, beta))
+
+
+@needs_compiler
+def test_bn_relu_pool_refuses_a_second_derivative():
+    z = torch.randn(2, 4, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    gamma, beta = torch.ones(4, dtype=torch.float64, requires_grad=True), torch.zeros(4, dtype=torch.float64)
+    y = kernels.bn_relu_pool(z, gamma, beta, 1e-5)[0]
+    with pytest.raises(RuntimeError, match="differentiable once, not twice"):
+        torch.autograd.grad(y.sum(), z, create_graph=True)       # never a silently constant gradient

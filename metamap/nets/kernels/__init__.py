@@ -24,38 +24,47 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_SOURCE = Path(__file__).with_name("conv_pool.cpp")
 _lock = threading.Lock()
-_module = None
-_failed: str | None = None
+_built: dict[str, object] = {}
+_failed: dict[str, str] = {}
 
 
-def load():
-    """The compiled extension module, or ``None`` if it cannot be built here (warns once)."""
-    global _module, _failed
-    if _module is not None or _failed is not None:
-        return _module
+def build(stem: str):
+    """The compiled extension of ``<stem>.cpp`` beside this file, or ``None`` if it cannot be built
+    here (warns once per source)."""
+    if stem in _built or stem in _failed:
+        return _built.get(stem)
     with _lock:
-        if _module is None and _failed is None:
+        if stem not in _built and stem not in _failed:
             try:
-                from torch.utils.cpp_extension import load as build
+                from torch.utils.cpp_extension import load as compile_extension
                 flags = ["-O3", "-fopenmp"]
-                name = "metamap_conv_pool"
+                name = f"metamap_{stem}"
                 if os.environ.get("METAMAP_KERNELS_PORTABLE") != "1":
                     # Built for this CPU; the name carries its instruction sets, so that a cache
                     # shared between machines (a home directory on a cluster) never hands one
                     # CPU's build to another.
                     flags.append("-march=native")
                     name += "_" + _cpu_tag()
-                _module = build(name, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                verbose=False)
+                _built[stem] = compile_extension(name, [str(Path(__file__).with_name(stem + ".cpp"))],
+                                                 extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as e:  # any build failure means: use the PyTorch layers
-                _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                _failed[stem] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 warnings.warn(
-                    f"metamap could not compile its C++ kernel ({_failed}); using the PyTorch layers "
-                    f"instead (same results, slower). Install a C++ compiler and `pip install ninja`, "
+                    f"metamap could not compile its C++ kernel {stem} ({_failed[stem]}); using the PyTorch "
+                    f"layers instead (same results, slower). Install a C++ compiler and `pip install ninja`, "
                     f"or set learner.cpp_kernels = false to silence this.", RuntimeWarning, stacklevel=3)
+    return _built.get(stem)
+
+
+def load():
+    """The compiled first-layer extension (``conv_pool.cpp``), or ``None`` (warns once)."""
+    global _module
+    _module = build("conv_pool")
     return _module
+
+
+_module = None
 
 
 def _cpu_tag() -> str:
@@ -125,3 +134,36 @@ def conv_pool_relu(x: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Ten
     out = _ConvPoolReLU.apply(padded, w, bias.contiguous(), kh, kw, padding)
     n, ho, wo = out.shape[:3]
     return out.reshape(n, ho, wo, t * c).permute(0, 3, 1, 2)
+
+
+class _BNReLUPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:
+        module = build("bn_relu_pool")
+        y, idx, mean, rstd = module.forward(z, gamma, beta, eps)
+        ctx.save_for_backward(z, y, idx, gamma, mean, rstd)
+        ctx.mark_non_differentiable(idx, mean, rstd)
+        return y, mean, rstd
+
+    @staticmethod
+    def backward(ctx, gy: Tensor, _gmean, _grstd):
+        if torch.is_grad_enabled():      # a graph of this backward is being built: refuse, never zero
+            raise RuntimeError("metamap's C++ batch-norm/pool kernel is differentiable once, not twice; it "
+                               "serves passes whose graph is differentiated once (MAML's query pass)")
+        z, y, idx, gamma, mean, rstd = ctx.saved_tensors
+        gz, ggamma, gbeta = build("bn_relu_pool").backward(gy.contiguous(), z, y, idx, gamma, mean, rstd)
+        return gz, ggamma, gbeta, None
+
+
+def bn_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``relu(max_pool2d(batch_norm(z, gamma, beta), 2))`` with batch statistics per channel, in two passes.
+
+    ``z [N, K, H, W]`` channels-last (grouped maps: K = tasks x features), ``gamma``, ``beta [K]`` ->
+    ``(y [N, K, H // 2, W // 2]`` channels-last, ``mean [K]``, ``rstd [K]`` (no gradient)``)``.
+    Differentiable once (with respect to ``z``, ``gamma`` and ``beta``); needs ``build("bn_relu_pool")``.
+    """
+    zl = z.permute(0, 2, 3, 1)
+    if not zl.is_contiguous():
+        zl = zl.contiguous()
+    y, mean, rstd = _BNReLUPool.apply(zl, gamma.contiguous(), beta.contiguous(), float(eps))
+    return y.permute(0, 3, 1, 2), mean, rstd

@@ -157,3 +157,27 @@ def test_bn_relu_pool_refuses_a_second_derivative():
     y = kernels.bn_relu_pool(z, gamma, beta, 1e-5)[0]
     with pytest.raises(RuntimeError, match="differentiable once, not twice"):
         torch.autograd.grad(y.sum(), z, create_graph=True)       # never a silently constant gradient
+
+
+@needs_compiler
+@pytest.mark.parametrize(("n", "t", "size", "c"), [(5, 3, 28, 64), (4, 2, 9, 32), (3, 1, 12, 96), (2, 2, 10, 20)])
+def test_float32_paths_match_float64(n, t, size, c):
+    """Grey 3x3 layers in float32 take the vectorised paths (with AVX-512); they must agree with the
+    float64 loops to float32 rounding, with the same pooling winners."""
+    assert kernels.available()
+    m = kernels._module
+    g = torch.Generator().manual_seed(2)
+    x = F.pad(torch.randn(n, t, 1, size, size, generator=g), (1,) * 4).contiguous()
+    w, b = torch.randn(t, 9, c, generator=g), torch.randn(t, c, generator=g)
+    out, idx = m.forward(x, w, b, 3, 3, 1)
+    out64, idx64 = m.forward(x.double(), w.double(), b.double(), 3, 3, 1)
+    torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
+    assert torch.equal(idx, idx64)
+    grad = torch.randn(out.shape, generator=g)
+    for a, e in zip(m.backward(grad, x, w, out, idx, 3, 3, 1),
+                    m.backward(grad.double(), x.double(), w.double(), out.double(), idx, 3, 3, 1)):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-4)
+    vw, vb = torch.randn(w.shape, generator=g), torch.randn(b.shape, generator=g)
+    torch.testing.assert_close(m.masked_forward(x, vw, vb, out, idx, 3, 3, 1).double(),
+                               m.masked_forward(x.double(), vw.double(), vb.double(), out.double(), idx, 3, 3, 1),
+                               rtol=1e-5, atol=1e-5)

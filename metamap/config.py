@@ -61,7 +61,23 @@ DEFAULTS: dict[str, Any] = {
         "tasks_per_batch": 0,      # 0 = choose from the episode size
         "cache_mb": 1024,          # learners that encode examples one by one: encode each distinct
                                    # example once, keeping this many MB of codes (0 = per episode)
+        "protocol": "",            # a named protocol fixes ways, shots, queries and episodes (PROTOCOLS)
+        # Test-time fine-tuning on each episode's support set (metamap/train/test_time.py):
+        "finetune": False,         # true | false
+        "finetune_lr": "auto",     # "auto" = picked on episodes of the validation classes, or a number
+        "finetune_steps": "auto",  # "auto" or a whole number
+        "finetune_lrs": [0.0, 1e-4, 1e-3, 1e-2],    # candidates of "auto" (0 = no fine-tuning)
+        "finetune_steps_grid": [10, 25, 50],        # candidates of "auto"
+        "finetune_episodes": 5,    # labelled episodes the automatic choice is made on
+        "finetune_augment": ["flip", "color", "translation"],
+        "finetune_aug_prob": 0.9,
     },
+}
+
+# Named evaluation protocols (eval.protocol): each fixes these [eval] keys. BSCD-FSL (Guo et al.
+# 2020): 5-way, 1/5/20/50 shots, 15 queries, 600 fixed episodes, on a domain never meta-trained on.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "bscd-fsl": {"ways": [5], "shots": [1, 5, 20, 50], "queries": 15, "episodes": 600},
 }
 
 # Sections whose keys belong to a plug-in (a learner, a backbone): checked by the plug-in itself.
@@ -134,6 +150,12 @@ def resolve(file: str | Path | None = None, overrides: list[str] | tuple = (),
         plugin = plugin_defaults(kind, config[kind][key])
         config = deep_merge(config, plugin, strict=False)
     config = deep_merge(config, user)
+    protocol = config["eval"]["protocol"]
+    if protocol:
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown eval.protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)} "
+                              "(or \"\" for the eval keys as set)")
+        config["eval"].update(copy.deepcopy(PROTOCOLS[protocol]))
     validate(config)
     return config
 
@@ -146,6 +168,8 @@ def validate(config: dict) -> None:
         return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
     t, e = config["train"], config["eval"]
+    from metamap.train import test_time
+    test_time.check(e)
     need(whole(config["seed"], 0), f"seed must be a whole number >= 0, not {config['seed']!r}")
     need(whole(e["seed"], 0), f"eval.seed must be a whole number >= 0, not {e['seed']!r}")
     need(whole(t["steps"], 0), f"train.steps must be a whole number >= 0, not {t['steps']!r}")

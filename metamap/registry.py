@@ -1,4 +1,4 @@
-"""Name -> builder tables for learners, backbones and data sources.
+"""Name -> builder tables for learners, backbones, data sources and task kinds.
 
 A learner module registers itself with ``@register_learner("name", defaults={...})``; its
 builder gets the resolved config and a :class:`DataInfo` and returns a ``MetaLearner``.
@@ -23,9 +23,9 @@ class DataInfo:
     """What a learner needs to know about the data to build itself."""
 
     example_shape: tuple[int, ...]
-    problem: str = "classification"          # or "regression"
+    problem: str = "classification"          # the task kind's name (registered with register_task_kind)
     num_train_classes: int = 0               # for learners that pre-train a classifier
-    output_dim: int = 1                      # regression targets per example
+    output_dim: int = 1                      # real-valued targets per example (regression kinds)
     spec: Any = None                         # ImageSpec of image data
     description: str = ""
 
@@ -41,6 +41,7 @@ class LearnerEntry:
 _LEARNERS: dict[str, LearnerEntry] = {}
 _BACKBONES: dict[str, Callable[[dict, DataInfo], nn.Module]] = {}
 _DATA: dict[str, Any] = {}
+_KINDS: dict[str, Any] = {}
 # Defaults that a plug-in brings into the config (nested like the config itself).
 _DEFAULTS: dict[tuple[str, str], dict] = {}
 _loaded = False
@@ -74,6 +75,20 @@ def register_data(name: str, defaults: dict | None = None):
     return deco
 
 
+def register_task_kind(name: str):
+    """Register a :class:`~metamap.tasks.kinds.TaskKind` subclass under ``name`` (``DataInfo.problem``)."""
+    def deco(cls):
+        cls.name = name
+        _KINDS[name] = cls()
+        return cls
+    return deco
+
+
+def task_kind(name: str):
+    """The task kind a data source names in ``DataInfo.problem``."""
+    return _lookup(_KINDS, name, "task kind", "DataInfo.problem")
+
+
 def plugin_defaults(kind: str, name: str) -> dict:
     """Config defaults that learner / data source / backbone ``name`` brings (``kind`` = learner|data|model)."""
     _load_plugins()
@@ -92,8 +107,9 @@ def _load_plugins() -> None:
     import metamap.algorithms as algorithms
     import metamap.data as data
     import metamap.nets as nets
+    import metamap.rl as rl
     import metamap.tasks as tasks
-    for pkg in (algorithms, nets, data, tasks):
+    for pkg in (algorithms, nets, data, tasks, rl):
         for mod in pkgutil.iter_modules(pkg.__path__):
             importlib.import_module(f"{pkg.__name__}.{mod.name}")
 
@@ -124,7 +140,11 @@ def build_backbone(config: dict, info: DataInfo) -> nn.Module:
 
 
 def build_learner(config: dict, info: DataInfo) -> nn.Module:
-    return _lookup(_LEARNERS, config["learner"]["name"], "learner", "learner.name").builder(config, info)
+    """The learner ``config`` names, for the data ``info`` describes (and its task kind)."""
+    kind = task_kind(info.problem)
+    learner = _lookup(_LEARNERS, config["learner"]["name"], "learner", "learner.name").builder(config, info)
+    learner.kind = kind
+    return learner
 
 
 def options(section: dict, allowed: dict[str, Any], where: str) -> dict:

@@ -5,11 +5,11 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metamap.errors import MetamapError
 from metamap.tasks.batch import TaskBatch
+from metamap.tasks.kinds import TaskKind, infer_kind
 
 Predictor = Callable[[Tensor], Tensor]
 """Query inputs ``[T, Q, *example_shape]`` -> outputs ``[T, Q, ways]`` (logits) or ``[T, Q, *target_shape]``."""
@@ -21,10 +21,16 @@ class MetaGradient:
     ``weight`` is the part's share of the meta-batch's tasks, so that the parts' contributions
     add up to the whole batch's mean; ``scaler`` (fp16 training) scales them as the trainer's
     gradient scaler expects. Gradients accumulate into ``.grad`` of the learner's parameters.
+
+    ``optimizer`` is the trainer's outer optimizer (its learning rate already scheduled), for a
+    learner that takes several outer steps per batch itself (PPO epochs): it steps it and leaves
+    every ``.grad`` at ``None``, so the trainer's own step changes nothing; the optimizer's state
+    stays in the trainer's checkpoints. Such steps happen before the divergence guard looks at
+    the loss, so the guard cannot undo them.
     """
 
-    def __init__(self, weight: float = 1.0, scaler=None):
-        self.weight, self.scaler = float(weight), scaler
+    def __init__(self, weight: float = 1.0, scaler=None, optimizer=None):
+        self.weight, self.scaler, self.optimizer = float(weight), scaler, optimizer
 
     def _scaled(self, t: Tensor) -> Tensor:
         t = t * self.weight
@@ -61,6 +67,8 @@ class MetaLearner(nn.Module):
     family: ClassVar[str] = ""
     # Adaptation that takes gradient steps needs autograd even at evaluation time.
     adapts_with_gradients: ClassVar[bool] = False
+    # The task kind (loss, metrics): set by build_learner; None = inferred from the labels.
+    kind: TaskKind | None = None
     # train.precision = "auto" runs bf16 autocast (on hardware with native bf16) only for learners
     # whose accuracy under bf16 was measured unchanged on their default experiment (BENCHMARKS.md).
     auto_bf16: ClassVar[bool] = False
@@ -157,24 +165,36 @@ class MetaLearner(nn.Module):
         several times per update when the trainer splits a meta-batch into chunks.
         """
 
-    @staticmethod
-    def query_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-        """Cross-entropy for class labels, mean squared error for real-valued targets."""
-        if torch.is_floating_point(targets):
-            return F.mse_loss(outputs.reshape(targets.shape), targets)
-        return F.cross_entropy(outputs.flatten(0, 1), targets.flatten())
+    # -- test-time fine-tuning (metamap/train/test_time.py) ---------------------------------------
+    def finetune_start(self, support_x: Tensor, support_y: Tensor, ways: int) -> tuple[list[Tensor], object]:
+        """Task-specific tensors fine-tuned together with the learner's weights, and the state that
+        holds them (e.g. a head fitted on the support set). Default: none -- prototypes, attention
+        and the like are recomputed from the support set with the current weights."""
+        return [], None
 
-    @staticmethod
-    def per_task_score(outputs: Tensor, targets: Tensor) -> Tensor:
-        """``[T]``: accuracy per task (classification) or mean squared error per task (regression)."""
-        if torch.is_floating_point(targets):
-            return ((outputs.reshape(targets.shape) - targets) ** 2).flatten(1).mean(1)
-        return (outputs.argmax(-1) == targets).float().mean(1)
+    def finetune_loss(self, support_x: Tensor, support_y: Tensor, pseudo_x: Tensor, ways: int,
+                      state: object) -> Tensor:
+        """What test-time fine-tuning minimises: the loss, on ``pseudo_x`` (augmented copies of the
+        support examples, labels ``support_y``), of the predictor adapted to the plain support set."""
+        return self.query_loss(self.adapt_tasks(support_x, support_y, ways)(pseudo_x), support_y)
 
-    @classmethod
-    def task_metrics(cls, outputs: Tensor, targets: Tensor) -> dict[str, float]:
-        name = "mse" if torch.is_floating_point(targets) else "accuracy"
-        return {name: float(cls.per_task_score(outputs, targets).mean())}
+    def finetuned_predictor(self, support_x: Tensor, support_y: Tensor, ways: int, state: object) -> Predictor:
+        """The predictor after test-time fine-tuning (default: adapt as usual, with the tuned weights)."""
+        return self.adapt_tasks(support_x, support_y, ways)
+
+    # -- the task kind: adaptation loss and metrics ----------------------------------------------
+    def task_kind(self, targets: Tensor) -> TaskKind:
+        """The kind of task this learner serves (set from the data by ``build_learner``); a learner
+        built by hand infers it from the labels (class labels or real-valued targets)."""
+        return self.kind if self.kind is not None else infer_kind(targets)
+
+    def query_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The task kind's loss averaged over tasks (cross-entropy, mean squared error...)."""
+        return self.task_kind(targets).loss(outputs, targets).mean()
+
+    def task_metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, float]:
+        """Every metric of the task kind, averaged over the tasks."""
+        return {k: float(v.mean()) for k, v in self.task_kind(targets).scores(outputs, targets).items()}
 
 
 class EncodingLearner(MetaLearner):

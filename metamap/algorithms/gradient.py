@@ -15,6 +15,10 @@ Reptile        the outer update is ``theta - mean_t phi_t`` (:class:`Reptile`, N
 The inner step is an inner optimizer object (:mod:`metamap.algorithms.inner_opt`: SGD, learned
 step sizes, Adam) and which weights adapt is a declared :class:`ParameterSplit`.
 
+``zero_head = true`` is Kao et al.'s (ICLR 2022) zeroing trick: the head's weights and bias are
+zero at initialisation and are set back to zero after every outer step, so every task starts
+from a head that favours no class and the inner steps alone build it from the support set.
+
 Batch norm inside the inner loop (``bn``): ``"transductive"`` (default, as the reference MAML)
 normalises each task's support and query sets with their own batch statistics, at training
 and at test time; ``"running"`` does so in meta-training while tracking running statistics
@@ -29,13 +33,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from metamap.algorithms.base import MetaGradient, MetaLearner, Predictor
-from metamap.algorithms.inner_loop import TaskForward, inner_loop, minibatch_indices, task_losses
+from metamap.algorithms.inner_loop import inner_loop, minibatch_indices
 from metamap.algorithms.inner_opt import build_inner_optimizer
 from metamap.algorithms.split import ParameterSplit
 from metamap.errors import ConfigError, MetamapError
+from metamap.nets.backend import BackendOptions, make_backend
 from metamap.nets.functional import BN_MODES
-from metamap.registry import DataInfo, build_backbone, options, register_learner
+from metamap.registry import DataInfo, build_backbone, options, register_learner, task_kind
 from metamap.tasks.batch import TaskBatch
+
 
 def msl_weights(steps: int, progress: float) -> Tensor:
     """MAML++ multi-step loss weights ``[steps]`` (for the query loss after each inner step).
@@ -71,14 +77,14 @@ class GradientLearner(MetaLearner):
                  inner_steps: int = 1, inner_steps_eval: int = 1, inner_lr: float = 0.4,
                  first_order: bool = False, step_sizes: str = "fixed", inner_optimizer: str = "sgd",
                  inner_beta1: float = 0.0, inner_beta2: float = 0.999, inner_eps: float = 1e-8,
-                 inner_batch: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
+                 inner_batch: int = 0, inner_batch_eval: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
-                 batched: bool = True, channels_last: bool = True, fuse_bn_pool: bool = True,
-                 bf16: bool = False, grad_checkpoint: bool = False, fold_bn: bool = True,
-                 cpp_kernels: bool = True, seed: int = 0):
+                 backend: str = "fast", channels_last: bool = True, fuse_bn_pool: bool = True,
+                 fold_bn: bool = True, cpp_kernels: bool = True, grad_checkpoint: bool = False, seed: int = 0,
+                 zero_head: bool = False):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval),
-                        ("inner_batch", inner_batch)):
+                        ("inner_batch", inner_batch), ("inner_batch_eval", inner_batch_eval)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"learner.{what} must be a whole number >= 0, not {v!r}")
         if bn not in BN_MODES:
@@ -87,7 +93,13 @@ class GradientLearner(MetaLearner):
         self.ways, self.inner_steps, self.inner_steps_eval = ways, inner_steps, inner_steps_eval
         self.first_order, self.bn = bool(first_order), bn
         self.multi_step_loss, self.msl_anneal_steps = bool(multi_step_loss), int(msl_anneal_steps)
-        self.grad_checkpoint, self.inner_batch, self.seed = bool(grad_checkpoint), inner_batch, int(seed)
+        self.grad_checkpoint, self.seed = bool(grad_checkpoint), int(seed)
+        self.inner_batch, self.inner_batch_eval = inner_batch, inner_batch_eval
+        if not isinstance(zero_head, bool):
+            raise ConfigError(f"learner.zero_head must be true or false, not {zero_head!r}")
+        self.zero_head = zero_head
+        if zero_head:
+            self._zero_head()
         self.split = ParameterSplit.declare(self.model, adapt, freeze)
         if not self.split.adapted and max(inner_steps, inner_steps_eval) > 0:
             raise ConfigError(f"learner.adapt = {adapt!r} selects no trainable parameter to adapt")
@@ -101,10 +113,10 @@ class GradientLearner(MetaLearner):
         # When the body does not adapt (ANIL), its features are computed once per task batch, as
         # one large batch, and only the head runs in the inner loop.
         self.body_adapts = self.split.adapts("body")
-        speed = (batched, channels_last, bn, fuse_bn_pool, bf16, fold_bn, cpp_kernels)
-        self.full = TaskForward(self.model, *speed)
-        self.body_fn = TaskForward(self.model, *speed, part="body")
-        self.head_fn = TaskForward(self.model, *speed, part="head")
+        options = BackendOptions(backend, channels_last, fuse_bn_pool, fold_bn, cpp_kernels)
+        self.full = make_backend(self.model, "", bn, options)
+        self.body_fn = make_backend(self.model, "body", bn, options)
+        self.head_fn = make_backend(self.model, "head", bn, options)
 
     @property
     def adapt_names(self) -> list[str]:
@@ -119,10 +131,11 @@ class GradientLearner(MetaLearner):
         training = self.training
         theta = dict(self.model.named_parameters())
         batches = None
-        if self.inner_batch and steps:
-            batches = minibatch_indices(support_x, self.inner_batch, steps, self.seed)
+        batch = self.inner_batch if training else self.inner_batch_eval
+        if batch and steps:
+            batches = minibatch_indices(support_x, batch, steps, self.seed)
         loop = dict(optimizer=self.inner_optimizer, differentiable=differentiable, second_order=not self.first_order,
-                    recompute=self.grad_checkpoint, batches=batches)
+                    recompute=self.grad_checkpoint, loss=self.task_kind(support_y).loss, batches=batches)
         if self.body_adapts:
             def fwd(p, x, record=None):
                 return self.full(p, x, training, record)
@@ -138,7 +151,7 @@ class GradientLearner(MetaLearner):
         return history, fwd
 
     def _check_ways(self, support_y: Tensor, ways: int) -> None:
-        if not torch.is_floating_point(support_y) and ways != self.ways:
+        if self.task_kind(support_y).classes and ways != self.ways:
             raise MetamapError(
                 f"this {self.name} learner's head has {self.ways} outputs, so it adapts to {self.ways}-way "
                 f"tasks only, not {ways}-way; train and evaluate with the same number of ways "
@@ -157,6 +170,14 @@ class GradientLearner(MetaLearner):
             with torch.set_grad_enabled(differentiable):
                 return fwd(final, query_x)
         return predict
+
+    def finetune_loss(self, support_x: Tensor, support_y: Tensor, pseudo_x: Tensor, ways: int,
+                      state: object) -> Tensor:
+        # Test-time fine-tuning moves the initial weights themselves on the augmented support set;
+        # the usual inner steps then adapt from the fine-tuned weights (finetuned_predictor).
+        self._check_ways(support_y, ways)
+        history, fwd = self._adapt(support_x, support_y, 0, True)
+        return self.query_loss(fwd(history[0], pseudo_x), support_y)
 
     def adapt_trajectory(self, support_x: Tensor, support_y: Tensor, steps: int, ways: int = 0
                          ) -> list[Predictor]:
@@ -184,7 +205,7 @@ class GradientLearner(MetaLearner):
             loss = torch.zeros(())
             for k in range(1, steps + 1):
                 outputs = self._query(fwd, history[k], tasks.query_x, record if k == steps else None)
-                loss = loss + weights[k - 1] * task_losses(outputs, tasks.query_y).mean()
+                loss = loss + weights[k - 1] * self.query_loss(outputs, tasks.query_y)
         else:
             outputs = self._query(fwd, history[-1], tasks.query_x, record)
             loss = self.query_loss(outputs, tasks.query_y)
@@ -208,10 +229,17 @@ class GradientLearner(MetaLearner):
         # batch's memory. Small MLPs (regression) are the opposite: per-pass overhead dominates,
         # and two-task chunks ran 5x slower than the whole meta-batch.
         convolutional = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
-        return 8 if convolutional and self.body_adapts and self.full.batched else 0
+        return 8 if convolutional and self.body_adapts and self.full.name == "fast" else 0
 
     def after_step(self) -> None:
         self.outer_steps += 1
+        if self.zero_head:
+            self._zero_head()
+
+    def _zero_head(self) -> None:
+        with torch.no_grad():
+            for p in self.model.head.parameters():
+                p.zero_()
 
     def _update_running_stats(self, record: dict) -> None:
         with torch.no_grad():
@@ -264,10 +292,24 @@ class Reptile(GradientLearner):
 COMMON = {
     "inner_steps": 1, "inner_steps_eval": 3, "inner_lr": 0.4, "first_order": False,
     "step_sizes": "fixed", "inner_optimizer": "sgd", "inner_beta1": 0.0, "inner_beta2": 0.999,
-    "inner_eps": 1e-8, "inner_batch": 0, "adapt": "all", "freeze": [], "bn": "transductive", "multi_step_loss": False,
-    "msl_anneal_steps": 0, "batched": True, "channels_last": True, "fuse_bn_pool": True,
-    "bf16": False, "grad_checkpoint": False, "fold_bn": True, "cpp_kernels": True,
+    "inner_eps": 1e-8, "inner_batch": 0, "inner_batch_eval": 0, "adapt": "all", "freeze": [],
+    "bn": "transductive", "multi_step_loss": False,
+    "msl_anneal_steps": 0, "backend": "fast", "channels_last": True, "fuse_bn_pool": True,
+    "fold_bn": True, "cpp_kernels": True, "grad_checkpoint": False, "zero_head": False,
 }
+
+
+def legacy_options(section: dict) -> dict:
+    """``section`` with retired keys translated: ``batched = false`` was the reference backend;
+    ``bf16`` moved to ``train.precision``."""
+    section = dict(section)
+    batched, bf16 = section.pop("batched", True), section.pop("bf16", False)
+    if batched is False:
+        section["backend"] = "reference"
+    if bf16 is not False:
+        raise ConfigError("learner.bf16 is replaced by train.precision = \"bf16\" (bfloat16 autocast for the "
+                          "whole learner, or \"auto\"); remove learner.bf16")
+    return section
 # Finn et al. (2017), Omniglot 5-way: meta-batch 32, Adam 1e-3, inner step size 0.4, one inner
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults
 # to the same number of ways.
@@ -277,11 +319,11 @@ DEFAULTS = {"episode": EPISODE, "optim": {"lr": 1e-3}, "schedule": {"name": "con
 
 
 def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) -> GradientLearner:
-    o = options(config["learner"], COMMON, "learner")
+    o = options(legacy_options(config["learner"]), COMMON, "learner")
     body = build_backbone(config, info)
-    regression = info.problem == "regression"
-    ways = 0 if regression else config["episode"]["ways"]
-    head = nn.Linear(body.out_features, info.output_dim if regression else ways)
+    kind = task_kind(info.problem)
+    ways = config["episode"]["ways"] if kind.classes else 0
+    head = nn.Linear(body.out_features, kind.output_size(ways, info.output_dim))
     return cls(body, head, len(info.example_shape), ways=ways, seed=config["seed"], **o)
 
 

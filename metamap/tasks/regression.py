@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from metamap.errors import ConfigError
-from metamap.registry import DataInfo, options, register_data
 from metamap.tasks.batch import TaskBatch
+from metamap.tasks.kinds import REGRESSION
 from metamap.tasks.sampler import check_positive, shard
 
 FAMILIES = {
@@ -33,8 +33,7 @@ FAMILIES = {
 class RegressionSampler:
     """Meta-batches of ``tasks_per_batch`` regression tasks from one family."""
 
-    regression = True
-    ways = 1            # so that generic code sizing chunks by ways * (shots + queries) works
+    kind = REGRESSION
 
     def __init__(self, family: str, shots: int, queries: int, tasks_per_batch: int = 1, seed: int = 0,
                  split: str = "train", ranges: dict[str, tuple[float, float]] | None = None,
@@ -55,6 +54,10 @@ class RegressionSampler:
         self.seed, self.split, self.x_range, self.noise = int(seed), split, tuple(x_range), float(noise)
         # Splits draw from disjoint random streams even with equal seeds.
         self._split_key = zlib.crc32(split.encode())
+
+    @property
+    def examples_per_task(self) -> int:
+        return self.shots + self.queries
 
     def describe(self) -> str:
         return f"{self.family} {self.shots}-shot, {self.queries} queries"
@@ -95,44 +98,6 @@ class RegressionSampler:
     def params_of(self, ids) -> torch.Tensor:
         """``[len(ids), 2]`` parameters of the evaluation tasks :meth:`episodes` returns."""
         return torch.tensor(np.stack([self._task(int(e), 0)[2] for e in ids]))
-
-
-def source_options(family: str) -> dict:
-    """The ``[data]`` keys of a regression family, with their defaults."""
-    names, defaults, _ = FAMILIES[family]
-    return {"x_range": [-5.0, 5.0], "noise": 0.0, **{f"{n}_range": list(d) for n, d in zip(names, defaults)}}
-
-
-class RegressionSource:
-    """``[data] name = "sinusoid" | "linear"``; splits differ only in their random streams."""
-
-    family = "sinusoid"
-
-    def settings(self, config: dict) -> dict:
-        return options(config["data"], source_options(self.family), "data")
-
-    def info(self, config: dict) -> DataInfo:
-        self.settings(config)
-        return DataInfo(example_shape=(1,), problem="regression", output_dim=1,
-                        description=f"{self.family} regression tasks")
-
-    def sampler(self, config: dict, split: str, ways: int, shots: int, queries: int, tasks_per_batch: int,
-                seed: int) -> RegressionSampler:
-        """``ways`` means nothing for regression and is ignored; ``queries`` is per task."""
-        o = self.settings(config)
-        names = FAMILIES[self.family][0]
-        return RegressionSampler(self.family, shots, queries, tasks_per_batch, seed, split,
-                                 {n: tuple(o[f"{n}_range"]) for n in names}, tuple(o["x_range"]), o["noise"])
-
-
-@register_data("sinusoid", defaults=source_options("sinusoid"))
-class SinusoidSource(RegressionSource):
-    family = "sinusoid"
-
-
-@register_data("linear", defaults=source_options("linear"))
-class LinearSource(RegressionSource):
-    family = "linear"
 
 
 def plot_tasks(learner, sampler: RegressionSampler, path, ids=(0, 1, 2, 3), steps=(1, 10)) -> None:

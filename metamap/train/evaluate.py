@@ -10,14 +10,21 @@ from torch import Tensor
 
 from metamap.algorithms.base import EncodingLearner, MetaLearner
 from metamap.tasks.batch import TaskBatch
+from metamap.tasks.kinds import Metric, TaskKind
 from metamap.tasks.sampler import TaskSampler, shard
 from metamap.train.precision import autocast
 from metamap.train.progress import progress_bar
+from metamap.train.test_time import finetune_predictions
 
 
 @dataclass
 class EvalResult:
-    """``mean`` and ``ci95`` are in the metric's unit (accuracy as a fraction, or MSE)."""
+    """``mean`` and ``ci95`` are in the metric's unit (accuracy as a fraction, or MSE).
+
+    ``metric`` is the task kind's first metric (the one that chooses the best checkpoint) and
+    ``higher_is_better`` its direction; ``others`` holds the kind's other metrics as
+    ``name -> {"mean", "ci95", "std", "higher_is_better"}``.
+    """
 
     metric: str
     mean: float
@@ -27,19 +34,34 @@ class EvalResult:
     setting: str
     seed: int
     scores: list[float] = field(default_factory=list, repr=False)
+    higher_is_better: bool = True
+    percent: bool = False
+    others: dict[str, dict] = field(default_factory=dict)
+    finetune: dict | None = None      # test-time fine-tuning used (lr, steps, how they were chosen)
 
     def summary(self) -> str:
-        if self.metric == "accuracy":
-            value = f"{100 * self.mean:.2f}% ± {100 * self.ci95:.2f}%"
-        else:
-            value = f"{self.mean:.4f} ± {self.ci95:.4f} {self.metric}"
-        return f"{self.setting}: {value} ({self.episodes} episodes, seed {self.seed})"
+        fmt = Metric(self.metric, self.higher_is_better, self.percent).format
+        extra = "".join(f", {k} {fmt_of(k, v)}" for k, v in self.others.items())
+        tuned = ""
+        if self.finetune:
+            tuned = f", fine-tuned at test time: lr {self.finetune['lr']:g}, {self.finetune['steps']} steps"
+        return (f"{self.setting}: {fmt(self.mean, self.ci95)}{extra} ({self.episodes} episodes, "
+                f"seed {self.seed}{tuned})")
+
+    def better_than(self, mean: float | None) -> bool:
+        """Whether this result beats an earlier one's mean (``None``: nothing to beat)."""
+        return mean is None or Metric(self.metric, self.higher_is_better).better(self.mean, mean)
 
     def to_dict(self, with_scores: bool = False) -> dict:
         d = asdict(self)
         if not with_scores:
             d.pop("scores")
         return d
+
+
+def fmt_of(name: str, summary: dict) -> str:
+    return Metric(name, summary["higher_is_better"], summary.get("percent", False)).format(summary["mean"],
+                                                                                           summary["ci95"])
 
 
 # Codes of distinct examples kept at once during evaluation (MB); 0 = encode per episode.
@@ -58,16 +80,16 @@ def confidence_interval(scores: torch.Tensor) -> tuple[float, float, float]:
 
 def default_chunk(sampler: TaskSampler) -> int:
     """Episodes per forward pass: about 2,000 examples, at most 50 episodes."""
-    per = getattr(sampler, "ways", 1) * (getattr(sampler, "shots", 1) + getattr(sampler, "queries", 1))
-    return max(1, min(50, 2000 // max(per, 1)))
+    return max(1, min(50, 2000 // max(sampler.examples_per_task, 1)))
 
 
 def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, chunk: int = 0,
              device: str | torch.device = "cpu", memory_format=None, progress: bool = True,
              setting: str = "", rank: int = 0, world_size: int = 1, precision: str = "fp32",
-             cache_mb: float = DEFAULT_CACHE_MB) -> EvalResult:
+             cache_mb: float = DEFAULT_CACHE_MB, finetune=None) -> EvalResult:
     """Score ``learner`` on episodes ``0 .. episodes-1`` of ``sampler`` (fixed by its seed).
 
+    The sampler's task kind adapts and scores (``kind.evaluate``) and names the metrics.
     With several ranks, each evaluates its share of the episodes and the scores are gathered,
     so the result is the same as one process evaluating them all. ``precision`` (bf16/fp16)
     runs the learner under autocast, as in training (``auto`` is resolved by the caller:
@@ -77,38 +99,57 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
     example of the episodes encoded once, in blocks of episodes whose codes fit in ``cache_mb``
     megabytes, instead of once per episode it appears in: the same predictions (to rounding)
     for a fraction of the forward passes. ``cache_mb = 0`` encodes per episode.
+
+    ``finetune`` (a :class:`metamap.train.test_time.FineTuning`) fine-tunes the learner on each
+    episode's support set before it adapts (test-time fine-tuning); the weights change per
+    episode, so codes are never cached then, and they are restored after every episode.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, not {episodes}")
+    kind = sampler.kind
     chunk = chunk or default_chunk(sampler)
     mine = list(shard(episodes, rank, world_size))
     was_training = learner.training
     learner.eval()
-    scores = []
+    scores: dict[str, list] = {m.name: [] for m in kind.metrics}
+    primary = kind.primary.name
     bar = progress_bar(total=len(mine), desc=f"eval {setting}".strip(), enabled=progress and rank == 0,
                        unit="ep")
     try:
-        cached = cache_mb > 0 and can_cache(learner, sampler)
+        cached = cache_mb > 0 and finetune is None and can_cache(learner, sampler)
         with torch.set_grad_enabled(learner.adapts_with_gradients), autocast(precision, device):
             batches = (cached_episodes(learner, sampler, mine, chunk, device, memory_format, cache_mb) if cached
                        else episode_inputs(sampler, mine, chunk, device, memory_format))
+            done = 0
             for tasks in batches:
-                adapt = learner.adapt_encoded if cached else learner.adapt_tasks
-                outputs = adapt(tasks.support_x, tasks.support_y, tasks.ways)(tasks.query_x)
-                score = learner.per_task_score(outputs.detach().float(), tasks.query_y).cpu()
-                scores.append(score)
-                bar.update(len(score))
-                bar.set_postfix(mean=f"{float(torch.cat(scores).mean()):.4f}", refresh=False)
+                if finetune is not None:
+                    outputs = finetune_predictions(learner, tasks, mine[done:done + len(tasks)], finetune)[0]
+                    got = kind.scores(outputs, tasks.query_y)
+                elif cached:
+                    outputs = learner.adapt_encoded(tasks.support_x, tasks.support_y, tasks.ways)(tasks.query_x)
+                    got = kind.scores(outputs.detach().float(), tasks.query_y)
+                else:
+                    got = kind.evaluate(learner, kind.collect(tasks, learner))
+                done += len(tasks)
+                for name in scores:
+                    scores[name].append(got[name].detach().double().cpu())
+                bar.update(len(got[primary]))
+                bar.set_postfix(mean=f"{float(torch.cat(scores[primary]).mean()):.4f}", refresh=False)
     finally:
         bar.close()
         learner.train(was_training)
-    scores_t = torch.cat(scores).double()
-    if world_size > 1:
-        scores_t = _gather(scores_t, episodes, world_size)
-    metric = "mse" if getattr(sampler, "regression", False) else "accuracy"
-    mean, ci, std = confidence_interval(scores_t)
-    return EvalResult(metric, mean, ci, std, episodes, setting or sampler.describe(),
-                      int(getattr(sampler, "seed", 0)), scores_t.tolist())
+    summaries = {}
+    for m in kind.metrics:
+        values = torch.cat(scores[m.name])
+        if world_size > 1:
+            values = _gather(values, episodes, world_size)
+        mean, ci, std = confidence_interval(values)
+        summaries[m.name] = (values, {"mean": mean, "ci95": ci, "std": std, "higher_is_better": m.higher_is_better,
+                                      "percent": m.percent})
+    values, head = summaries.pop(primary)
+    return EvalResult(primary, head["mean"], head["ci95"], head["std"], episodes, setting or sampler.describe(),
+                      int(getattr(sampler, "seed", 0)), values.tolist(), kind.primary.higher_is_better,
+                      kind.primary.percent, {k: v for k, (_, v) in summaries.items()})
 
 
 def episode_inputs(sampler: TaskSampler, ids: list[int], chunk: int, device, memory_format) -> Iterator[TaskBatch]:
@@ -119,7 +160,9 @@ def episode_inputs(sampler: TaskSampler, ids: list[int], chunk: int, device, mem
 
 def can_cache(learner: MetaLearner, sampler: TaskSampler) -> bool:
     """Whether episodes can be built from codes encoded once (call in evaluation mode)."""
-    return (isinstance(learner, EncodingLearner) and learner.encodes_per_example()
+    # Only for kinds that evaluate the plain way (adapt, predict the queries, score them).
+    plain = type(sampler.kind).evaluate is TaskKind.evaluate and type(sampler.kind).collect is TaskKind.collect
+    return (plain and isinstance(learner, EncodingLearner) and learner.encodes_per_example()
             and hasattr(sampler, "episode_positions") and hasattr(sampler, "dataset"))
 
 

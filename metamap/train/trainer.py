@@ -100,8 +100,10 @@ class Trainer:
             prefetch = self.device.type == "cuda"
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="metamap-prefetch") if prefetch else None
         self._pending = None
+        # The progress bar shows the kind's metrics and the extra training statistics it names.
+        self.metric_names = [m.name for m in sampler.kind.metrics] + list(sampler.kind.progress)
         self.step = 0
-        self.best: dict | None = None          # {"step", "metric", "mean"}
+        self.best: dict | None = None          # {"step", "metric", "mean", "higher_is_better"}
         self.bad_steps = 0
         self._stop_signal: int | None = None
 
@@ -160,7 +162,7 @@ class Trainer:
                     if self.step % self.train_cfg["log_every"] == 0 or self.step == steps:
                         self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", **{k: f"{v:.3f}" for k, v in record.items()
-                                                                    if k in ("accuracy", "mse")},
+                                                                    if k in self.metric_names},
                                     tasks_s=f"{record['tasks_per_s']:.1f}", refresh=False)
                     for cb in self.callbacks:
                         cb.on_step(self, record)
@@ -192,8 +194,9 @@ class Trainer:
         index = self.step
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * lr_factor(index, self.train_cfg["steps"], {**self.config["schedule"], "base_lr": base})
-        batch = self._batch(index)
         self.learner.train()
+        # A task kind whose support data the current learner collects (trajectories) does it here.
+        batch = self.sampler.kind.collect(self._batch(index), self.learner)
         self.optimizer.zero_grad(set_to_none=True)
         # Running statistics change in the forward pass; a skipped batch must not leave them changed.
         buffers = [b.clone() for b in self.learner.buffers()]
@@ -246,7 +249,7 @@ class Trainer:
             part = batch.slice(start, start + size)
             weight = part.num_tasks / n
             with self._autocast():
-                loss, m = self.learner.meta_backward(part, MetaGradient(weight, self.scaler))
+                loss, m = self.learner.meta_backward(part, MetaGradient(weight, self.scaler, self.optimizer))
             total = total + (loss.detach().float() * weight).cpu()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + weight * v
@@ -279,14 +282,15 @@ class Trainer:
 
     def run_validation(self) -> EvalResult:
         result = self.validate()
-        better = self.best is None or self.best.get("mean") is None or (
-            result.mean > self.best["mean"] if result.metric == "accuracy" else result.mean < self.best["mean"])
+        better = result.better_than(None if self.best is None else self.best.get("mean"))
         if better:
-            self.best = {"step": self.step, "metric": result.metric, "mean": result.mean}
+            self.best = {"step": self.step, "metric": result.metric, "mean": result.mean,
+                         "higher_is_better": result.higher_is_better}
             if self.is_main:
                 self.save("best")
         self.log({"step": self.step, "val_" + result.metric: result.mean, "val_ci95": result.ci95,
-                  "val_setting": result.setting, "best": better})
+                  "val_setting": result.setting, "val_metric": result.metric,
+                  "higher_is_better": result.higher_is_better, "best": better})
         for cb in self.callbacks:
             cb.on_validation(self, result, better)
         return result

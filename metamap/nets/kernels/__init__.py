@@ -1,19 +1,28 @@
-"""Optional C++ kernels, compiled on first use with the local C++ compiler.
+"""Optional C++ kernels, built explicitly with the local C++ compiler.
 
 :func:`conv_pool_relu` runs a first layer -- per-task convolution, bias, 2x2 max-pool, ReLU --
 without ever writing its full-resolution feature map (see ``conv_pool.cpp``). It is
 differentiable twice (MAML's second-order meta-gradient needs exactly that) with respect to the
 kernel and bias; its input is data and gets no gradient.
 
-Compiling needs a C++ compiler, the Python headers and ``ninja`` (``pip install ninja``); the
-result is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
-built with ``-march=native`` under a name tied to the CPU's instruction sets
-(``METAMAP_KERNELS_PORTABLE=1`` builds a generic one instead).
-If compiling fails the library warns once and keeps using the PyTorch layers, which compute the
-same function.
+:func:`bn_relu_pool` runs a later block's batch norm (batch statistics), ReLU and 2x2 max-pool on
+grouped channels-last maps in two passes each way (see ``bn_relu_pool.cpp``); differentiable once
+(MAML's query pass), with statistics accumulated in double precision.
+
+:func:`build` compiles and loads the kernels. The fast backend calls it when it is created for a
+network that can use the kernel -- never inside a forward pass -- and ``metamap build-kernels``
+calls it ahead of time. Compiling needs a C++ compiler, the Python headers and ``ninja``
+(``pip install ninja``); the result is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), built with ``-march=native`` under a name tied to the CPU's
+instruction sets (``METAMAP_KERNELS_PORTABLE=1`` builds a generic one instead). Processes that
+build at the same time (the ranks of a distributed run on a fresh cache) take turns under a
+file lock, so one compiles and the others load its result. If compiling fails the library
+warns once and keeps using the PyTorch layers, which compute the same function.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import threading
@@ -24,47 +33,86 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+SOURCES = ("conv_pool", "bn_relu_pool")
 _lock = threading.Lock()
-_built: dict[str, object] = {}
-_failed: dict[str, str] = {}
+_modules: dict[str, object] = {}
+_failures: dict[str, str] = {}
+_module = None             # conv_pool, once built
 
 
-def build(stem: str):
-    """The compiled extension of ``<stem>.cpp`` beside this file, or ``None`` if it cannot be built
-    here (warns once per source)."""
-    if stem in _built or stem in _failed:
-        return _built.get(stem)
-    with _lock:
-        if stem not in _built and stem not in _failed:
-            try:
-                from torch.utils.cpp_extension import load as compile_extension
-                flags = ["-O3", "-fopenmp"]
-                name = f"metamap_{stem}"
-                if os.environ.get("METAMAP_KERNELS_PORTABLE") != "1":
-                    # Built for this CPU; the name carries its instruction sets, so that a cache
-                    # shared between machines (a home directory on a cluster) never hands one
-                    # CPU's build to another.
-                    flags.append("-march=native")
-                    name += "_" + _cpu_tag()
-                _built[stem] = compile_extension(name, [str(Path(__file__).with_name(stem + ".cpp"))],
-                                                 extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
-            except Exception as e:  # any build failure means: use the PyTorch layers
-                _failed[stem] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                warnings.warn(
-                    f"metamap could not compile its C++ kernel {stem} ({_failed[stem]}); using the PyTorch "
-                    f"layers instead (same results, slower). Install a C++ compiler and `pip install ninja`, "
-                    f"or set learner.cpp_kernels = false to silence this.", RuntimeWarning, stacklevel=3)
-    return _built.get(stem)
+def extension_name(stem: str = "conv_pool") -> tuple[str, list[str]]:
+    """The cached extension's name and its compiler flags."""
+    flags = ["-O3", "-fopenmp"]
+    name = f"metamap_{stem}"
+    if os.environ.get("METAMAP_KERNELS_PORTABLE") != "1":
+        # Built for this CPU; the name carries its instruction sets, so that a cache shared
+        # between machines (a home directory on a cluster) never hands one CPU's build to another.
+        flags.append("-march=native")
+        name += "_" + _cpu_tag()
+    return name, flags
 
 
-def load():
-    """The compiled first-layer extension (``conv_pool.cpp``), or ``None`` (warns once)."""
+def build_source(stem: str, verbose: bool = False):
+    """Compile (or load from the cache) ``<stem>.cpp``; ``None`` if it cannot be built here (warns once)."""
     global _module
-    _module = build("conv_pool")
+    if stem in _modules or stem in _failures:
+        return _modules.get(stem)
+    with _lock:
+        if stem not in _modules and stem not in _failures:
+            try:
+                from torch.utils.cpp_extension import load as compile_and_load
+                name, flags = extension_name(stem)
+                with _file_lock(_lock_path(name, verbose)):
+                    _modules[stem] = compile_and_load(name, [str(Path(__file__).with_name(stem + ".cpp"))],
+                                                      extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                                      verbose=verbose)
+            except Exception as e:  # any build failure means: use the PyTorch layers
+                first = not _failures
+                _failures[stem] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                if first:                      # one warning, however many kernels could not be built
+                    warnings.warn(
+                        f"metamap could not compile its C++ kernel ({_failures[stem]}); using the PyTorch "
+                        f"layers instead (same results, slower). Install a C++ compiler and `pip install ninja`, "
+                        f"or set learner.cpp_kernels = false to silence this.", RuntimeWarning, stacklevel=3)
+    if stem == "conv_pool":
+        _module = _modules.get(stem)
+    return _modules.get(stem)
+
+
+def build(verbose: bool = False):
+    """Compile (or load) every kernel; returns the first-layer one (``None`` if it cannot be built)."""
+    global _module
+    for stem in SOURCES:
+        build_source(stem, verbose)
+    _module = _modules.get("conv_pool")
     return _module
 
 
-_module = None
+def failure() -> str | None:
+    """Why the last :func:`build` failed (``None`` if it did not)."""
+    return "; ".join(f"{k}: {v}" for k, v in _failures.items()) or None
+
+
+def _lock_path(name: str, verbose: bool) -> Path:
+    """A lock file beside PyTorch's build folder for ``name`` (in the temporary folder if unknown)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        return Path(_get_build_directory(name, verbose)).parent / f"{name}.metamap-lock"
+    except (ImportError, OSError, TypeError):
+        import tempfile
+        return Path(tempfile.gettempdir()) / f"{name}.metamap-lock"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock held by one process at a time (released if the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _cpu_tag() -> str:
@@ -76,8 +124,19 @@ def _cpu_tag() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
+def loaded() -> bool:
+    """Whether the first-layer kernel is built and loaded in this process (never builds)."""
+    return _module is not None
+
+
 def available() -> bool:
-    return load() is not None
+    """Whether the first-layer kernel can be used here, building the kernels first if need be."""
+    return build() is not None
+
+
+def bn_relu_pool_available() -> bool:
+    """Whether :func:`bn_relu_pool` can be used here (builds it if need be)."""
+    return build_source("bn_relu_pool") is not None
 
 
 class _ConvPoolReLU(torch.autograd.Function):
@@ -126,7 +185,7 @@ def conv_pool_relu(x: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Ten
     """``relu(max_pool2d(conv2d(x_t, weight_t, bias_t, padding), 2))`` for every task ``t`` at once.
 
     ``x [N, T, C_in, H, W]`` (data: not differentiated), ``weight [T, C, C_in, kh, kw]``,
-    ``bias [T, C]`` -> grouped channels-last ``[N, T*C, H', W']``. Needs :func:`available`.
+    ``bias [T, C]`` -> grouped channels-last ``[N, T*C, H', W']``. Needs :func:`build` first.
     """
     t, c, cin, kh, kw = weight.shape
     w = weight.reshape(t, c, cin * kh * kw).transpose(1, 2).contiguous()      # [T, D, C]
@@ -139,8 +198,7 @@ def conv_pool_relu(x: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Ten
 class _BNReLUPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:
-        module = build("bn_relu_pool")
-        y, idx, mean, rstd = module.forward(z, gamma, beta, eps)
+        y, idx, mean, rstd = _modules["bn_relu_pool"].forward(z, gamma, beta, eps)
         ctx.save_for_backward(z, y, idx, gamma, mean, rstd)
         ctx.mark_non_differentiable(idx, mean, rstd)
         return y, mean, rstd
@@ -151,7 +209,7 @@ class _BNReLUPool(torch.autograd.Function):
             raise RuntimeError("metamap's C++ batch-norm/pool kernel is differentiable once, not twice; it "
                                "serves passes whose graph is differentiated once (MAML's query pass)")
         z, y, idx, gamma, mean, rstd = ctx.saved_tensors
-        gz, ggamma, gbeta = build("bn_relu_pool").backward(gy.contiguous(), z, y, idx, gamma, mean, rstd)
+        gz, ggamma, gbeta = _modules["bn_relu_pool"].backward(gy.contiguous(), z, y, idx, gamma, mean, rstd)
         return gz, ggamma, gbeta, None
 
 
@@ -160,7 +218,7 @@ def bn_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Te
 
     ``z [N, K, H, W]`` channels-last (grouped maps: K = tasks x features), ``gamma``, ``beta [K]`` ->
     ``(y [N, K, H // 2, W // 2]`` channels-last, ``mean [K]``, ``rstd [K]`` (no gradient)``)``.
-    Differentiable once (with respect to ``z``, ``gamma`` and ``beta``); needs ``build("bn_relu_pool")``.
+    Differentiable once (with respect to ``z``, ``gamma`` and ``beta``); needs :func:`bn_relu_pool_available`.
     """
     zl = z.permute(0, 2, 3, 1)
     if not zl.is_contiguous():

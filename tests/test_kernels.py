@@ -180,12 +180,27 @@ def test_bn_relu_pool_matches_pytorch_layers(n, k, size):
 
 
 @needs_compiler
-def test_bn_relu_pool_refuses_a_second_derivative():
-    z = torch.randn(2, 4, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
-    gamma, beta = torch.ones(4, dtype=torch.float64, requires_grad=True), torch.zeros(4, dtype=torch.float64)
-    y = kernels.bn_relu_pool(z, gamma, beta, 1e-5)[0]
-    with pytest.raises(RuntimeError, match="differentiable once, not twice"):
-        torch.autograd.grad(y.sum(), z, create_graph=True)       # never a silently constant gradient
+def test_bn_relu_pool_second_derivatives_match_pytorch_layers():
+    """Where a graph of its backward pass is built (MAML's inner steps) the kernel's gradients are
+    differentiable again: Hessian-vector products equal the PyTorch layers'."""
+    assert kernels.bn_relu_pool_available()
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 6, 7, 7, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    gamma = torch.randn(6, generator=g, dtype=torch.float64)
+    beta = torch.randn(6, generator=g, dtype=torch.float64)
+    weights = torch.randn(3, 6, 3, 3, generator=g, dtype=torch.float64)
+    v = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (z, gamma, beta)]
+
+    def hvp(fn):
+        args = [t.clone().requires_grad_() for t in (z, gamma, beta)]
+        loss = (fn(*args) * weights).square().sum()
+        grads = torch.autograd.grad(loss, args, create_graph=True)
+        return torch.autograd.grad(sum((a * b).sum() for a, b in zip(grads, v)), args)
+    for a, e in zip(hvp(lambda *a: kernels.bn_relu_pool(*a, 1e-5)[0]),
+                    hvp(lambda *a: bn_relu_pool_reference(*a, 1e-5))):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11)
+    args = [t.clone().requires_grad_() for t in (z, gamma, beta)]
+    assert torch.autograd.gradgradcheck(lambda *a: kernels.bn_relu_pool(*a, 1e-5)[0], args)
 
 
 @needs_compiler

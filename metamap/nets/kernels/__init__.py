@@ -6,8 +6,9 @@ differentiable twice (MAML's second-order meta-gradient needs exactly that) with
 kernel and bias; its input is data and gets no gradient.
 
 :func:`bn_relu_pool` runs a later block's batch norm (batch statistics), ReLU and 2x2 max-pool on
-grouped channels-last maps in two passes each way (see ``bn_relu_pool.cpp``); differentiable once
-(MAML's query pass), with statistics accumulated in double precision.
+grouped channels-last maps in two passes each way (see ``bn_relu_pool.cpp``), with statistics
+accumulated in double precision; its backward pass runs in C++ when no graph of it is built
+(MAML's query pass) and in PyTorch operations otherwise (its inner steps).
 
 :func:`build` compiles and loads the kernels. The fast backend calls it when it is created for a
 network that can use the kernel -- never inside a forward pass -- and ``metamap build-kernels``
@@ -201,27 +202,68 @@ class _BNReLUPool(torch.autograd.Function):
         y, idx, mean, rstd = _modules["bn_relu_pool"].forward(z, gamma, beta, eps)
         ctx.save_for_backward(z, y, idx, gamma, mean, rstd)
         ctx.mark_non_differentiable(idx, mean, rstd)
+        ctx.eps = eps
         return y, mean, rstd
 
     @staticmethod
     def backward(ctx, gy: Tensor, _gmean, _grstd):
-        if torch.is_grad_enabled():      # a graph of this backward is being built: refuse, never zero
-            raise RuntimeError("metamap's C++ batch-norm/pool kernel is differentiable once, not twice; it "
-                               "serves passes whose graph is differentiated once (MAML's query pass)")
         z, y, idx, gamma, mean, rstd = ctx.saved_tensors
-        gz, ggamma, gbeta = _modules["bn_relu_pool"].backward(gy.contiguous(), z, y, idx, gamma, mean, rstd)
+        if torch.is_grad_enabled():
+            # A graph of this backward is being built (MAML's inner gradients): the same formulas in
+            # differentiable PyTorch operations, so that second and higher derivatives are exact.
+            gz, ggamma, gbeta = bn_relu_pool_backward(gy, z, y, idx, gamma, ctx.eps)
+        else:
+            gz, ggamma, gbeta = _modules["bn_relu_pool"].backward(gy.contiguous(), z, y, idx, gamma, mean, rstd)
         return gz, ggamma, gbeta, None
+
+
+def bn_relu_pool_backward(gy: Tensor, z: Tensor, y: Tensor, idx: Tensor, gamma: Tensor, eps: float
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """The C++ backward pass of :func:`bn_relu_pool` in differentiable operations (channels-last
+    ``z [N, H, W, K]``, ``gy``, ``y``, ``idx [N, H // 2, W // 2, K]``): ``(dz, dgamma, dbeta)``.
+
+    With ``gu = gy * (y > 0)`` and ``xhat`` the normalised input, ``dbeta = sum gu``,
+    ``dgamma = sum gu * xhat(winner)`` and ``dz = gamma * rstd * (S - dbeta / n - xhat * dgamma / n)``,
+    ``S`` being ``gu`` scattered to the winning positions (the pooling choice and the ReLU mask are
+    locally constant).
+    """
+    n, h, w, k = z.shape
+    ho, wo = h // 2, w // 2
+    mean = z.mean((0, 1, 2))
+    centred = z - mean
+    rstd = torch.rsqrt((centred * centred).mean((0, 1, 2)) + eps)
+    xhat = centred * rstd
+    onehot = F.one_hot(idx.long(), 4).to(z.dtype).permute(0, 1, 2, 4, 3)            # [N, Ho, Wo, 4, K]
+
+    def windows(t: Tensor) -> Tensor:            # [N, 2Ho, 2Wo, K] -> [N, Ho, Wo, 4, K], q = 2 dy + dx
+        return t.reshape(n, ho, 2, wo, 2, k).permute(0, 1, 3, 2, 4, 5).reshape(n, ho, wo, 4, k)
+
+    winner = (windows(xhat[:, :2 * ho, :2 * wo]) * onehot).sum(3)
+    gu = gy * (y > 0).to(gy.dtype)
+    gbeta, ggamma = gu.sum((0, 1, 2)), (gu * winner).sum((0, 1, 2))
+    scattered = (onehot * gu.unsqueeze(3)).reshape(n, ho, wo, 2, 2, k).permute(0, 1, 3, 2, 4, 5)
+    scattered = F.pad(scattered.reshape(n, 2 * ho, 2 * wo, k), (0, 0, 0, w - 2 * wo, 0, h - 2 * ho))
+    count = n * h * w
+    gz = gamma * rstd * (scattered - gbeta / count - xhat * (ggamma / count))
+    return gz, ggamma, gbeta
 
 
 def bn_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``relu(max_pool2d(batch_norm(z, gamma, beta), 2))`` with batch statistics per channel, in two passes.
 
     ``z [N, K, H, W]`` channels-last (grouped maps: K = tasks x features), ``gamma``, ``beta [K]`` ->
-    ``(y [N, K, H // 2, W // 2]`` channels-last, ``mean [K]``, ``rstd [K]`` (no gradient)``)``.
-    Differentiable once (with respect to ``z``, ``gamma`` and ``beta``); needs :func:`bn_relu_pool_available`.
+    ``(y [N, K, H // 2, W // 2]`` channels-last, ``mean [K]``, ``rstd [K]`` (no gradient)``)``. The
+    statistics are accumulated in double precision. Differentiable to any order with respect to
+    ``z``, ``gamma`` and ``beta``: a backward pass without a graph (MAML's query pass) runs in C++,
+    one that builds a graph (its inner steps) in PyTorch operations. Needs :func:`bn_relu_pool_available`.
     """
     zl = z.permute(0, 2, 3, 1)
     if not zl.is_contiguous():
         zl = zl.contiguous()
     y, mean, rstd = _BNReLUPool.apply(zl, gamma.contiguous(), beta.contiguous(), float(eps))
     return y.permute(0, 3, 1, 2), mean, rstd
+
+
+def bn_relu_pool_loaded() -> bool:
+    """Whether :func:`bn_relu_pool` is built and loaded in this process (never builds)."""
+    return "bn_relu_pool" in _modules

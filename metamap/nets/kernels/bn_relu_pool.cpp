@@ -10,7 +10,9 @@
 // and decreasing where gamma < 0, so it commutes with max- (resp. min-) pooling of the raw input:
 // relu(max_pool(gamma * xhat + beta)) = relu(gamma * xhat(winner) + beta).
 //
-// Once differentiable: it serves passes whose graph is differentiated once (MAML's query pass).
+// The backward pass here is for passes whose graph is differentiated once (MAML's query pass); the
+// Python side computes the same formulas in differentiable operations where a graph of the backward
+// pass is built (MAML's inner steps).
 //
 // Shapes: z [N, H, W, K] contiguous (a channels-last [N, K, H, W] map), gamma, beta [K];
 // y and idx [N, Ho, Wo, K] with Ho = H / 2, Wo = W / 2 (floor, as max_pool2d(2)); mean, rstd [K].

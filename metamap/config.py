@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "channels_last": True,     # faster convolutions on CPU
         "tune_allocator": True,    # keep freed memory in-process (glibc mallopt); faster on CPU
         "max_bad_steps": 10,       # non-finite losses/gradients tolerated before the run stops
+        "max_weight_growth": 1e4,  # the run stops when the weights' norm exceeds this x its start (0 = off)
         "precision": "auto",       # auto (bf16 where the hardware has it and the learner's accuracy is
                                    # measured unchanged, else fp32) | fp32 | bf16 (autocast, CPU or GPU)
                                    # | fp16 (autocast + grad scaler, GPU)
@@ -160,6 +161,42 @@ def resolve(file: str | Path | None = None, overrides: list[str] | tuple = (),
     return config
 
 
+FINETUNE_AUGMENTATIONS = ("flip", "color", "translation")
+
+
+def finetune_enabled(e: dict) -> bool:
+    v = e.get("finetune", False)
+    if v in (True, "on", "auto"):
+        return True
+    if v in (False, "off", None):
+        return False
+    raise ConfigError(f"eval.finetune must be true or false (or 'auto' / 'off'), not {v!r}")
+
+
+def check_finetune(e: dict) -> None:
+    """Validate the ``eval.finetune*`` keys (test-time fine-tuning, metamap/train/test_time.py)."""
+    finetune_enabled(e)
+    lr, steps = e["finetune_lr"], e["finetune_steps"]
+    if lr != "auto" and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0):
+        raise ConfigError(f"eval.finetune_lr must be 'auto' or a number >= 0, not {lr!r}")
+    if steps != "auto" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
+        raise ConfigError(f"eval.finetune_steps must be 'auto' or a whole number >= 0, not {steps!r}")
+    for key, lo in (("finetune_lrs", 0.0), ("finetune_steps_grid", 1)):
+        v = e[key]
+        if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < lo
+                                                   for x in v):
+            raise ConfigError(f"eval.{key} must be a non-empty list of numbers >= {lo}, not {v!r}")
+    if not isinstance(e["finetune_episodes"], int) or e["finetune_episodes"] < 1:
+        raise ConfigError(f"eval.finetune_episodes must be a whole number >= 1, not {e['finetune_episodes']!r}")
+    bad = [a for a in e["finetune_augment"] if a not in FINETUNE_AUGMENTATIONS] \
+        if isinstance(e["finetune_augment"], list) else [e["finetune_augment"]]
+    if bad:
+        raise ConfigError(f"eval.finetune_augment: unknown {bad}; choose from {', '.join(FINETUNE_AUGMENTATIONS)}")
+    p = e["finetune_aug_prob"]
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
+        raise ConfigError(f"eval.finetune_aug_prob must be a number from 0 to 1, not {p!r}")
+
+
 def validate(config: dict) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -168,8 +205,7 @@ def validate(config: dict) -> None:
         return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
     t, e = config["train"], config["eval"]
-    from metamap.train import test_time
-    test_time.check(e)
+    check_finetune(e)
     need(whole(config["seed"], 0), f"seed must be a whole number >= 0, not {config['seed']!r}")
     need(whole(e["seed"], 0), f"eval.seed must be a whole number >= 0, not {e['seed']!r}")
     need(whole(t["steps"], 0), f"train.steps must be a whole number >= 0, not {t['steps']!r}")
@@ -190,6 +226,9 @@ def validate(config: dict) -> None:
     need(t["precision"] in ("auto", "fp32", "bf16", "fp16"),
          f"train.precision must be auto, fp32, bf16 or fp16, not {t['precision']!r}")
     need(t["prefetch"] in ("auto", True, False), f"train.prefetch must be auto, true or false, not {t['prefetch']!r}")
+    growth = t["max_weight_growth"]
+    need(isinstance(growth, (int, float)) and not isinstance(growth, bool) and math.isfinite(growth) and growth >= 0,
+         f"train.max_weight_growth must be a number >= 0 (0 = no limit), not {growth!r}")
     for k in ("val_every", "max_bad_steps", "threads"):
         need(whole(t[k], 0), f"train.{k} must be a whole number >= 0, not {t[k]!r}")
     need(t["chunk_tasks"] == "auto" or whole(t["chunk_tasks"], 0),
@@ -211,6 +250,8 @@ def dumps(config: dict) -> str:
             return json.dumps(v)
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):            # an inline table, e.g. one domain of a mixture
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
         raise ConfigError(f"cannot write {v!r} to TOML")
 
     for k, v in config.items():

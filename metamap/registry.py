@@ -45,6 +45,8 @@ _KINDS: dict[str, Any] = {}
 # Defaults that a plug-in brings into the config (nested like the config itself).
 _DEFAULTS: dict[tuple[str, str], dict] = {}
 _loaded = False
+# Packages whose every module is imported on first use of the tables, so that they register.
+PLUGIN_PACKAGES = ("metamap.algorithms", "metamap.nets", "metamap.data", "metamap.tasks", "metamap.rl")
 
 
 def register_learner(name: str, defaults: dict | None = None, family: str = "", summary: str = ""):
@@ -104,12 +106,9 @@ def _load_plugins() -> None:
     if _loaded:
         return
     _loaded = True
-    import metamap.algorithms as algorithms
-    import metamap.data as data
-    import metamap.nets as nets
-    import metamap.rl as rl
-    import metamap.tasks as tasks
-    for pkg in (algorithms, nets, data, tasks, rl):
+    # Plug-ins depend on this registry, not the other way round: they are found by package name.
+    for name in PLUGIN_PACKAGES:
+        pkg = importlib.import_module(name)
         for mod in pkgutil.iter_modules(pkg.__path__):
             importlib.import_module(f"{pkg.__name__}.{mod.name}")
 
@@ -144,6 +143,7 @@ def build_learner(config: dict, info: DataInfo) -> nn.Module:
     kind = task_kind(info.problem)
     learner = _lookup(_LEARNERS, config["learner"]["name"], "learner", "learner.name").builder(config, info)
     learner.kind = kind
+    learner.example_shape = tuple(info.example_shape)        # for adapt()'s checks of its inputs
     return learner
 
 

@@ -97,8 +97,7 @@ def test_architecture_mismatch_names_the_difference(image_folder, tmp_path):
           echo=lambda *_: None)
     meta = json.loads((tmp_path / "run" / "best" / checkpoint.META).read_text())
     meta["config"]["model"]["hidden"] = 16
-    meta.pop("sha256")
-    (tmp_path / "run" / "best" / checkpoint.META).write_text(json.dumps(meta))
+    checkpoint.write_meta(tmp_path / "run" / "best", meta)      # an intended edit, with its checksum
     with pytest.raises(CheckpointError, match="shape mismatch"):
         metamap.load(tmp_path / "run" / "best")
 
@@ -203,7 +202,11 @@ def test_trainer_applies_reptiles_parameter_difference_with_sgd(image_folder, tm
     from metamap.train.run import build
     from metamap.train.trainer import Trainer
     config = folder_config(image_folder, steps=1, **{"learner.name": "'reptile'", "optim.name": "'sgd'",
-                                                     "optim.lr": 0.5, "schedule.name": "'constant'",
+                                                     "optim.lr": 0.5, "schedule.name": "'constant'", "episode.shots": 1,
+                                                     # plain SGD inner steps: Adam would turn the rounding
+                                                     # noise of the biases batch norm cancels into +-lr steps
+                                                     "learner.inner_optimizer": "'sgd'", "learner.inner_lr": 0.1,
+                                                     "learner.inner_batch": 0,
                                                      "train.chunk_tasks": 1, "train.val_every": 0})
     source, _, learner = build(config)
     ep = config["episode"]

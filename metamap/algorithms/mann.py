@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from metamap.algorithms.base import MetaLearner, Predictor, embed_tasks
 from metamap.algorithms.seeding import content_generator, shuffled_order
 from metamap.errors import ConfigError
-from metamap.registry import DataInfo, build_backbone, options, register_backbone, register_learner
+from metamap.registry import DataInfo, build_backbone, options, register_learner
 from metamap.tasks.batch import TaskBatch
 
 PRESENTATIONS = (1, 2, 5, 10)
@@ -220,30 +220,6 @@ def presentation_accuracy(logits: Tensor, labels: Tensor, presentation: Tensor,
     """Accuracy at the k-th presentation of a class, for each ``k`` in ``which`` that occurs."""
     correct = logits.argmax(-1) == labels
     return {k: float(correct[presentation == k].float().mean()) for k in which if bool((presentation == k).any())}
-
-
-class Flatten(nn.Module):
-    """Examples as flat vectors times ``scale``: MANN's paper feeds raw pixels, with no convolutions.
-
-    The bundled Omniglot images are standardised (background -0.35, strokes 3.9), so a
-    flattened 28x28 image has a norm of about 36 against the label one-hot's 1 in the LSTM's
-    input. Measured (300 batches of 16, Adam 1e-3): with ``scale = 1`` the loss stays at ln 5,
-    the controller not even learning to use the labels; with 0.2 it does.
-    """
-
-    def __init__(self, out_features: int, scale: float = 1.0):
-        super().__init__()
-        self.out_features, self.scale = out_features, scale
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.flatten(1) * self.scale
-
-
-@register_backbone("flatten", defaults={"scale": 0.2})
-def _flatten(cfg: dict, info: DataInfo) -> Flatten:
-    # The conv settings of the default [model] section mean nothing here; accept and ignore them.
-    o = options(cfg, {"hidden": 0, "layers": 0, "norm": True, "scale": 0.2}, "model")
-    return Flatten(int(torch.tensor(info.example_shape).prod()), float(o["scale"]))
 
 
 @register_learner("mann", family="model",

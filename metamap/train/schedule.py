@@ -5,14 +5,16 @@ import math
 
 from metamap.errors import ConfigError
 
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "linear")
 
 
 def lr_factor(step: int, total_steps: int, cfg: dict) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based).
 
     constant: 1.  step: ``gamma ** (step // step_size)``.  cosine: from 1 down to
-    ``min_lr / lr`` over ``total_steps``. ``warmup`` steps of linear ramp-up come first for all.
+    ``min_lr / lr`` over ``total_steps``.  linear: from 1 down to ``min_lr / lr`` in equal steps
+    over ``total_steps`` (Reptile's outer step size: ``1 - step / total_steps`` with ``min_lr = 0``).
+    ``warmup`` steps of linear ramp-up come first for all.
     """
     name = cfg.get("name", "constant")
     warmup = int(cfg.get("warmup", 0))
@@ -29,4 +31,8 @@ def lr_factor(step: int, total_steps: int, cfg: dict) -> float:
         floor = float(cfg.get("min_lr", 0.0)) / float(cfg.get("base_lr", 1.0))
         t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    if name == "linear":
+        floor = float(cfg.get("min_lr", 0.0)) / float(cfg.get("base_lr", 1.0))
+        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1 - (1 - floor) * t
     raise ConfigError(f"unknown schedule.name {name!r}; choose one of {', '.join(SCHEDULES)}")

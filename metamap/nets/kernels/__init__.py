@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SOURCES = ("conv_pool", "bn_relu_pool")
+_SOURCE = Path(__file__).with_name("conv_pool.cpp")       # the first-layer kernel's source
 _lock = threading.Lock()
 _modules: dict[str, object] = {}
 _failures: dict[str, str] = {}
@@ -63,10 +64,13 @@ def build_source(stem: str, verbose: bool = False):
             try:
                 from torch.utils.cpp_extension import load as compile_and_load
                 name, flags = extension_name(stem)
-                with _file_lock(_lock_path(name, verbose)):
-                    _modules[stem] = compile_and_load(name, [str(Path(__file__).with_name(stem + ".cpp"))],
-                                                      extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                                      verbose=verbose)
+                build_dir = _build_dir(name, verbose)
+                with _file_lock(build_dir.parent / f"{name}.metamap-lock"):
+                    _clear_stale_baton(build_dir)
+                    source = _stable_source(build_dir.parent, name, _source(stem))
+                    _modules[stem] = compile_and_load(name, [str(source)], extra_cflags=flags,
+                                                      extra_ldflags=["-fopenmp"],
+                                                      build_directory=str(build_dir), verbose=verbose)
             except Exception as e:  # any build failure means: use the PyTorch layers
                 first = not _failures
                 _failures[stem] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
@@ -94,14 +98,43 @@ def failure() -> str | None:
     return "; ".join(f"{k}: {v}" for k, v in _failures.items()) or None
 
 
-def _lock_path(name: str, verbose: bool) -> Path:
-    """A lock file beside PyTorch's build folder for ``name`` (in the temporary folder if unknown)."""
+def _build_dir(name: str, verbose: bool) -> Path:
+    """PyTorch's build folder for ``name`` (in the temporary folder if PyTorch cannot say)."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
-        return Path(_get_build_directory(name, verbose)).parent / f"{name}.metamap-lock"
+        path = Path(_get_build_directory(name, verbose))
     except (ImportError, OSError, TypeError):
         import tempfile
-        return Path(tempfile.gettempdir()) / f"{name}.metamap-lock"
+        path = Path(tempfile.gettempdir()) / "metamap_torch_extensions" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _clear_stale_baton(build_dir: Path) -> None:
+    # PyTorch marks a build in progress with a `lock` file and waits, forever, while it exists. A
+    # build that was killed (a timeout, Ctrl-C) leaves it behind. Callers hold metamap's exclusive
+    # lock for this extension, so no other build of it is running: any such file is stale.
+    with contextlib.suppress(FileNotFoundError):
+        (build_dir / "lock").unlink()
+
+
+def _source(stem: str) -> Path:
+    return Path(__file__).with_name(stem + ".cpp")
+
+
+def _stable_source(folder: Path, name: str, source: Path = _SOURCE) -> Path:
+    """A copy of the kernel's source at a path that does not depend on where metamap is installed.
+
+    The build rules name the source file, so two installs (two checkouts, a venv and a clone)
+    compiling from their own paths would each rebuild the shared cached extension in turn."""
+    src = folder / f"{name}.src" / source.name
+    text = source.read_bytes()
+    if not src.is_file() or src.read_bytes() != text:
+        src.parent.mkdir(parents=True, exist_ok=True)
+        tmp = src.with_name(f".{src.name}.{os.getpid()}")
+        tmp.write_bytes(text)
+        os.replace(tmp, src)
+    return src
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ tasks, mean ± 95 % CI; Figure-4/5-shaped plot and (2-D navigation) trajectories
     python benchmarks/rl_meta.py train maml-trpo                       # one method (resumable)
     python benchmarks/rl_meta.py train maml-trpo --resume              # continue from its last/
     python benchmarks/rl_meta.py report                                # table + PNGs of what exists
+    python benchmarks/rl_meta.py paired rl2                            # paired differences, same tasks
     python benchmarks/rl_meta.py train maml-trpo --family cheetah-velocity --steps 60 --episodes 40
 
 Runs live in benchmarks/results/rl/<family>/<method>/ (config, metrics.jsonl, last/ and best/
@@ -87,7 +88,7 @@ def cmd_train(args) -> int:
     iteration_s = np.diff([0.0] + [r["elapsed_s"] for r in log if "elapsed_s" in r])
     returns = {result.metric: (result.mean, result.ci95), **{k: (v["mean"], v["ci95"]) for k, v in result.others.items()}}
     payload = {
-        "command": "python benchmarks/rl_meta.py " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "command": "python benchmarks/rl_meta.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         **spent, "eval_cpu_minutes": round(eval_cpu / 60, 2),
         "median_iteration_wall_s": float(np.median(iteration_s)) if len(iteration_s) else None,
         "median_env_steps_per_s": float(np.median(steps_s)) if steps_s else None,
@@ -139,26 +140,47 @@ def cmd_report(args) -> int:
 
 
 def cmd_paired(args) -> int:
-    """Paired difference ``return_b - return_a`` over the same test tasks (mean ± 95 % CI): the
-    evaluator reports each metric's CI over tasks; their difference on the same tasks is tighter."""
+    """Paired differences ``return_b - return_a`` over the same test tasks (mean ± 95 % CI).
+
+    The evaluator reports each metric's CI over tasks; the difference of two metrics on the same
+    tasks removes the spread between tasks and is tighter. One pass scores every test task once
+    (all of ``return_0..3`` come from the same rollouts, exactly as ``metamap eval`` draws them) and
+    keeps the per-task scores, so every difference is read from that one pass. The means are checked
+    against the method's recorded test result (same tasks, same seeds: they must agree).
+    """
     import torch
 
     from metamap.rl.tasks import RLSource
     from metamap.train.evaluate import confidence_interval
+    torch.set_num_threads(1)
     folder = run_dir(args.family, args.method)
-    learner = load_learner(folder)
-    config = learner.config
+    loaded = load_learner(folder)
+    learner = getattr(loaded, "learner", loaded)
+    config = loaded.config
     sampler = RLSource().sampler(config, "test", 1, 1, 1, 1, config["eval"]["seed"])   # as metamap eval
     episodes = config["eval"]["episodes"]
-    diffs = []
-    for start in range(0, episodes, 50):
-        scores = learner.score_tasks(sampler.episodes(range(start, min(start + 50, episodes))))
-        diffs.append(scores[args.b] - scores[args.a])
-    mean, ci, _ = confidence_interval(torch.cat(diffs))
-    out = {"method": args.method, "difference": f"{args.b} - {args.a}", "mean": mean, "ci95": ci,
-           "tasks": episodes}
-    (folder.parent / f"{args.method}-paired-{args.b}-{args.a}.json").write_text(json.dumps(out, indent=2))
-    print(json.dumps(out))
+    cpu0 = time.process_time()
+    chunks = [learner.score_tasks(sampler.episodes(range(s, min(s + 50, episodes))))
+              for s in range(0, episodes, 50)]
+    scores = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+    cpu = time.process_time() - cpu0
+    recorded = json.loads((folder.parent / f"{args.method}.json").read_text())["test"]
+    check = {k: abs(float(v.mean()) - recorded[k][0]) for k, v in scores.items() if k in recorded}
+    if max(check.values()) > 1e-6:
+        raise SystemExit(f"the re-scored means differ from the recorded test result: {check}")
+    pairs = [(f"return_{k}", "return_0") for k in range(1, 4)] + [(f"return_{k + 1}", f"return_{k}")
+                                                                  for k in range(1, 3)]
+    differences = {}
+    for b, a in pairs:
+        d = scores[b] - scores[a]
+        mean, ci, _ = confidence_interval(d)
+        differences[f"{b} - {a}"] = {"mean": mean, "ci95": ci, "tasks_b_above_a": int((d > 0).sum())}
+    out = {"method": args.method, "family": args.family, "tasks": episodes, "eval_seed": config["eval"]["seed"],
+           "differences": differences, "cpu_minutes": round(cpu / 60, 2),
+           "command": "python benchmarks/rl_meta.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+           "per_task": {k: v.tolist() for k, v in scores.items()}}
+    (folder.parent / f"{args.method}-paired.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "per_task"}, indent=1))
     return 0
 
 
@@ -176,11 +198,9 @@ def main(argv=None) -> int:
     t.add_argument("--no-eval", action="store_true", help="train only (a segment of a run continued later)")
     r = sub.add_parser("report")
     r.add_argument("--family", default="navigation2d")
-    q = sub.add_parser("paired", help="paired difference of two metrics on the same test tasks")
+    q = sub.add_parser("paired", help="paired differences of the returns on the same test tasks")
     q.add_argument("method", choices=METHODS)
     q.add_argument("--family", default="navigation2d")
-    q.add_argument("--a", default="return_0")
-    q.add_argument("--b", default="return_1")
     args = p.parse_args(argv)
     return {"train": cmd_train, "report": cmd_report, "paired": cmd_paired}[args.command](args)
 

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from benchmarks.common import RESULTS, facts_line  # noqa: E402
 from metamap import config as configlib  # noqa: E402
 from metamap.train.checkpoint import load_learner  # noqa: E402
 from metamap.train.run import evaluate_checkpoint, train  # noqa: E402
+from metamap.train.trainer import TrainingInterrupted  # noqa: E402
 
 METHODS = ["maml-trpo", "fomaml-trpo", "maml-promp", "pretrained", "random", "oracle", "rl2"]
 
@@ -57,6 +61,21 @@ def overrides(args) -> list[str]:
     return out + list(args.set)
 
 
+def stop_after_cpu(seconds: float) -> threading.Event:
+    """SIGTERM this process once it has used ``seconds`` of CPU time (unless the returned event is
+    set first): the trainer finishes the step in flight and writes last/, and the segment ends
+    cleanly (continued with --resume)."""
+    start, done = time.process_time(), threading.Event()
+
+    def watch():
+        while time.process_time() - start < seconds:
+            if done.wait(2.0):
+                return
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True).start()
+    return done
+
+
 def cmd_train(args) -> int:
     folder = run_dir(args.family, args.method)
     base = None
@@ -69,13 +88,21 @@ def cmd_train(args) -> int:
         folder.parent / f"{args.method}.json").exists() else {}
     print(facts_line(), flush=True)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    summary = train(config, folder, resume=folder if args.resume else None, progress=not args.quiet,
-                    run_test=False)
+    watching = stop_after_cpu(args.cpu_budget * 60) if args.cpu_budget else threading.Event()
+    try:
+        summary = train(config, folder, resume=folder if args.resume else None, progress=not args.quiet,
+                        run_test=False)
+        stopped = False
+    except TrainingInterrupted:       # the CPU budget of this segment: last/ holds the step reached
+        summary = {"steps": json.loads((folder / "last" / "checkpoint.json").read_text())["step"]}
+        stopped = True
+    finally:
+        watching.set()
     train_cpu, train_wall = time.process_time() - cpu0, time.perf_counter() - wall0
     spent = {"train_cpu_minutes": round(previous.get("train_cpu_minutes", 0.0) + train_cpu / 60, 2),
              "train_wall_minutes": round(previous.get("train_wall_minutes", 0.0) + train_wall / 60, 2),
              "steps": summary["steps"], "method": args.method, "family": args.family}
-    if args.no_eval:                  # a segment of a longer run: keep the time spent, test at the end
+    if args.no_eval or stopped:       # a segment of a longer run: keep the time spent, test at the end
         (folder.parent / f"{args.method}.json").write_text(json.dumps(spent, indent=2))
         print(json.dumps(spent))
         return 0
@@ -196,6 +223,8 @@ def main(argv=None) -> int:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--no-eval", action="store_true", help="train only (a segment of a run continued later)")
+    t.add_argument("--cpu-budget", type=float, default=0.0, metavar="MINUTES",
+                   help="end this segment cleanly (checkpoint, no test) after this much process CPU time")
     r = sub.add_parser("report")
     r.add_argument("--family", default="navigation2d")
     q = sub.add_parser("paired", help="paired differences of the returns on the same test tasks")

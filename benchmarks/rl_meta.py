@@ -15,6 +15,7 @@ CPU times are of this process (one torch thread).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -76,6 +78,44 @@ def stop_after_cpu(seconds: float) -> threading.Event:
     return done
 
 
+@contextlib.contextmanager
+def per_task_scores():
+    """The ``return_k -> [T]`` chunks the evaluator receives from the RL learners, in order.
+
+    The evaluator keeps per-task scores of its first metric only; paired differences need every
+    metric's, task by task, from the same rollouts: recorded here as the learners hand them over
+    (checked against the evaluator's own list of the first metric)."""
+    from metamap.rl.learners import PolicyGradientLearner, RL2Learner
+    seen, originals = [], {cls: cls.score_tasks for cls in (PolicyGradientLearner, RL2Learner)}
+
+    def recording(original):
+        def score_tasks(self, tasks):
+            out = original(self, tasks)
+            seen.append({k: v.detach().cpu() for k, v in out.items()})
+            return out
+        return score_tasks
+    for cls, original in originals.items():
+        cls.score_tasks = recording(original)
+    try:
+        yield seen
+    finally:
+        for cls, original in originals.items():
+            cls.score_tasks = original
+
+
+def save_scores(path: Path, method: str, family: str, seed: int, scores: dict) -> None:
+    tasks = len(next(iter(scores.values())))
+    path.write_text(json.dumps({"method": method, "family": family, "tasks": tasks, "eval_seed": seed,
+                                "per_task": {k: v.tolist() for k, v in scores.items()}}))
+
+
+def paired(a, b) -> dict:
+    from metamap.train.evaluate import confidence_interval
+    d = b - a
+    mean, ci, _ = confidence_interval(d)
+    return {"mean": mean, "ci95": ci, "tasks_b_above_a": int((d > 0).sum()), "tasks": len(d)}
+
+
 def cmd_train(args) -> int:
     folder = run_dir(args.family, args.method)
     base = None
@@ -107,8 +147,13 @@ def cmd_train(args) -> int:
         print(json.dumps(spent))
         return 0
     cpu1 = time.process_time()
-    (result,) = evaluate_checkpoint(folder, progress=not args.quiet)      # best/ (= last/ without validation)
+    with per_task_scores() as seen:
+        (result,) = evaluate_checkpoint(folder, progress=not args.quiet)  # best/ (= last/ without validation)
     eval_cpu = time.process_time() - cpu1
+    scores = {k: torch.cat([c[k] for c in seen]).double() for k in seen[0]}
+    if scores[result.metric].tolist() != list(result.scores):
+        raise SystemExit("the per-task scores seen differ from the evaluator's; not saving them")
+    save_scores(folder.parent / f"{args.method}-scores.json", args.method, args.family, result.seed, scores)
     log_file = folder / "metrics.jsonl"                  # absent when nothing was trained (random)
     log = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] if log_file.exists() else []
     steps_s = [r["env_steps_per_s"] for r in log if "env_steps_per_s" in r]
@@ -167,48 +212,59 @@ def cmd_report(args) -> int:
 
 
 def cmd_paired(args) -> int:
-    """Paired differences ``return_b - return_a`` over the same test tasks (mean ± 95 % CI).
+    """Paired differences over the same test tasks (mean ± 95 % CI): ``return_k - return_0`` and
+    ``return_{k+1} - return_k`` of one method, and with ``--vs OTHER`` each ``return_k`` of the
+    method minus OTHER's on the same tasks.
 
-    The evaluator reports each metric's CI over tasks; the difference of two metrics on the same
-    tasks removes the spread between tasks and is tighter. One pass scores every test task once
-    (all of ``return_0..3`` come from the same rollouts, exactly as ``metamap eval`` draws them) and
-    keeps the per-task scores, so every difference is read from that one pass. The means are checked
-    against the method's recorded test result (same tasks, same seeds: they must agree).
+    The evaluator reports each metric's CI over tasks; the difference of two scores on the same
+    tasks removes the spread between tasks (a goal far away costs every method alike) and is
+    tighter. The per-task scores come from the method's test run (``<method>-scores.json``, all of
+    ``return_0..3`` from the same rollouts); a run tested before those were kept is scored once
+    more, exactly as ``metamap eval`` draws its tasks, and checked against its recorded means.
     """
-    import torch
-
-    from metamap.rl.tasks import RLSource
-    from metamap.train.evaluate import confidence_interval
-    torch.set_num_threads(1)
     folder = run_dir(args.family, args.method)
-    loaded = load_learner(folder)
-    learner = getattr(loaded, "learner", loaded)
-    config = loaded.config
-    sampler = RLSource().sampler(config, "test", 1, 1, 1, 1, config["eval"]["seed"])   # as metamap eval
-    episodes = config["eval"]["episodes"]
-    cpu0 = time.process_time()
-    chunks = [learner.score_tasks(sampler.episodes(range(s, min(s + 50, episodes))))
-              for s in range(0, episodes, 50)]
-    scores = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
-    cpu = time.process_time() - cpu0
-    recorded = json.loads((folder.parent / f"{args.method}.json").read_text())["test"]
-    check = {k: abs(float(v.mean()) - recorded[k][0]) for k, v in scores.items() if k in recorded}
-    if max(check.values()) > 1e-6:
-        raise SystemExit(f"the re-scored means differ from the recorded test result: {check}")
-    pairs = [(f"return_{k}", "return_0") for k in range(1, 4)] + [(f"return_{k + 1}", f"return_{k}")
-                                                                  for k in range(1, 3)]
-    differences = {}
-    for b, a in pairs:
-        d = scores[b] - scores[a]
-        mean, ci, _ = confidence_interval(d)
-        differences[f"{b} - {a}"] = {"mean": mean, "ci95": ci, "tasks_b_above_a": int((d > 0).sum())}
-    out = {"method": args.method, "family": args.family, "tasks": episodes, "eval_seed": config["eval"]["seed"],
-           "differences": differences, "cpu_minutes": round(cpu / 60, 2),
-           "command": "python benchmarks/rl_meta.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-           "per_task": {k: v.tolist() for k, v in scores.items()}}
-    (folder.parent / f"{args.method}-paired.json").write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: v for k, v in out.items() if k != "per_task"}, indent=1))
+    scores = load_scores(args.family, args.method)
+    k = range(4)
+    if args.vs:
+        other = load_scores(args.family, args.vs)
+        differences = {f"{args.method} - {args.vs}, return_{i}": paired(other[f"return_{i}"], scores[f"return_{i}"])
+                       for i in k}
+        name = f"{args.method}-vs-{args.vs}"
+    else:
+        pairs = [(f"return_{i}", "return_0") for i in k[1:]] + [(f"return_{i + 1}", f"return_{i}") for i in k[1:-1]]
+        differences = {f"{b} - {a}": paired(scores[a], scores[b]) for b, a in pairs}
+        name = args.method
+    out = {"method": args.method, "family": args.family, "tasks": len(scores["return_0"]),
+           "differences": differences,
+           "command": "python benchmarks/rl_meta.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    (folder.parent / f"{name}-paired.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
     return 0
+
+
+def load_scores(family: str, method: str) -> dict:
+    """Per-task ``return_k`` of a tested method (scored anew, once, if its test run did not keep them)."""
+    from metamap.rl.tasks import RLSource
+    folder = run_dir(family, method)
+    path = folder.parent / f"{method}-scores.json"
+    recorded = json.loads((folder.parent / f"{method}.json").read_text())
+    if not path.exists():
+        torch.set_num_threads(1)
+        loaded = load_learner(folder)
+        learner, config = getattr(loaded, "learner", loaded), loaded.config
+        sampler = RLSource().sampler(config, "test", 1, 1, 1, 1, config["eval"]["seed"])   # as metamap eval
+        episodes = config["eval"]["episodes"]
+        chunks = [learner.score_tasks(sampler.episodes(range(s, min(s + 50, episodes))))
+                  for s in range(0, episodes, 50)]
+        fresh = {k: torch.cat([c[k] for c in chunks]).double() for k in chunks[0]}
+        check = {k: abs(float(v.mean()) - recorded["test"][k][0]) for k, v in fresh.items()}
+        if max(check.values()) > 1e-6:
+            raise SystemExit(f"{method}: the re-scored means differ from the recorded test result: {check}")
+        save_scores(path, method, family, config["eval"]["seed"], fresh)
+    data = json.loads(path.read_text())
+    if data["eval_seed"] != recorded["eval_seed"] or data["tasks"] != recorded["test_episodes"]:
+        raise SystemExit(f"{path} is not of {method}'s recorded test run; delete it to score again")
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in data["per_task"].items()}
 
 
 def main(argv=None) -> int:
@@ -230,6 +286,7 @@ def main(argv=None) -> int:
     q = sub.add_parser("paired", help="paired differences of the returns on the same test tasks")
     q.add_argument("method", choices=METHODS)
     q.add_argument("--family", default="navigation2d")
+    q.add_argument("--vs", choices=METHODS, help="another tested method: differences on the same tasks")
     args = p.parse_args(argv)
     return {"train": cmd_train, "report": cmd_report, "paired": cmd_paired}[args.command](args)
 

@@ -166,3 +166,18 @@ def test_reading_a_file_that_is_not_an_exported_classifier(tmp_path):
         OnnxClassifier.open(tmp_path / "plain.onnx")
     with pytest.raises(DataError, match="does not exist"):
         OnnxClassifier.open(tmp_path / "absent.onnx")
+
+
+def test_the_readme_example_reads_the_classifier_with_onnxruntime_alone(folders, tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+    (example,) = [b for b in blocks if "metamap.preprocessing" in b]
+    model = learner("protonet", "data.image_size=16").eval()
+    export_classifier(SimpleNamespace(learner=model, spec=SPEC), folders.support, tmp_path / "classifier.onnx")
+    query = list_images(folders.query)[4]
+    shutil.copy(query, tmp_path / "query.png")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    name, score = capsys.readouterr().out.split()
+    (row,) = [r for r in predict_onnx(tmp_path / "classifier.onnx", folders.query) if r.file == query.name]
+    assert name == row.prediction and abs(float(score) - row.score) < 1e-6

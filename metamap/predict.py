@@ -39,10 +39,11 @@ def read_support(folder: str | Path, spec) -> tuple[torch.Tensor, torch.Tensor, 
 def predict_folders(checkpoint, support: str | Path, query: str | Path, batch_size: int = 256) -> list[Prediction]:
     """Adapt the learner of ``checkpoint`` to the ``support`` folder, classify every image in ``query``."""
     import metamap
-    learner = metamap.load(checkpoint)
-    if learner.spec is None:
+    loaded = metamap.load(checkpoint)
+    learner, spec = loaded.learner, loaded.spec
+    if spec is None:
         raise DataError("this checkpoint was not trained on images, so it cannot classify image folders")
-    support_x, support_y, names = read_support(support, learner.spec)
+    support_x, support_y, names = read_support(support, spec)
     query = Path(query)
     if not query.is_dir():
         raise DataError(f"query folder {query} does not exist or is not a folder")
@@ -54,7 +55,7 @@ def predict_folders(checkpoint, support: str | Path, query: str | Path, batch_si
         predictor = learner.adapt(support_x, support_y, ways=len(names))
         for start in range(0, len(query_paths), batch_size):
             chunk = query_paths[start:start + batch_size]
-            probs = predictor(learner.spec.to_input(learner.spec.load_many(chunk))).detach().softmax(-1)
+            probs = predictor(spec.to_input(spec.load_many(chunk))).detach().softmax(-1)
             score, label = probs.max(-1)
             out += [Prediction(p.name, names[int(k)], float(s)) for p, k, s in zip(chunk, label, score)]
     return out

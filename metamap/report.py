@@ -32,10 +32,10 @@ def episode_grid(run_dir: Path, out: Path, episodes: int = 2, ways: int = 5, que
     """A few test episodes: the support images, then queries titled predicted / true class."""
     import metamap
     from metamap.registry import data_source
-    learner = metamap.load(run_dir)
-    if learner.spec is None:
+    loaded = metamap.load(run_dir)
+    learner, spec, config = loaded.learner, loaded.spec, loaded.config
+    if spec is None:
         return None
-    config = learner.config
     source = data_source(config)
     test = source.dataset(config, "test")
     ways = min(ways, test.num_classes)
@@ -43,7 +43,6 @@ def episode_grid(run_dir: Path, out: Path, episodes: int = 2, ways: int = 5, que
     tasks = sampler.episodes(range(episodes))
     with torch.set_grad_enabled(learner.adapts_with_gradients):
         predicted = learner.adapt(tasks.support_x, tasks.support_y, ways)(tasks.query_x).argmax(-1)
-    spec = learner.spec
     mean, std = torch.tensor(spec.mean).view(-1, 1, 1), torch.tensor(spec.std).view(-1, 1, 1)
     show = lambda x: (x * std + mean).clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy()
     plt = _plt()

@@ -19,6 +19,8 @@ and at test time; ``"running"`` does so in meta-training while tracking running 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +30,8 @@ from metamap.algorithms.base import MetaLearner, Predictor
 from metamap.algorithms.inner_loop import TaskForward, inner_loop, task_losses
 from metamap.errors import ConfigError, MetamapError
 from metamap.nets.functional import BN_MODES
-from metamap.registry import DataInfo, build_backbone, options, register_learner
+from metamap.options import ADAPTATION, ARCHITECTURE, RUNTIME, TRAINING, Options, option
+from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
 
 STEP_SIZE_MODES = ("fixed", "per_layer_per_step", "per_element")
@@ -294,13 +297,33 @@ class Reptile(GradientLearner):
         return loss, self.task_metrics(outputs, tasks.query_y)
 
 
-# -- registration -----------------------------------------------------------------------------
-COMMON = {
-    "inner_steps": 1, "inner_steps_eval": 3, "inner_lr": 0.4, "first_order": False,
-    "step_sizes": "fixed", "adapt": "all", "bn": "transductive", "multi_step_loss": False,
-    "msl_anneal_steps": 0, "batched": True, "channels_last": True, "fuse_bn_pool": True,
-    "bf16": False, "grad_checkpoint": False, "fold_bn": True, "cpp_kernels": True,
-}
+# -- options and registration -------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class GradientOptions(Options):
+    """Options of every gradient-based learner (see the module docstring)."""
+
+    section = "learner"
+    inner_steps: int = option(1, low=0, high=10_000, role=TRAINING, doc="inner steps in meta-training")
+    inner_steps_eval: int = option(3, low=0, high=10_000, role=ADAPTATION, doc="inner steps at test time")
+    inner_lr: float = option(0.4, low=0, low_open=True, role=ADAPTATION,
+                             doc="inner step size (the initial one when step sizes are learned)")
+    first_order: bool = option(False, role=TRAINING, doc="first-order meta-gradients (FOMAML)")
+    step_sizes: Literal["fixed", "per_layer_per_step", "per_element"] = option(
+        "fixed", role=ARCHITECTURE, doc="fixed, learned per layer and step (MAML++), or per weight (Meta-SGD)")
+    adapt: str | list[str] = option(
+        "all", role=ARCHITECTURE, doc="which parameters adapt: all, head, or a list of name prefixes")
+    bn: Literal["transductive", "running"] = option(
+        "transductive", role=ARCHITECTURE, doc="batch statistics per task, or running statistics at test time")
+    multi_step_loss: bool = option(False, role=TRAINING, doc="MAML++ query loss after every inner step")
+    msl_anneal_steps: int = option(0, low=0, role=TRAINING, doc="outer steps over which that loss anneals")
+    batched: bool = option(True, role=RUNTIME, doc="all tasks at once through grouped convolutions")
+    channels_last: bool = option(True, role=RUNTIME)
+    fuse_bn_pool: bool = option(True, role=RUNTIME)
+    bf16: bool = option(False, role=RUNTIME)
+    grad_checkpoint: bool = option(False, role=RUNTIME, doc="recompute inner-step activations in the backward")
+    fold_bn: bool = option(True, role=RUNTIME)
+    cpp_kernels: bool = option(True, role=RUNTIME)
+
 # Finn et al. (2017), Omniglot 5-way: meta-batch 32, Adam 1e-3, inner step size 0.4, one inner
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults
 # to the same number of ways.
@@ -310,18 +333,19 @@ DEFAULTS = {"episode": EPISODE, "optim": {"lr": 1e-3}, "schedule": {"name": "con
 
 
 def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) -> GradientLearner:
-    o = options(config["learner"], COMMON, "learner")
+    o: GradientOptions = section_options(config, "learner")
     body = build_backbone(config, info)
     regression = info.problem == "regression"
     ways = 0 if regression else config["episode"]["ways"]
     head = nn.Linear(body.out_features, info.output_dim if regression else ways)
-    return cls(body, head, len(info.example_shape), ways=ways, **o)
+    return cls(body, head, len(info.example_shape), ways=ways, **o.to_dict())
 
 
 def _register(name: str, summary: str, cls=GradientLearner, **learner_defaults):
-    defaults = {**DEFAULTS, "learner": {**COMMON, **learner_defaults}}
+    options = GradientOptions.with_defaults(f"{name.capitalize()}Options", **learner_defaults) \
+        if learner_defaults else GradientOptions
 
-    @register_learner(name, defaults=defaults, family="optimization", summary=summary)
+    @register_learner(name, options=options, defaults=DEFAULTS, family="optimization", summary=summary)
     def _build(config: dict, info: DataInfo):
         learner = build_gradient_learner(config, info, cls)
         learner.name = name

@@ -7,6 +7,8 @@ with a mean squared error, as in the paper.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,7 +16,8 @@ from torch import Tensor, nn
 from metamap.algorithms.base import MetaLearner, Predictor
 from metamap.errors import ConfigError
 from metamap.nets.backbones import conv_block
-from metamap.registry import DataInfo, options, register_learner
+from metamap.options import ARCHITECTURE, Options, option
+from metamap.registry import DataInfo, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
 
 
@@ -91,15 +94,21 @@ class RelationNetwork(MetaLearner):
         return loss, self.task_metrics(scores.detach(), tasks.query_y)
 
 
-@register_learner("relation", family="metric",
+@dataclass(frozen=True, kw_only=True)
+class RelationOptions(Options):
+    section = "learner"
+    hidden: int = option(8, low=1, high=1 << 20, role=ARCHITECTURE, doc="units of the relation module's hidden layer")
+
+
+@register_learner("relation", options=RelationOptions, family="metric",
                   summary="Relation Networks, learned relation module, MSE objective (Sung et al. 2018)")
 def _build(config: dict, info: DataInfo) -> RelationNetwork:
-    o = options(config["learner"], {"hidden": 8}, "learner")
-    model = options(config["model"], {"hidden": 64, "layers": 4, "norm": True}, "model")
+    o: RelationOptions = section_options(config, "learner")
     if config["model"]["backbone"] != "conv4" or len(info.example_shape) != 3:
         raise ConfigError("relation networks compare feature maps: use image data and model.backbone = \"conv4\"")
-    if model["layers"] != 4:
+    model = section_options(config, "model")
+    if model.layers != 4:
         raise ConfigError("relation networks use the paper's 4-block embedding; leave model.layers at 4")
     c, h, _ = info.example_shape
-    encoder = relation_encoder(c, model["hidden"], model["norm"])
-    return RelationNetwork(encoder, RelationModule(model["hidden"], h // 4, o["hidden"]), example_dims=3)
+    encoder = relation_encoder(c, model.hidden, model.norm)
+    return RelationNetwork(encoder, RelationModule(model.hidden, h // 4, o.hidden), example_dims=3)

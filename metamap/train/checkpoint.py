@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,18 +161,62 @@ def load_state(learner: torch.nn.Module, weights: dict[str, torch.Tensor], where
     learner.load_state_dict(weights)
 
 
-def load_learner(path: str | Path, device: str = "cpu"):
-    """Rebuild a learner from its checkpoint (config + data info) and load its weights."""
-    from metamap.data.images import ImageSpec
-    from metamap.registry import DataInfo, build_learner
+@dataclass
+class LoadedLearner:
+    """What :func:`metamap.load` returns: a trained learner and what it needs to be used.
 
-    path, meta = read_meta(path)
+    ``learner``: the :class:`~metamap.MetaLearner`, in evaluation mode (``learner.adapt(support_x,
+    support_y)`` -> predictor). ``spec``: the image preprocessing of its training data (file ->
+    uint8 -> float input; ``None`` for non-image data). ``config``: the complete resolved config it
+    was trained with. ``info``: what the learner was built for (example shape, classes...).
+    ``path`` and ``meta``: the checkpoint folder and its description (step, best metric...).
+    """
+
+    learner: Any
+    spec: Any
+    config: dict
+    info: Any
+    path: Path
+    meta: dict
+
+    def adapt(self, support_x, support_y, ways: int | None = None):
+        """``learner.adapt``, with gradients enabled only for learners that adapt by gradient steps."""
+        import torch
+        with torch.set_grad_enabled(self.learner.adapts_with_gradients):
+            return self.learner.adapt(support_x, support_y, ways)
+
+    def inputs(self, files) -> Any:
+        """Image files -> model inputs ``[n, C, H, W]`` through the training preprocessing."""
+        from metamap.errors import DataError
+        if self.spec is None:
+            raise DataError("this checkpoint was not trained on images, so it has no image preprocessing")
+        return self.spec.to_input(self.spec.load_many(files))
+
+
+def data_info(meta: dict):
+    """The :class:`~metamap.registry.DataInfo` recorded in a checkpoint's description."""
+    from metamap.data.images import ImageSpec
+    from metamap.registry import DataInfo
+
     info_d = dict(meta["data_info"])
     spec = ImageSpec.from_dict(info_d.pop("spec")) if info_d.get("spec") else None
-    info_d.pop("spec", None)
-    info = DataInfo(**{**info_d, "example_shape": tuple(info_d["example_shape"]), "spec": spec})
-    learner = build_learner(meta["config"], info)
+    return DataInfo(**{**info_d, "example_shape": tuple(info_d["example_shape"]), "spec": spec})
+
+
+def load_learner(path: str | Path, device: str = "cpu", learner=None) -> LoadedLearner:
+    """Rebuild a learner from its checkpoint (its complete config and data info) and load its weights.
+
+    ``learner``: load the weights into this learner instead of building one from the config
+    (for learners built in Python around one's own modules, which no config can rebuild).
+    """
+    from metamap.config import resolve
+    from metamap.registry import build_learner
+
+    path, meta = read_meta(path)
+    config = resolve(base=meta["config"])            # older checkpoints: missing keys take the defaults
+    info = data_info(meta)
+    if learner is None:
+        learner = build_learner(config, info)
     load_state(learner, read_tensors(path, WEIGHTS, meta), path)
     learner.to(device).eval()
-    learner.spec, learner.config, learner.info, learner.checkpoint_meta = spec, meta["config"], info, meta
-    return learner
+    return LoadedLearner(learner, info.spec, config, info, path, meta)

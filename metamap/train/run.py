@@ -140,7 +140,7 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
         echo(report(results, config, source))
     if rank == 0:
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
-        if config["train"].get("report", True):
+        if config["train"]["report"]:
             from metamap.report import write_report
             echo(f"report: {write_report(run_dir, episodes=run_test)}")
         else:
@@ -187,9 +187,10 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str 
     path, meta = checkpoint.read_meta(path)
     config = configlib.resolve(overrides=list(overrides), base=meta["config"])
     device = setup_runtime(config)
-    learner = load_learner(path, device=str(device))
+    loaded = load_learner(path, device=str(device))
+    learner = loaded.learner
     source = data_source(config)
-    memory_format = memory_format_for(config, learner.info)
+    memory_format = memory_format_for(config, loaded.info)
     if memory_format is not None:
         learner.to(memory_format=memory_format)
     results = test(learner, config, test_samplers(config, source, split), device, memory_format, progress)

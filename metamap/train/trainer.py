@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from metamap.algorithms.base import MetaLearner
+from metamap.config import OptimOptions
 from metamap.errors import DivergenceError, MetamapError
 from metamap.tasks.batch import TaskBatch
 from metamap.tasks.sampler import TaskSampler
@@ -58,15 +59,14 @@ def memory_use(device: torch.device) -> dict[str, float]:
 
 
 def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
-    name = cfg.get("name", "adam")
-    kw = {"lr": cfg["lr"], "weight_decay": cfg.get("weight_decay", 0.0)}
-    if name == "adam":
+    """The outer optimizer of an ``[optim]`` section (checked by :class:`~metamap.config.OptimOptions`)."""
+    o = OptimOptions.from_section(cfg)
+    kw = {"lr": o.lr, "weight_decay": o.weight_decay}
+    if o.name == "adam":
         return torch.optim.Adam(params, **kw)
-    if name == "adamw":
+    if o.name == "adamw":
         return torch.optim.AdamW(params, **kw)
-    if name == "sgd":
-        return torch.optim.SGD(params, momentum=cfg.get("momentum", 0.0), nesterov=cfg.get("nesterov", False), **kw)
-    raise MetamapError(f"unknown optim.name {name!r}; choose adam, adamw or sgd")
+    return torch.optim.SGD(params, momentum=o.momentum, nesterov=o.nesterov, **kw)
 
 
 class Trainer:
@@ -87,13 +87,11 @@ class Trainer:
         self.progress, self.callbacks, self.rank, self.world_size = progress, list(callbacks), rank, world_size
         self.optimizer = build_optimizer([p for p in learner.parameters() if p.requires_grad], config["optim"])
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        precision = self.train_cfg.get("precision", "fp32")
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise MetamapError(f"train.precision must be fp32, bf16 or fp16, not {precision!r}")
+        precision = self.train_cfg["precision"]
         if precision == "fp16" and self.device.type != "cuda":
             raise MetamapError("train.precision = fp16 needs a CUDA device; on CPU use bf16")
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        prefetch = self.train_cfg.get("prefetch", "auto")
+        prefetch = self.train_cfg["prefetch"]
         if prefetch == "auto":
             prefetch = self.device.type == "cuda"
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="metamap-prefetch") if prefetch else None
@@ -189,7 +187,7 @@ class Trainer:
         """One meta-batch. Returns its log record, or ``None`` if it was skipped as non-finite."""
         index = self.step
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * lr_factor(index, self.train_cfg["steps"], {**self.config["schedule"], "base_lr": base})
+            group["lr"] = base * lr_factor(index, self.train_cfg["steps"], self.config["schedule"], base)
         batch = self._batch(index)
         self.learner.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -212,7 +210,7 @@ class Trainer:
         if not ok:
             self._restore(buffers)
             return self._skip(index, float(loss.detach()))
-        clip = self.config["optim"].get("grad_clip", 0.0)
+        clip = self.config["optim"]["grad_clip"]
         if clip:
             torch.nn.utils.clip_grad_norm_(self.learner.parameters(), clip)
         if self.scaler is not None:
@@ -237,7 +235,7 @@ class Trainer:
         ``"auto"`` asks the learner (``preferred_chunk``); 0 is the whole meta-batch.
         """
         n = batch.num_tasks
-        chunk = self.train_cfg.get("chunk_tasks", "auto")
+        chunk = self.train_cfg["chunk_tasks"]
         size = (self.learner.preferred_chunk() if chunk == "auto" else chunk) or n
         total, metrics = torch.zeros((), dtype=torch.float64), {}
         for start in range(0, n, size):
@@ -255,7 +253,7 @@ class Trainer:
         return total, metrics
 
     def _autocast(self):
-        precision = self.train_cfg.get("precision", "fp32")
+        precision = self.train_cfg["precision"]
         if precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16

@@ -122,8 +122,10 @@ def learners() -> dict[str, Plugin]:
 
 def section_options(config: dict, kind: str) -> Options:
     """The typed options of a resolved config's ``[data]``, ``[model]`` or ``[learner]`` section."""
+    key = SELECTORS[kind]
     section = config[kind]
-    return plugin(kind, section[SELECTORS[kind]]).options.from_section(section, ignore=(SELECTORS[kind],))
+    return plugin(kind, section[key]).options.from_section(
+        section, ignore=(key,), where=f"[{kind}] ({kind}.{key} = {section[key]!r})")
 
 
 def data_source(config: dict):

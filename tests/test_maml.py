@@ -13,7 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metamap.algorithms.gradient import GradientLearner, Reptile, StepSizes, msl_weights
+from metamap.algorithms.base import MetaGradient
+from metamap.algorithms.gradient import GradientLearner, Reptile, msl_weights
+from metamap.algorithms.inner_opt import (SGD, Adam, PerElementSGD, PerLayerPerStepSGD,
+                                          build_inner_optimizer)
 from metamap.errors import ConfigError, MetamapError
 from metamap.nets.backbones import MLP, Conv4
 from metamap.tasks.batch import TaskBatch
@@ -65,6 +68,18 @@ def unrolled_meta_grad(learner: GradientLearner, tasks: TaskBatch, steps: int, l
 
 
 def library_meta_grad(learner: GradientLearner, tasks: TaskBatch) -> dict[str, torch.Tensor]:
+    """The meta-gradient the trainer applies: the learner's ``meta_backward`` into ``.grad``."""
+    learner.train()
+    learner.zero_grad(set_to_none=True)
+    learner.meta_backward(tasks, MetaGradient())
+    params = [(n, p) for n, p in learner.named_parameters() if p.requires_grad]
+    grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for n, p in params}
+    learner.zero_grad(set_to_none=True)
+    return grads
+
+
+def meta_loss_grad(learner: GradientLearner, tasks: TaskBatch) -> dict[str, torch.Tensor]:
+    """The gradient of ``meta_loss`` by autograd (what the trainer applied before the hook)."""
     learner.train()
     loss, _ = learner.meta_loss(tasks)
     params = [p for p in learner.parameters() if p.requires_grad]
@@ -90,6 +105,8 @@ def test_second_order_maml_matches_unrolled_loop(steps, norm, batched):
     ref = unrolled_meta_grad(learner, tasks, steps, 0.4)
     got = library_meta_grad(learner, tasks)
     assert rel_err(got, ref) < 1e-8
+    # The hook's default is exactly the gradient of meta_loss.
+    assert rel_err(meta_loss_grad(learner, tasks), got) < 1e-12
     # Second-order terms matter here: the first-order gradient is far from it.
     assert rel_err(unrolled_meta_grad(learner, tasks, steps, 0.4, first_order=True), ref) > 1e-3
 
@@ -144,7 +161,7 @@ def test_reptile_closed_form_on_quadratic(steps):
             phi = phi - lr * grad_mse(phi, tasks.support_x[t], tasks.support_y[t])
         phis.append(phi)
     got = library_meta_grad(learner, tasks)["model.head.weight"][0]
-    # The surrogate's gradient is theta - mean(phi): an SGD outer step of size eps is Reptile's.
+    # The meta-gradient is theta - mean(phi): an SGD outer step of size eps is Reptile's.
     torch.testing.assert_close(got, theta - torch.stack(phis).mean(0), rtol=1e-12, atol=1e-12)
 
 
@@ -153,13 +170,52 @@ def test_reptile_sgd_outer_step_is_the_reptile_update():
     theta = learner.model.head.weight.detach().clone()
     learner.eval()
     history, _ = learner._adapt(tasks.support_x, tasks.support_y, 3, False)
-    phi_mean = history[-1]["weight"].mean(0)      # no body weights: the head runs alone
+    phi_mean = history[-1]["head.weight"].mean(0)      # no body weights: the head runs alone
     opt = torch.optim.SGD(learner.parameters(), lr=0.5)
     learner.train()
-    loss, _ = learner.meta_loss(tasks)
-    loss.backward()
+    loss, _ = learner.meta_backward(tasks, MetaGradient())
     opt.step()
     torch.testing.assert_close(learner.model.head.weight.detach(), theta + 0.5 * (phi_mean - theta))
+    # The reported loss is the query loss after adaptation, with no graph behind it.
+    assert loss.grad_fn is None and float(loss) > 0
+
+
+def test_reptile_update_in_chunks_is_the_whole_batch_update():
+    learner, tasks = quadratic(steps=2, lr=0.05, cls=Reptile)
+    whole = library_meta_grad(learner, tasks)
+    learner.train()
+    for start, stop in ((0, 1), (1, 3)):
+        learner.meta_backward(tasks.slice(start, stop), MetaGradient((stop - start) / T))
+    chunked = {n: p.grad for n, p in learner.named_parameters() if p.requires_grad}
+    assert rel_err(chunked, whole) < 1e-12
+
+
+def test_reptile_with_adam_inner_steps_on_mini_batches_on_a_quadratic():
+    """Reptile's recipe: Adam (beta1 = 0) inner steps, each on a different mini-batch of the support
+    set, by hand: per task, shuffle the examples, deal them out two at a time, reshuffle when out."""
+    from metamap.algorithms.inner_loop import minibatch_indices
+    from metamap.algorithms.seeding import content_generator
+    lr, steps, batch = 0.01, 4, 2
+    learner, tasks = quadratic(steps=steps, lr=lr, cls=Reptile, inner_optimizer="adam", inner_batch=batch, seed=5)
+    theta = learner.model.head.weight.detach()[0]
+    b2, eps = 0.999, 1e-8
+    phis = []
+    for t in range(T):
+        g = content_generator(5, tasks.support_x[t])
+        order = torch.cat([torch.randperm(5, generator=g) for _ in range(2)])      # 8 of 2 x 5 positions
+        phi, v = theta.clone(), torch.zeros(4)
+        for k in range(steps):
+            rows = order[batch * k: batch * (k + 1)]
+            grad = grad_mse(phi, tasks.support_x[t][rows], tasks.support_y[t][rows])
+            v = b2 * v + (1 - b2) * grad * grad
+            phi = phi - lr * grad / ((v / (1 - b2 ** (k + 1))).sqrt() + eps)     # beta1 = 0: m = g
+        phis.append(phi)
+    idx = minibatch_indices(tasks.support_x, batch, steps, 5)
+    assert idx.shape == (steps, T, batch)
+    # The first five positions dealt to a task are one shuffle of its whole support set.
+    assert sorted(idx[:, 0].flatten()[:5].tolist()) == [0, 1, 2, 3, 4]
+    got = library_meta_grad(learner, tasks)["model.head.weight"][0]
+    torch.testing.assert_close(got, theta - torch.stack(phis).mean(0), rtol=1e-12, atol=1e-12)
 
 
 # -- ANIL, Meta-SGD, MAML++ ---------------------------------------------------------------------
@@ -170,8 +226,9 @@ def test_anil_leaves_body_untouched_and_matches_unrolled_loop():
     learner.eval()
     history, _ = learner._adapt(tasks.support_x, tasks.support_y, 2, False)
     # Only head weights exist in the inner loop, and they differ per task after adapting.
-    assert set(history[-1]) == {"weight", "bias"} and history[-1]["weight"].shape == (T, W, 16)
-    assert not torch.equal(history[-1]["weight"][0], history[-1]["weight"][1])
+    per_task = {n for n, v in history[-1].items() if v.dim() == learner.model.get_parameter(n).dim() + 1}
+    assert per_task == {"head.weight", "head.bias"} and history[-1]["head.weight"].shape == (T, W, 16)
+    assert not torch.equal(history[-1]["head.weight"][0], history[-1]["head.weight"][1])
     body_before = {n: p.detach().clone() for n, p in learner.model.body.named_parameters()}
     ref = unrolled_meta_grad(learner, tasks, 2, 0.4, adapt=["head.weight", "head.bias"])
     got = library_meta_grad(learner, tasks)
@@ -184,14 +241,14 @@ def test_anil_leaves_body_untouched_and_matches_unrolled_loop():
 def test_meta_sgd_step_sizes_get_exact_gradients():
     learner = conv_learner(inner_steps=2, inner_lr=0.2, step_sizes="per_element")
     with torch.no_grad():          # distinct step sizes per element, so a mix-up would show
-        for p in learner.step_sizes.parameters():
+        for p in learner.inner_optimizer.parameters():
             p.mul_(torch.rand_like(p) + 0.5)
     tasks = conv_tasks()
-    lr = lambda n, k: learner.step_sizes.get(n, k)
+    lr = lambda n, k: learner.inner_optimizer.step_size(n, k)
     ref = unrolled_meta_grad(learner, tasks, 2, lr)
     got = library_meta_grad(learner, tasks)
     assert rel_err(got, ref) < 1e-8
-    sizes = [k for k in got if k.startswith("step_sizes.")]
+    sizes = [k for k in got if k.startswith("inner_optimizer.")]
     assert len(sizes) == len(list(learner.model.parameters()))
     # A convolution bias followed by batch norm cancels out, so its step sizes' true gradient
     # is zero; every other step size must receive one.
@@ -204,7 +261,7 @@ def test_maml_plus_plus_step_sizes_and_multi_step_loss():
     learner = conv_learner(inner_steps=3, inner_lr=0.2, step_sizes="per_layer_per_step",
                            multi_step_loss=True, msl_anneal_steps=10)
     with torch.no_grad():
-        for p in learner.step_sizes.parameters():
+        for p in learner.inner_optimizer.parameters():
             p.copy_(torch.tensor([0.1, 0.2, 0.3]))
     tasks = conv_tasks()
     learner.train()
@@ -221,7 +278,7 @@ def test_maml_plus_plus_step_sizes_and_multi_step_loss():
             q = F.cross_entropy(functional_call(model, fast, (tasks.query_x[t],)), tasks.query_y[t])
             expected = expected + q / 3
     torch.testing.assert_close(loss, expected / T, rtol=1e-10, atol=0)
-    names, sizes = zip(*learner.step_sizes.named_parameters())
+    names, sizes = zip(*learner.inner_optimizer.named_parameters())
     grads = dict(zip(names, torch.autograd.grad(loss, sizes, allow_unused=True)))
     # Every layer and step gets a gradient, except a convolution bias that batch norm cancels
     # (the first one drops out of the graph altogether: its batch norm is folded into it).
@@ -243,12 +300,73 @@ def test_msl_weights_anneal_from_uniform_to_final():
 
 def test_step_sizes_modes():
     shapes = {"a": torch.Size([2, 3])}
-    assert StepSizes(shapes, 0.4, "fixed", 2).get("a", 5) == 0.4
-    lslr = StepSizes(shapes, 0.4, "per_layer_per_step", 2)
-    assert lslr.get("a", 0).shape == () and lslr.get("a", 7) is not None   # beyond training: last one
-    assert StepSizes(shapes, 0.4, "per_element", 2).get("a", 0).shape == (2, 3)
+    fixed = build_inner_optimizer("sgd", "fixed", 0.4, shapes, 2)
+    assert type(fixed) is SGD and fixed.step_size("a", 5) == 0.4 and not list(fixed.parameters())
+    lslr = build_inner_optimizer("sgd", "per_layer_per_step", 0.4, shapes, 2)
+    assert isinstance(lslr, PerLayerPerStepSGD)
+    assert lslr.step_size("a", 0).shape == () and lslr.step_size("a", 7) is not None   # beyond training: last one
+    meta_sgd = build_inner_optimizer("sgd", "per_element", 0.4, shapes, 2)
+    assert isinstance(meta_sgd, PerElementSGD) and meta_sgd.step_size("a", 0).shape == (2, 3)
+    assert isinstance(build_inner_optimizer("adam", "fixed", 1e-3, shapes, 2), Adam)
     with pytest.raises(ConfigError):
-        StepSizes(shapes, 0.4, "adam", 1)
+        build_inner_optimizer("sgd", "adam", 0.4, shapes, 1)
+    with pytest.raises(ConfigError, match="inner_optimizer"):
+        build_inner_optimizer("rmsprop", "fixed", 0.4, shapes, 1)
+    with pytest.raises(ConfigError, match="leave step_sizes"):
+        build_inner_optimizer("adam", "per_element", 0.4, shapes, 1)
+    with pytest.raises(ConfigError, match="inner_beta1"):
+        build_inner_optimizer("adam", "fixed", 0.4, shapes, 1, beta1=1.0)
+
+
+def test_each_inner_optimizer_step_by_hand():
+    g1, g2 = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 4.0]])       # one task, two inner steps
+    w0 = torch.tensor([[0.3, 0.7]])
+    shapes = {"w": torch.Size([2])}
+    sgd = SGD(0.1)
+    w1, _ = sgd.step({"w": w0}, {"w": g1}, sgd.init({"w": w0}), 0)
+    torch.testing.assert_close(w1["w"], w0 - 0.1 * g1)
+    lslr = PerLayerPerStepSGD(shapes, 0.1, 2)
+    with torch.no_grad():
+        lslr.sizes["w"].copy_(torch.tensor([0.1, 0.3]))
+    a, _ = lslr.step({"w": w0}, {"w": g1}, (), 0)
+    b, _ = lslr.step(a, {"w": g2}, (), 1)
+    torch.testing.assert_close(b["w"], w0 - 0.1 * g1 - 0.3 * g2)
+    per_element = PerElementSGD(shapes, 0.1)
+    with torch.no_grad():
+        per_element.sizes["w"].copy_(torch.tensor([0.2, 0.5]))
+    c, _ = per_element.step({"w": w0}, {"w": g1}, (), 0)
+    torch.testing.assert_close(c["w"], w0 - torch.tensor([0.2, 0.5]) * g1)
+    # Adam with momentum, two steps, bias-corrected, by hand.
+    adam = Adam(0.01, beta1=0.9, beta2=0.99, eps=1e-8)
+    state = adam.init({"w": w0})
+    assert len(state) == 2 and all(float(s.abs().sum()) == 0 for s in state)
+    d, state = adam.step({"w": w0}, {"w": g1}, state, 0)
+    e, state = adam.step(d, {"w": g2}, state, 1)
+    m1, v1 = 0.1 * g1, 0.01 * g1 ** 2
+    x1 = w0 - 0.01 * (m1 / 0.1) / ((v1 / 0.01).sqrt() + 1e-8)
+    m2, v2 = 0.9 * m1 + 0.1 * g2, 0.99 * v1 + 0.01 * g2 ** 2
+    x2 = x1 - 0.01 * (m2 / (1 - 0.9 ** 2)) / ((v2 / (1 - 0.99 ** 2)).sqrt() + 1e-8)
+    torch.testing.assert_close(d["w"], x1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(e["w"], x2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state[0], m2)
+    # An unreached weight (no gradient) is left alone, and so is its state.
+    f, same = adam.step({"w": w0}, {"w": None}, state, 2)
+    assert f["w"] is w0 and same[1] is state[1]
+
+
+def test_learned_step_sizes_are_differentiable_and_saved():
+    shapes = {"w": torch.Size([2])}
+    per_element = PerElementSGD(shapes, 0.1)
+    w0, g = torch.tensor([[0.3, 0.7]], requires_grad=True), torch.tensor([[1.0, -2.0]])
+    w1, _ = per_element.step({"w": w0}, {"w": g}, (), 0)
+    (d_lr,) = torch.autograd.grad(w1["w"].sum(), list(per_element.parameters()))
+    torch.testing.assert_close(d_lr, -g[0])               # d(w - lr g)/d lr = -g
+    learner = conv_learner(step_sizes="per_layer_per_step", inner_steps=2)
+    keys = [k for k in learner.state_dict() if "inner_optimizer" in k]
+    assert keys and all(k.startswith("inner_optimizer.sizes.") for k in keys)
+    # Checkpoints written before the inner optimizer objects named them step_sizes.sizes.*.
+    old = {k.replace("inner_optimizer.", "step_sizes.", 1): v for k, v in learner.state_dict().items()}
+    assert set(learner.upgrade_state(old)) == set(learner.state_dict())
 
 
 # -- options: steps at train/test, frozen and unused parameters, batch-norm modes, eval ----------

@@ -199,3 +199,24 @@ def test_chunk_tasks_auto_is_the_learners_choice_and_bad_values_are_refused():
     for bad in ("-1", "'two'", "1.5"):
         with pytest.raises(ConfigError, match="train.chunk_tasks must be auto or a whole number"):
             configlib.resolve(overrides=[f"train.chunk_tasks={bad}"])
+
+
+def test_trainer_applies_reptiles_parameter_difference_with_sgd(image_folder, tmp_path):
+    """One trainer step of Reptile with optim.name = sgd, in chunks of one task, is exactly
+    theta + eps * (mean_t phi_t - theta), phi_t from the same inner loop run by hand."""
+    from metamap.train.run import build
+    from metamap.train.trainer import Trainer
+    config = folder_config(image_folder, steps=1, **{"learner.name": "'reptile'", "optim.name": "'sgd'",
+                                                     "optim.lr": 0.5, "schedule.name": "'constant'",
+                                                     "train.chunk_tasks": 1, "train.val_every": 0})
+    source, _, learner = build(config)
+    ep = config["episode"]
+    sampler = source.sampler(config, "train", ep["ways"], ep["shots"], ep["queries"], ep["tasks_per_batch"], 0)
+    theta = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    batch = sampler.batch(0)
+    learner.train()
+    phi = learner._adapt(batch.support_x, batch.support_y, learner.inner_steps, False)[0][-1]
+    trainer = Trainer(learner, sampler, config, tmp_path / "run", meta={}, progress=False)
+    assert trainer.train_step() is not None
+    for n, p in learner.model.named_parameters():
+        torch.testing.assert_close(p.detach(), theta[n] + 0.5 * (phi[n].mean(0) - theta[n]), rtol=1e-5, atol=1e-6)

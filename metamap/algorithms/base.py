@@ -15,6 +15,37 @@ Predictor = Callable[[Tensor], Tensor]
 """Query inputs ``[T, Q, *example_shape]`` -> outputs ``[T, Q, ways]`` (logits) or ``[T, Q, *target_shape]``."""
 
 
+class MetaGradient:
+    """Where a learner puts its meta-gradient for one part of a meta-batch (see ``meta_backward``).
+
+    ``weight`` is the part's share of the meta-batch's tasks, so that the parts' contributions
+    add up to the whole batch's mean; ``scaler`` (fp16 training) scales them as the trainer's
+    gradient scaler expects. Gradients accumulate into ``.grad`` of the learner's parameters.
+    """
+
+    def __init__(self, weight: float = 1.0, scaler=None):
+        self.weight, self.scaler = float(weight), scaler
+
+    def _scaled(self, t: Tensor) -> Tensor:
+        t = t * self.weight
+        return self.scaler.scale(t) if self.scaler is not None else t
+
+    def backward(self, loss: Tensor) -> None:
+        """Add the gradient of ``loss`` (the part's mean loss) by backpropagation."""
+        if loss.dtype in (torch.float16, torch.bfloat16):
+            loss = loss.float()
+        with torch.autocast(loss.device.type, enabled=False):
+            self._scaled(loss).backward()
+
+    def add(self, param: Tensor, grad: Tensor) -> None:
+        """Add ``grad`` (the part's mean meta-gradient for ``param``) directly."""
+        g = self._scaled(grad.detach().to(param.dtype))
+        if param.grad is None:
+            param.grad = g.clone()
+        else:
+            param.grad.add_(g)
+
+
 class MetaLearner(nn.Module):
     """Base class of all meta-learners.
 
@@ -30,6 +61,8 @@ class MetaLearner(nn.Module):
     family: ClassVar[str] = ""
     # Adaptation that takes gradient steps needs autograd even at evaluation time.
     adapts_with_gradients: ClassVar[bool] = False
+    # Old -> new prefixes of state names, for checkpoints written before a rename.
+    renamed_state: ClassVar[dict[str, str]] = {}
 
     def __init__(self, example_dims: int):
         super().__init__()
@@ -83,12 +116,32 @@ class MetaLearner(nn.Module):
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise MetamapError(f"{what} contains NaN or infinite values; clean the inputs first")
 
+    def upgrade_state(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A checkpoint's tensors under today's names (see ``renamed_state``)."""
+        def renamed(key: str) -> str:
+            for old, new in self.renamed_state.items():
+                if key.startswith(old):
+                    return new + key[len(old):]
+            return key
+        return {renamed(k): v for k, v in weights.items()}
+
     # -- what meta-training minimises ----------------------------------------------------------
     def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         """Mean query loss over the tasks after adapting to their support sets, plus metrics."""
         predictor = self.adapt_tasks(tasks.support_x, tasks.support_y, tasks.ways)
         outputs = predictor(tasks.query_x)
         return self.query_loss(outputs, tasks.query_y), self.task_metrics(outputs.detach(), tasks.query_y)
+
+    def meta_backward(self, tasks: TaskBatch, grad: MetaGradient) -> tuple[Tensor, dict[str, float]]:
+        """Put the meta-gradient of ``tasks`` into ``grad``; return the (detached) loss and metrics.
+
+        The trainer calls this once per part of a meta-batch. The default backpropagates
+        :meth:`meta_loss`; a learner whose update is not the gradient of a loss (Reptile) writes
+        its update direction with ``grad.add(param, direction)`` instead.
+        """
+        loss, metrics = self.meta_loss(tasks)
+        grad.backward(loss)
+        return loss.detach(), metrics
 
     def preferred_chunk(self) -> int:
         """Tasks per forward/backward pass when ``train.chunk_tasks = "auto"``; 0 = the whole meta-batch."""

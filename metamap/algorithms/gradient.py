@@ -9,7 +9,11 @@ first-order    ``first_order = true``: inner gradients are constants (FOMAML)
 ANIL           ``adapt = "head"``: only the head adapts; the body is meta-learned (Raghu et al. 2020)
 Meta-SGD       ``step_sizes = "per_element"``: a learned step size per weight (Li et al. 2017)
 MAML++         ``step_sizes = "per_layer_per_step"`` and ``multi_step_loss`` (Antoniou et al. 2019)
+Reptile        the outer update is ``theta - mean_t phi_t`` (:class:`Reptile`, Nichol et al. 2018)
 =============  ===========================================================================
+
+The inner step is an inner optimizer object (:mod:`metamap.algorithms.inner_opt`: SGD, learned
+step sizes, Adam) and which weights adapt is a declared :class:`ParameterSplit`.
 
 Batch norm inside the inner loop (``bn``): ``"transductive"`` (default, as the reference MAML)
 normalises each task's support and query sets with their own batch statistics, at training
@@ -26,49 +30,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from metamap.algorithms.base import MetaLearner, Predictor
-from metamap.algorithms.inner_loop import TaskForward, inner_loop, task_losses
+from metamap.algorithms.base import MetaGradient, MetaLearner, Predictor
+from metamap.algorithms.inner_loop import TaskForward, inner_loop, minibatch_indices, task_losses
+from metamap.algorithms.inner_opt import build_inner_optimizer
+from metamap.algorithms.split import ParameterSplit
 from metamap.errors import ConfigError, MetamapError
 from metamap.nets.functional import BN_MODES
 from metamap.options import ADAPTATION, ARCHITECTURE, RUNTIME, TRAINING, Options, option
 from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
-
-STEP_SIZE_MODES = ("fixed", "per_layer_per_step", "per_element")
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")          # ParameterDict keys may not contain dots
-
-
-class StepSizes(nn.Module):
-    """Inner-loop step sizes.
-
-    ``fixed``: one constant ``init`` for every weight and step (not learned).
-    ``per_layer_per_step``: a learned scalar per parameter tensor and inner step (MAML++ "LSLR");
-    steps beyond the trained number (more steps at test time) reuse the last one.
-    ``per_element``: a learned tensor shaped like each parameter, shared by all steps (Meta-SGD).
-    """
-
-    def __init__(self, shapes: dict[str, torch.Size], init: float, mode: str, steps: int):
-        super().__init__()
-        if mode not in STEP_SIZE_MODES:
-            raise ConfigError(f"learner.step_sizes must be one of {', '.join(STEP_SIZE_MODES)}, not {mode!r}")
-        self.mode, self.init = mode, float(init)
-        self.sizes = nn.ParameterDict()
-        if mode == "per_layer_per_step":
-            for n in shapes:
-                self.sizes[_key(n)] = nn.Parameter(torch.full((max(steps, 1),), self.init))
-        elif mode == "per_element":
-            for n, s in shapes.items():
-                self.sizes[_key(n)] = nn.Parameter(torch.full(tuple(s), self.init))
-
-    def get(self, name: str, step: int) -> Tensor | float:
-        if self.mode == "fixed":
-            return self.init
-        lr = self.sizes[_key(name)]
-        return lr[min(step, lr.shape[0] - 1)] if self.mode == "per_layer_per_step" else lr
-
 
 def msl_weights(steps: int, progress: float) -> Tensor:
     """MAML++ multi-step loss weights ``[steps]`` (for the query loss after each inner step).
@@ -97,15 +67,21 @@ class GradientLearner(MetaLearner):
     family = "optimization"
     adapts_with_gradients = True
 
+    # Checkpoints written before the inner optimizer objects kept learned step sizes here.
+    renamed_state = {"step_sizes.sizes.": "inner_optimizer.sizes."}
+
     def __init__(self, body: nn.Module, head: nn.Module, example_dims: int, *, ways: int = 0,
                  inner_steps: int = 1, inner_steps_eval: int = 1, inner_lr: float = 0.4,
-                 first_order: bool = False, step_sizes: str = "fixed", adapt: str | list = "all",
+                 first_order: bool = False, step_sizes: str = "fixed", inner_optimizer: str = "sgd",
+                 inner_beta1: float = 0.0, inner_beta2: float = 0.999, inner_eps: float = 1e-8,
+                 inner_batch: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
                  batched: bool = True, channels_last: bool = True, fuse_bn_pool: bool = True,
                  bf16: bool = False, grad_checkpoint: bool = False, fold_bn: bool = True,
-                 cpp_kernels: bool = True):
+                 cpp_kernels: bool = True, seed: int = 0):
         super().__init__(example_dims)
-        for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval)):
+        for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval),
+                        ("inner_batch", inner_batch)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"learner.{what} must be a whole number >= 0, not {v!r}")
         if bn not in BN_MODES:
@@ -114,40 +90,28 @@ class GradientLearner(MetaLearner):
         self.ways, self.inner_steps, self.inner_steps_eval = ways, inner_steps, inner_steps_eval
         self.first_order, self.bn = bool(first_order), bn
         self.multi_step_loss, self.msl_anneal_steps = bool(multi_step_loss), int(msl_anneal_steps)
-        self.grad_checkpoint = bool(grad_checkpoint)
-        self.adapt_names = self._resolve_adapt(adapt)
-        if not self.adapt_names and max(inner_steps, inner_steps_eval) > 0:
+        self.grad_checkpoint, self.inner_batch, self.seed = bool(grad_checkpoint), inner_batch, int(seed)
+        self.split = ParameterSplit.declare(self.model, adapt, freeze)
+        if not self.split.adapted and max(inner_steps, inner_steps_eval) > 0:
             raise ConfigError(f"learner.adapt = {adapt!r} selects no trainable parameter to adapt")
-        shapes = {n: p.shape for n, p in self.model.named_parameters() if n in self.adapt_names}
-        self.step_sizes = StepSizes(shapes, inner_lr, step_sizes, inner_steps)
+        for n in self.split.frozen:
+            self.model.get_parameter(n).requires_grad_(False)
+        shapes = {n: self.model.get_parameter(n).shape for n in self.split.adapted}
+        self.inner_optimizer = build_inner_optimizer(inner_optimizer, step_sizes, inner_lr, shapes, inner_steps,
+                                                     inner_beta1, inner_beta2, inner_eps)
         # Outer steps taken so far: drives the multi-step-loss annealing and survives checkpoints.
         self.register_buffer("outer_steps", torch.zeros((), dtype=torch.long))
         # When the body does not adapt (ANIL), its features are computed once per task batch, as
         # one large batch, and only the head runs in the inner loop.
-        self.body_adapts = any(n.startswith("body.") for n in self.adapt_names)
+        self.body_adapts = self.split.adapts("body")
         speed = (batched, channels_last, bn, fuse_bn_pool, bf16, fold_bn, cpp_kernels)
         self.full = TaskForward(self.model, *speed)
-        self.body_fn = TaskForward(self.model.body, *speed)
-        self.head_fn = TaskForward(self.model.head, *speed)
+        self.body_fn = TaskForward(self.model, *speed, part="body")
+        self.head_fn = TaskForward(self.model, *speed, part="head")
 
-    def _resolve_adapt(self, adapt: str | list) -> list[str]:
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        if adapt == "all":
-            return names
-        if adapt == "head":
-            return [n for n in names if n.startswith("head.")]
-        if isinstance(adapt, str):
-            adapt = [adapt]
-        if not isinstance(adapt, (list, tuple)) or not all(isinstance(a, str) for a in adapt):
-            raise ConfigError(f"learner.adapt must be 'all', 'head' or a list of parameter name prefixes, "
-                              f"not {adapt!r}")
-        every = [n for n, _ in self.model.named_parameters()]
-        chosen = [n for n in every if any(n == a or n.startswith(a + ".") for a in adapt)]
-        missing = [a for a in adapt if not any(n == a or n.startswith(a + ".") for n in every)]
-        if missing:
-            raise ConfigError(f"learner.adapt: no parameter named {', '.join(missing)}; "
-                              f"parameters are: {', '.join(every)}")
-        return chosen
+    @property
+    def adapt_names(self) -> list[str]:
+        return list(self.split.adapted)
 
     # -- adaptation ------------------------------------------------------------------------------
     def steps(self) -> int:
@@ -157,25 +121,23 @@ class GradientLearner(MetaLearner):
         """-> (list of parameter dicts after 0..steps steps, query forward ``(params, x) -> out``)."""
         training = self.training
         theta = dict(self.model.named_parameters())
+        batches = None
+        if self.inner_batch and steps:
+            batches = minibatch_indices(support_x, self.inner_batch, steps, self.seed)
+        loop = dict(optimizer=self.inner_optimizer, differentiable=differentiable, second_order=not self.first_order,
+                    recompute=self.grad_checkpoint, batches=batches)
         if self.body_adapts:
             def fwd(p, x, record=None):
                 return self.full(p, x, training, record)
-            history = inner_loop(fwd, theta, self.adapt_names, support_x, support_y, steps,
-                                 self.step_sizes.get, differentiable, not self.first_order,
-                                 self.grad_checkpoint)
-            return history, fwd
+            return inner_loop(fwd, theta, self.adapt_names, support_x, support_y, steps, **loop), fwd
         # Frozen body: features once for the support set; the inner loop runs on the head alone.
-        body_p = {n[5:]: v for n, v in theta.items() if n.startswith("body.")}
-        head_p = {n[5:]: v for n, v in theta.items() if n.startswith("head.")}
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            fs = self.body_fn(body_p, support_x, training)
-        history = inner_loop(lambda p, x: self.head_fn(p, x, training), head_p,
-                             [n[5:] for n in self.adapt_names], fs, support_y, steps,
-                             lambda n, k: self.step_sizes.get("head." + n, k), differentiable,
-                             not self.first_order, self.grad_checkpoint)
+            fs = self.body_fn(theta, support_x, training)
+        history = inner_loop(lambda p, x: self.head_fn(p, x, training), theta, self.adapt_names, fs, support_y,
+                             steps, **loop)
 
         def fwd(p, x, record=None):
-            return self.head_fn(p, self.body_fn(body_p, x, training, record), training)
+            return self.head_fn(p, self.body_fn(p, x, training, record), training)
         return history, fwd
 
     def _check_ways(self, support_y: Tensor, ways: int) -> None:
@@ -255,11 +217,9 @@ class GradientLearner(MetaLearner):
         self.outer_steps += 1
 
     def _update_running_stats(self, record: dict) -> None:
-        # Keys are module names relative to the network that ran the query (whole model or body).
-        root = self.model if self.body_adapts else self.model.body
         with torch.no_grad():
-            for name, (mean, var) in record.items():
-                m = root.get_submodule(name)
+            for name, (mean, var) in record.items():      # keys: module names in self.model
+                m = self.model.get_submodule(name)
                 momentum = 0.1 if m.momentum is None else m.momentum
                 m.running_mean.lerp_(mean, momentum)
                 if var is not None:
@@ -270,31 +230,37 @@ class GradientLearner(MetaLearner):
 class Reptile(GradientLearner):
     """Reptile (Nichol, Achiam & Schulman, 2018): move the initial weights toward the adapted ones.
 
-    ``meta_loss`` returns the surrogate ``0.5 * mean_t ||theta - phi_t||^2`` (``phi_t`` the
-    weights after ``inner_steps`` plain SGD steps on task ``t``'s support set, held constant),
-    whose gradient is ``theta - mean_t phi_t``. The trainer's outer optimizer applies it: with
-    ``optim.name = "sgd"`` and ``optim.lr = epsilon`` that is exactly Reptile's update
+    Its meta-gradient is the parameter difference ``theta - mean_t phi_t`` (``phi_t`` the weights
+    after ``inner_steps`` inner steps on task ``t``'s support set), written directly by
+    :meth:`meta_backward`, not the gradient of a loss. The trainer's outer optimizer applies it:
+    with ``optim.name = "sgd"`` and ``optim.lr = epsilon`` that is exactly Reptile's update
     ``theta += epsilon * (mean_t phi_t - theta)`` -- the *batched* version for a meta-batch of
     tasks, the *serial* one with ``episode.tasks_per_batch = 1``. (With Adam it is Reptile with
-    an Adam outer step.) The reported metrics are the query scores after adaptation.
+    an Adam outer step.) The reported loss and metrics are the query scores after adaptation.
     """
 
     name = "reptile"
 
-    def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+    def _adapted(self, tasks: TaskBatch):
         self._check_ways(tasks.support_y, tasks.ways)
         history, fwd = self._adapt(tasks.support_x, tasks.support_y, self.steps(), False)
         final = history[-1]
-        prefix = "" if self.body_adapts else "head."
-        loss = torch.zeros(())
-        for n, p in self.model.named_parameters():
-            key = n[len(prefix):] if n.startswith(prefix) else None
-            if key is not None and key in final and final[key].dim() == p.dim() + 1:
-                diff = p - final[key].detach()                      # [T, *shape]
-                loss = loss + 0.5 * (diff * diff).sum() / diff.shape[0]
         with torch.no_grad():
             outputs = fwd(final, tasks.query_x)
-        return loss, self.task_metrics(outputs, tasks.query_y)
+        return final, self.query_loss(outputs, tasks.query_y), self.task_metrics(outputs, tasks.query_y)
+
+    def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        """The query loss after adaptation (no graph: Reptile does not minimise a loss)."""
+        _, loss, metrics = self._adapted(tasks)
+        return loss, metrics
+
+    def meta_backward(self, tasks: TaskBatch, grad: MetaGradient) -> tuple[Tensor, dict[str, float]]:
+        final, loss, metrics = self._adapted(tasks)
+        for n in self.adapt_names:
+            p = self.model.get_parameter(n)
+            if p.requires_grad and final[n].dim() == p.dim() + 1:
+                grad.add(p, p.detach() - final[n].detach().mean(0))
+        return loss, metrics
 
 
 # -- options and registration -------------------------------------------------------------------
@@ -306,12 +272,19 @@ class GradientOptions(Options):
     inner_steps: int = option(1, low=0, high=10_000, role=TRAINING, doc="inner steps in meta-training")
     inner_steps_eval: int = option(3, low=0, high=10_000, role=ADAPTATION, doc="inner steps at test time")
     inner_lr: float = option(0.4, low=0, low_open=True, role=ADAPTATION,
-                             doc="inner step size (the initial one when step sizes are learned)")
+                             doc="inner step size: the initial one when step sizes are learned")
     first_order: bool = option(False, role=TRAINING, doc="first-order meta-gradients (FOMAML)")
     step_sizes: Literal["fixed", "per_layer_per_step", "per_element"] = option(
         "fixed", role=ARCHITECTURE, doc="fixed, learned per layer and step (MAML++), or per weight (Meta-SGD)")
+    inner_optimizer: Literal["sgd", "adam"] = option("sgd", role=ADAPTATION, doc="the inner-loop optimizer")
+    inner_beta1: float = option(0.0, low=0, high=1, high_open=True, role=ADAPTATION, doc="inner Adam's beta1")
+    inner_beta2: float = option(0.999, low=0, high=1, high_open=True, role=ADAPTATION, doc="inner Adam's beta2")
+    inner_eps: float = option(1e-8, low=0, low_open=True, role=ADAPTATION, doc="inner Adam's epsilon")
+    inner_batch: int = option(0, low=0, role=ADAPTATION,
+                              doc="support examples per inner step; 0 = the whole support set")
     adapt: str | list[str] = option(
         "all", role=ARCHITECTURE, doc="which parameters adapt: all, head, or a list of name prefixes")
+    freeze: list[str] = option([], role=ARCHITECTURE, doc="name prefixes of parameters neither adapted nor learned")
     bn: Literal["transductive", "running"] = option(
         "transductive", role=ARCHITECTURE, doc="batch statistics per task, or running statistics at test time")
     multi_step_loss: bool = option(False, role=TRAINING, doc="MAML++ query loss after every inner step")
@@ -323,6 +296,11 @@ class GradientOptions(Options):
     grad_checkpoint: bool = option(False, role=RUNTIME, doc="recompute inner-step activations in the backward")
     fold_bn: bool = option(True, role=RUNTIME)
     cpp_kernels: bool = option(True, role=RUNTIME)
+
+    def check(self) -> None:
+        if self.inner_optimizer == "adam" and self.step_sizes != "fixed":
+            self.fail(f"learner.step_sizes = {self.step_sizes!r} learns SGD step sizes; with "
+                      "learner.inner_optimizer = \"adam\" leave step_sizes at \"fixed\"")
 
 # Finn et al. (2017), Omniglot 5-way: meta-batch 32, Adam 1e-3, inner step size 0.4, one inner
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults
@@ -338,7 +316,7 @@ def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) ->
     regression = info.problem == "regression"
     ways = 0 if regression else config["episode"]["ways"]
     head = nn.Linear(body.out_features, info.output_dim if regression else ways)
-    return cls(body, head, len(info.example_shape), ways=ways, **o.to_dict())
+    return cls(body, head, len(info.example_shape), ways=ways, seed=config["seed"], **o.to_dict())
 
 
 def _register(name: str, summary: str, cls=GradientLearner, **learner_defaults):

@@ -21,10 +21,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from metamap.algorithms.inner_opt import InnerOptimizer
+from metamap.algorithms.seeding import content_generator
 from metamap.nets.functional import BN_MODES, TaskBatchedNet, compile_layers
-
-StepSize = Callable[[str, int], "Tensor | float"]
-"""``(parameter name, step index) -> step size`` (a float, a scalar or a per-element tensor)."""
 
 
 def task_losses(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -39,17 +38,24 @@ def task_losses(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 class TaskForward:
-    """Runs ``module`` on ``x [T, N, *example]`` with a parameter dict -> ``[T, N, *out]``."""
+    """Runs ``module`` (or its sub-module ``part``) on ``x [T, N, *example]`` with a parameter dict
+    -> ``[T, N, *out]``.
+
+    Parameters are named as in ``module`` whatever ``part`` runs (``"body.features.0.0.weight"``
+    for ``part = "body"``), and so are the batch-norm statistics it records.
+    """
 
     def __init__(self, module: nn.Module, batched: bool = True, channels_last: bool = False,
                  bn_mode: str = "transductive", fuse: bool = True, bf16: bool = False, fold: bool = True,
-                 cpp: bool = True):
+                 cpp: bool = True, part: str = ""):
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, not {bn_mode!r}")
-        self.module, self.bn_mode, self.channels_last, self.bf16 = module, bn_mode, channels_last, bf16
-        layers = compile_layers(module) if batched else None
+        self.bn_mode, self.channels_last, self.bf16 = bn_mode, channels_last, bf16
+        self.module, self.part = module.get_submodule(part), part
+        self.prefix = part + "." if part else ""
+        layers = compile_layers(self.module, part) if batched else None
         self.net = TaskBatchedNet(layers, fuse, fold, cpp) if layers is not None else None
-        self.shapes = {n: p.shape for n, p in module.named_parameters()}
+        self.shapes = {self.prefix + n: p.shape for n, p in self.module.named_parameters()}
 
     @property
     def batched(self) -> bool:
@@ -75,32 +81,57 @@ class TaskForward:
         # module in train mode (batch statistics) unless running statistics are asked for; the
         # running buffers are passed as copies so evaluation never changes the module.
         buffers = {n: b.clone() for n, b in self.module.named_buffers()}
+        own = {n[len(self.prefix):]: v for n, v in params.items() if n in self.shapes}
         was = self.module.training
         self.module.train(not use_running)
         try:
             outs = []
             for t in range(x.shape[0]):
-                p = {n: (v[t] if v.dim() == len(self.shapes[n]) + 1 else v) for n, v in params.items()}
+                p = {n: (v[t] if v.dim() == len(self.shapes[self.prefix + n]) + 1 else v) for n, v in own.items()}
                 outs.append(functional_call(self.module, {**buffers, **p}, (x[t],)))
         finally:
             self.module.train(was)
         return torch.stack(outs)
 
 
+def minibatch_indices(support_x: Tensor, batch: int, steps: int, seed: int) -> Tensor:
+    """``[steps, T, batch]`` positions of the support examples each inner step uses.
+
+    As in Reptile's code: each task's examples are shuffled and dealt out ``batch`` at a time,
+    reshuffled whenever they run out (a batch may straddle two shuffles). The order of task
+    ``t`` is drawn from ``seed`` and task ``t``'s own support set, so it does not depend on the
+    other tasks of the meta-batch, on chunking or on the number of ranks.
+    """
+    t, s = support_x.shape[:2]
+    rounds = -(-batch * steps // s)
+    orders = []
+    for i in range(t):
+        g = content_generator(seed, support_x[i])
+        orders.append(torch.cat([torch.randperm(s, generator=g) for _ in range(rounds)])[:batch * steps])
+    return torch.stack(orders).reshape(t, steps, batch).transpose(0, 1).to(support_x.device)
+
+
 def inner_loop(forward: Callable[[dict[str, Tensor], Tensor], Tensor], theta: dict[str, Tensor],
-               adapt: list[str], x: Tensor, y: Tensor, steps: int, step_size: StepSize,
-               differentiable: bool, second_order: bool, recompute: bool = False) -> list[dict[str, Tensor]]:
-    """Adapt ``theta`` to each task of ``(x [T, S, ...], y [T, S])`` in ``steps`` gradient steps.
+               adapt: list[str], x: Tensor, y: Tensor, steps: int, optimizer: InnerOptimizer,
+               differentiable: bool, second_order: bool, recompute: bool = False,
+               loss: Callable[[Tensor, Tensor], Tensor] = task_losses,
+               batches: Tensor | None = None) -> list[dict[str, Tensor]]:
+    """Adapt ``theta`` to each task of ``(x [T, S, ...], y [T, S])`` in ``steps`` inner steps.
 
     Returns the parameter dicts after ``0..steps`` steps: entries named in ``adapt`` are
     per-task ``[T, *shape]``, the others are ``theta``'s shared tensors.
+
+    ``optimizer`` turns each step's gradients into new weights (plain SGD, learned step sizes,
+    Adam: :mod:`metamap.algorithms.inner_opt`); ``loss`` maps ``(outputs, targets)`` to per-task
+    losses ``[T]`` (the task kind's adaptation loss); ``batches [steps, T, B]``, if given, are the
+    support positions each step uses (inner mini-batches), else every step uses all of them.
 
     ``differentiable``: keep the graph from ``theta`` (and learned step sizes) to the adapted
     weights, for a meta-gradient; ``second_order``: also differentiate through the inner
     gradients (MAML) rather than treat them as constants (first-order MAML, Reptile).
     At evaluation (``differentiable=False``) nothing is kept, whatever ``second_order`` says.
 
-    A parameter that the support loss does not reach gets a zero gradient (stays unchanged).
+    A parameter that the support loss does not reach gets no gradient (stays unchanged).
 
     ``recompute``: gradient checkpointing. Each inner step keeps only its input and output
     weights; its activations (and the graph of its inner gradient) are recomputed during the
@@ -117,26 +148,42 @@ def inner_loop(forward: Callable[[dict[str, Tensor], Tensor], Tensor], theta: di
                 fast[n] = fast[n].detach().requires_grad_(n in adapt)
         # expand: a view, so the first step costs no copy; grads w.r.t. it come out per task.
         fast.update({n: fast[n].expand(t, *fast[n].shape) for n in adapt})
+        with torch.set_grad_enabled(differentiable):
+            state = optimizer.init({n: fast[n] for n in adapt})
         history = [fast]
         create_graph = differentiable and second_order
         for k in range(steps):
-            def step(*adapted: Tensor, k: int = k, fast: dict[str, Tensor] = fast) -> tuple[Tensor, ...]:
-                current = {**fast, **dict(zip(adapt, adapted))}
-                loss = task_losses(forward(current, x), y).sum()
-                grads = torch.autograd.grad(loss, adapted, create_graph=create_graph, allow_unused=True)
+            xk, yk = (x, y) if batches is None else (_rows(x, batches[k]), _rows(y, batches[k]))
+
+            def step(*tensors: Tensor, k: int = k, fast: dict[str, Tensor] = fast, xk=xk, yk=yk
+                     ) -> tuple[Tensor, ...]:
+                adapted, state = dict(zip(adapt, tensors)), tensors[len(adapt):]
+                current = {**fast, **adapted}
+                total = loss(forward(current, xk), yk).sum()
+                grads = torch.autograd.grad(total, tuple(adapted.values()), create_graph=create_graph,
+                                            allow_unused=True)
+                grads = dict(zip(adapt, grads))
                 if not differentiable:
                     with torch.no_grad():
-                        return tuple(w if g is None else (w - step_size(n, k) * g).requires_grad_()
-                                     for n, w, g in zip(adapt, adapted, grads))
-                return tuple(w if g is None else w - step_size(n, k) * g for n, w, g in zip(adapt, adapted, grads))
+                        new, state = optimizer.step(adapted, grads, state, k)
+                    new = {n: w if w is adapted[n] else w.requires_grad_() for n, w in new.items()}
+                else:
+                    new, state = optimizer.step(adapted, grads, state, k)
+                return tuple(new[n] for n in adapt) + tuple(state)
 
-            adapted = [fast[n] for n in adapt]
+            inputs = [fast[n] for n in adapt] + list(state)
             if recompute and differentiable:
                 # Non-reentrant checkpointing: it supports the inner autograd.grad and reaches
                 # tensors the step closes over (learned step sizes, weights that do not adapt).
-                out = checkpoint(step, *adapted, use_reentrant=False)
+                out = checkpoint(step, *inputs, use_reentrant=False)
             else:
-                out = step(*adapted)
-            fast = {**fast, **dict(zip(adapt, out))}
+                out = step(*inputs)
+            fast = {**fast, **dict(zip(adapt, out[:len(adapt)]))}
+            state = tuple(out[len(adapt):])
             history.append(fast)
     return history
+
+
+def _rows(v: Tensor, index: Tensor) -> Tensor:
+    """``v [T, S, ...]``, ``index [T, B]`` -> ``[T, B, ...]``: each task's chosen examples."""
+    return v.gather(1, index.reshape(*index.shape, *([1] * (v.dim() - 2))).expand(*index.shape, *v.shape[2:]))

@@ -144,6 +144,8 @@ def read_tensors(path: Path, name: str, meta: dict) -> dict[str, torch.Tensor]:
 
 def load_state(learner: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
     """Load weights, naming what differs if the checkpoint is for another architecture."""
+    if hasattr(learner, "upgrade_state"):
+        weights = learner.upgrade_state(weights)
     own = learner.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"

@@ -2,7 +2,8 @@
 
 It owns the loop, the learning-rate schedule, logging, validation, checkpoints, resume,
 the divergence guard, clean stops on SIGINT/SIGTERM and gradient all-reduce across
-torch.distributed ranks. Learners only provide ``meta_loss``.
+torch.distributed ranks. Learners only provide their meta-gradient (``meta_backward``, by
+default the gradient of ``meta_loss``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from metamap.algorithms.base import MetaLearner
+from metamap.algorithms.base import MetaGradient, MetaLearner
 from metamap.config import OptimOptions
 from metamap.errors import DivergenceError, MetamapError
 from metamap.tasks.batch import TaskBatch
@@ -227,11 +228,11 @@ class Trainer:
                 **memory_use(self.device)}
 
     def _forward_backward(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        """Mean loss over the batch's tasks and its gradients, accumulated chunk by chunk.
+        """Mean loss over the batch's tasks; the learner's meta-gradient, accumulated chunk by chunk.
 
         With ``train.chunk_tasks = c`` the meta-batch runs ``c`` tasks at a time: each chunk's
-        loss is weighted by its share of the tasks, so the accumulated gradient equals the
-        whole batch's (per-task losses are independent), in a fraction of the memory.
+        meta-gradient is weighted by its share of the tasks, so the accumulated gradient equals
+        the whole batch's (per-task losses are independent), in a fraction of the memory.
         ``"auto"`` asks the learner (``preferred_chunk``); 0 is the whole meta-batch.
         """
         n = batch.num_tasks
@@ -242,12 +243,8 @@ class Trainer:
             part = batch.slice(start, start + size)
             weight = part.num_tasks / n
             with self._autocast():
-                loss, m = self.learner.meta_loss(part)
-            if loss.dtype in (torch.float16, torch.bfloat16):
-                loss = loss.float()
-            scaled = loss * weight
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            total = total + scaled.detach().cpu()
+                loss, m = self.learner.meta_backward(part, MetaGradient(weight, self.scaler))
+            total = total + (loss.detach().float() * weight).cpu()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + weight * v
         return total, metrics

@@ -1,0 +1,253 @@
+"""Reproduce a paper's figure under a CPU-time budget: train a configs/reproduce/ config, test it.
+
+    python benchmarks/reproduce.py configs/reproduce/protonet-omniglot-1shot.toml --budget 60
+    python benchmarks/reproduce.py configs/reproduce/protonet-omniglot-1shot.toml --resume
+    python benchmarks/reproduce.py --table          # every finished (and unfinished) run
+
+Meta-training runs on one thread (``--threads``) so that two runs can share this 2-core CPU,
+and stops when the *process CPU time spent in training steps* reaches ``--budget`` minutes (or
+at ``train.steps``, the horizon of the config's schedule, whichever comes first). Validation
+(``train.val_every``, ``train.val_episodes``) is timed apart and does not count against the
+budget. The best validation checkpoint is then tested on ``eval.episodes`` fixed episodes of
+every ``eval.ways x eval.shots`` setting (mean ± 95 % CI).
+
+Everything lives in ``benchmarks/results/reproduce/`` (``--results`` for another folder):
+``NAME/`` is the run folder (``last/`` and ``best/`` checkpoints -- small safetensors + JSON --
+and ``metrics.jsonl``), ``NAME.json`` the result (config, learning curve of validation accuracy
+against training CPU-minutes and images seen, test results, CPU costs, machine) and ``NAME.png``
+the learning curve. A run stopped by SIGINT/SIGTERM, or by the end of a session, continues from
+``NAME/last`` with ``--resume``: its CPU time, curve and best checkpoint carry over.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, facts_line
+
+from metamap import config as configlib
+from metamap.train.runtime import machine_facts
+
+DEFAULT_RESULTS = RESULTS / "reproduce"
+
+
+def images_per_batch(config: dict) -> int:
+    e = config["episode"]
+    return e["tasks_per_batch"] * e["ways"] * (e["shots"] + e["queries"])
+
+
+class BudgetRun:
+    """One reproduce run: the shared trainer driven step by step until the CPU budget is spent."""
+
+    def __init__(self, config: dict, run_dir: Path, budget_minutes: float, resume: bool, echo=print):
+        from metamap.train.run import build, make_validation, memory_format_for, setup_runtime
+        from metamap.train.run import info_to_dict
+        from metamap.train.trainer import Trainer
+
+        self.config, self.run_dir, self.budget_s, self.echo = config, run_dir, 60 * budget_minutes, echo
+        self.device = setup_runtime(config)
+        self.source, info, self.learner = build(config)
+        self.memory_format = memory_format_for(config, info)
+        if self.memory_format is not None:
+            self.learner.to(memory_format=self.memory_format)
+        ep = config["episode"]
+        sampler = self.source.sampler(config, "train", ep["ways"], ep["shots"], ep["queries"],
+                                      ep["tasks_per_batch"], config["seed"])
+        validate = make_validation(self.learner, config, self.source, self.device, self.memory_format)
+        if validate is None:
+            raise SystemExit("reproduce: this config has no validation (train.val_every = 0 or no val split); "
+                             "the best checkpoint needs one")
+        meta = {"learner": config["learner"]["name"], "config": config, "data_info": info_to_dict(info)}
+        self.trainer = Trainer(self.learner, sampler, config, run_dir, meta, validate=validate,
+                               device=self.device, memory_format=self.memory_format, progress=False)
+        self.state = {"train_cpu_s": 0.0, "val_cpu_s": 0.0, "curve": [], "stopped": None}
+        if resume:
+            self.trainer.resume(run_dir / "last")
+            from metamap.train import checkpoint
+            self.state = checkpoint.read_meta(run_dir / "last")[1]["reproduce"]
+        self.images = images_per_batch(config)
+        self._signal: int | None = None
+
+    def _save_last(self) -> None:
+        self.trainer.meta["reproduce"] = self.state
+        self.trainer.save("last")
+
+    def _validate(self) -> None:
+        t0 = time.process_time()
+        result = self.trainer.run_validation()
+        self.state["val_cpu_s"] += time.process_time() - t0
+        point = {"step": self.trainer.step, "cpu_minutes": round(self.state["train_cpu_s"] / 60, 3),
+                 "images": self.trainer.step * self.images, "val_accuracy": result.mean, "val_ci95": result.ci95,
+                 "val_setting": result.setting}
+        self.state["curve"].append(point)
+        self.echo(f"step {point['step']:6d}  {point['cpu_minutes']:6.2f} CPU-min  val {100 * result.mean:.2f} "
+                  f"± {100 * result.ci95:.2f} %{'  (best)' if self.trainer.best['step'] == point['step'] else ''}",
+                  flush=True)
+
+    def fit(self) -> bool:
+        """Train until the budget or the step horizon; ``True`` if finished, ``False`` if interrupted."""
+        steps, every = self.config["train"]["steps"], self.config["train"]["val_every"]
+        log_every = self.config["train"]["log_every"]
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if self.trainer.step == 0 and not self.state["curve"]:
+                self._validate()                      # the untrained network: the curve's origin
+            while self.trainer.step < steps and self.state["train_cpu_s"] < self.budget_s:
+                t0 = time.process_time()
+                record = self.trainer.train_step()
+                self.state["train_cpu_s"] += time.process_time() - t0
+                if record is not None and self.trainer.step % log_every == 0:
+                    self.trainer.log({**record, "train_cpu_s": round(self.state["train_cpu_s"], 2)})
+                if self.trainer.step % every == 0:
+                    self._validate()
+                    self._save_last()
+                if self._signal is not None:
+                    self._save_last()
+                    self.echo(f"stopped by signal {signal.Signals(self._signal).name} at step {self.trainer.step}; "
+                              "continue with --resume", flush=True)
+                    return False
+            if not self.state["curve"] or self.state["curve"][-1]["step"] != self.trainer.step:
+                self._validate()
+            self.state["stopped"] = "budget" if self.state["train_cpu_s"] >= self.budget_s else "steps"
+            self._save_last()
+            return True
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:
+            raise KeyboardInterrupt
+        self._signal = signum
+
+    def test(self) -> tuple[list, float, int]:
+        from metamap.train import checkpoint
+        from metamap.train.run import test, test_samplers
+        best = checkpoint.resolve_path(self.run_dir / "best")
+        path, meta = checkpoint.read_meta(best)
+        checkpoint.load_state(self.learner, checkpoint.read_tensors(path, checkpoint.WEIGHTS, meta), path)
+        t0 = time.process_time()
+        results = test(self.learner, self.config, test_samplers(self.config, self.source), self.device,
+                       self.memory_format, progress=sys.stderr.isatty())
+        return results, time.process_time() - t0, meta["step"]
+
+
+def plot(result: dict, out: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = result["curve"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    x = [p["cpu_minutes"] for p in curve]
+    y = [100 * p["val_accuracy"] for p in curve]
+    ci = [100 * p["val_ci95"] for p in curve]
+    ax.plot(x, y, marker="o", ms=3, lw=1.2, label=result["val_setting"])
+    ax.fill_between(x, [a - c for a, c in zip(y, ci)], [a + c for a, c in zip(y, ci)], alpha=0.2)
+    for r in result.get("test", []):
+        ax.axhline(100 * r["mean"], ls=":", lw=1, color="grey")
+        ax.annotate(f"test {r['setting'].split(',')[0]}: {100 * r['mean']:.2f} %", (x[-1], 100 * r["mean"]),
+                    ha="right", va="bottom", fontsize=8)
+    for label, value in (result.get("targets") or {}).items():
+        ax.axhline(value, ls="--", lw=0.8, color="tab:red")
+        ax.annotate(f"paper {label}: {value}", (0, value), ha="left", va="bottom", fontsize=8, color="tab:red")
+    lo = min(y[1:] or y)
+    ax.set_ylim(max(0, min(lo, *(100 * r["mean"] for r in result.get("test", [])) or [lo]) - 3), 100)
+    ax.set(xlabel="training CPU-minutes (1 thread)", ylabel="accuracy (%)", title=result["name"])
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def row(result: dict) -> list[str]:
+    tests = {r["setting"].split(",")[0]: r for r in result.get("test", [])}
+    cells = [f"{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}" for r in tests.values()]
+    state = "" if result.get("finished") else " (unfinished)"
+    return [result["name"] + state, ", ".join(tests) or "-", " / ".join(cells) or "-",
+            f"{result['train_cpu_minutes']:.1f}", str(result["steps"]), f"{result['images_seen']:,}",
+            str(result.get("best_step", "-"))]
+
+
+def table(results_dir: Path) -> str:
+    lines = ["| run | settings | test accuracy (%) | training CPU-min | meta-batches | images seen | best step |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for path in sorted(results_dir.glob("*.json")):
+        lines.append("| " + " | ".join(row(json.loads(path.read_text()))) + " |")
+    return "\n".join(lines)
+
+
+def targets_of(config_path: Path) -> dict:
+    """``# target: 5-way 1-shot = 98.8`` comment lines of a config: the paper's figures."""
+    out = {}
+    for line in config_path.read_text().splitlines():
+        if line.startswith("# target:") and "=" in line:
+            label, value = line[len("# target:"):].split("=", 1)
+            out[label.strip()] = float(value.split()[0])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?")
+    p.add_argument("--name", help="run name (default: the config's file name without .toml)")
+    p.add_argument("--budget", type=float, default=60.0, help="training CPU-minutes (default 60)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true", help="continue NAME/last (same config, same budget unless given)")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--table", action="store_true", help="print the table of all results and exit")
+    args = p.parse_args()
+    if args.table:
+        print(table(args.results))
+        return
+    if not args.config:
+        p.error("a config is needed (or --table)")
+    config_path = Path(args.config)
+    name = args.name or config_path.stem
+    run_dir = args.results / name
+    if not args.resume and (run_dir / "last").exists():
+        p.error(f"{run_dir} holds a run; continue it with --resume or choose another --name")
+    base = None
+    if args.resume:
+        from metamap.train import checkpoint
+        base = checkpoint.read_meta(run_dir / "last")[1]["config"]
+    cfg = configlib.resolve(None if args.resume else config_path, [*args.overrides, f"train.threads={args.threads}"],
+                            base=base)
+    run = BudgetRun(cfg, run_dir, args.budget, args.resume)
+    print(facts_line(), flush=True)              # after BudgetRun set the thread count
+    print(f"reproduce {name}: {cfg['learner']['name']} on {run.source.dataset(cfg, 'train').description}, "
+          f"{run.trainer.sampler.describe()}, {cfg['episode']['tasks_per_batch']} task(s)/batch, "
+          f"budget {args.budget:g} training CPU-minutes or {cfg['train']['steps']} batches -> {run_dir}", flush=True)
+    if not run.fit():
+        sys.exit(1)
+    results, test_cpu, best_step = run.test()
+    s = run.state
+    result = {
+        "name": name, "config_file": str(config_path), "command": " ".join(["python", *sys.argv]),
+        "finished": True, "stopped": s["stopped"], "budget_cpu_minutes": args.budget,
+        "train_cpu_minutes": round(s["train_cpu_s"] / 60, 2), "val_cpu_minutes": round(s["val_cpu_s"] / 60, 2),
+        "test_cpu_minutes": round(test_cpu / 60, 2), "steps": run.trainer.step,
+        "images_per_batch": run.images, "images_seen": run.trainer.step * run.images, "best_step": best_step,
+        "val_setting": f"{s['curve'][-1]['val_setting']}, {cfg['train']['val_episodes']} episodes",
+        "curve": s["curve"], "test": [r.to_dict() for r in results], "targets": targets_of(config_path),
+        "threads": args.threads, "machine": machine_facts(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "config": cfg,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.results / f"{name}.png")
+    for r in results:
+        print(f"  {r.summary()}", flush=True)
+    print(table(args.results))
+
+
+if __name__ == "__main__":
+    main()

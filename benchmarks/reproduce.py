@@ -45,8 +45,7 @@ class BudgetRun:
     """One reproduce run: the shared trainer driven step by step until the CPU budget is spent."""
 
     def __init__(self, config: dict, run_dir: Path, budget_minutes: float, resume: bool, echo=print):
-        from metamap.train.run import build, make_validation, memory_format_for, setup_runtime
-        from metamap.train.run import info_to_dict
+        from metamap.train.run import build, info_to_dict, make_validation, memory_format_for, setup_runtime
         from metamap.train.trainer import Trainer
 
         self.config, self.run_dir, self.budget_s, self.echo = config, run_dir, 60 * budget_minutes, echo

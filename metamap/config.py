@@ -101,8 +101,9 @@ class TrainOptions(Options):
     tune_allocator: bool = option(True, role=RUNTIME, doc="keep freed memory in-process (glibc mallopt)")
     max_bad_steps: int = option(10, low=0, role=TRAINING,
                                 doc="non-finite losses or gradients tolerated before the run stops")
-    precision: Literal["fp32", "bf16", "fp16"] = option(
-        "fp32", role=RUNTIME, doc="bf16: autocast on CPU or GPU; fp16: autocast and a gradient scaler, GPU only")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", role=RUNTIME, doc="auto: bf16 where the hardware has it and the learner's accuracy was measured "
+        "unchanged, else fp32; bf16: autocast on CPU or GPU; fp16: autocast and a gradient scaler, GPU only")
     chunk_tasks: Literal["auto"] | int = option(
         "auto", low=0, role=RUNTIME, doc="tasks per forward/backward pass; 0 = the whole meta-batch")
     prefetch: Literal["auto"] | bool = option("auto", role=RUNTIME,
@@ -127,6 +128,8 @@ class EvalOptions(Options):
     episodes: int = option(1000, low=1, role=ADAPTATION)
     seed: int = option(2024, **SEED_RANGE, role=ADAPTATION)
     tasks_per_batch: int = option(0, low=0, role=RUNTIME, doc="0 = choose from the episode size")
+    cache_mb: float = option(1024, low=0, role=RUNTIME,
+                             doc="learners that encode examples one by one: MB of codes kept; 0 = per episode")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -91,9 +91,11 @@ def describe(tp, meta: dict, plural: bool = False) -> str:
         return (f"{positive}numbers" if plural else f"a {positive}number") + _bounds(meta)
     if tp is str:
         return "strings" if plural else "a string"
+    if tp is dict:
+        return "tables" if plural else "a table (section)"
     if origin is Literal:
         choices = [str(c) for c in typing.get_args(tp)]
-        return choices[0] if len(choices) == 1 else "one of " + ", ".join(choices)
+        return choices[0] if len(choices) == 1 else ", ".join(choices[:-1]) + " or " + choices[-1]
     if origin in (list, tuple):
         n = meta.get("length")
         what = describe(typing.get_args(tp)[0], meta, plural=True)
@@ -128,6 +130,9 @@ def conform(value: Any, tp, meta: dict) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return copy.deepcopy(value)
     elif origin is Literal:
         # Exact types: True must not pass for 1, nor 1.0 for 1.
         for choice in typing.get_args(tp):
@@ -206,7 +211,13 @@ class Options:
                               f"{', '.join(known) or '(none)'}")
         if unknown:
             raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; known: {', '.join(known) or '(none)'}")
-        return cls(**{k: v for k, v in section.items() if k in known})
+        given = {k: v for k, v in section.items() if k in known}
+        for f in dataclasses.fields(cls):          # a table given for a table field adds to its default
+            if f.name in given and isinstance(given[f.name], dict) and f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+                if isinstance(default, dict):
+                    given[f.name] = {**default, **given[f.name]}
+        return cls(**given)
 
     def to_dict(self) -> dict:
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}

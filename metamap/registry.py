@@ -1,4 +1,4 @@
-"""Name -> plug-in tables for learners, backbones and data sources.
+"""Name -> plug-in tables for learners, backbones, data sources and task kinds.
 
 A plug-in registers itself with its options dataclass (:mod:`metamap.options`), the single
 source of the keys, defaults and types of its config section::
@@ -31,9 +31,9 @@ class DataInfo:
     """What a learner needs to know about the data to build itself."""
 
     example_shape: tuple[int, ...]
-    problem: str = "classification"          # or "regression"
+    problem: str = "classification"          # the task kind's name (registered with register_task_kind)
     num_train_classes: int = 0               # for learners that pre-train a classifier
-    output_dim: int = 1                      # regression targets per example
+    output_dim: int = 1                      # real-valued targets per example (regression kinds)
     spec: Any = None                         # ImageSpec of image data
     description: str = ""
 
@@ -55,6 +55,7 @@ class Plugin:
 SELECTORS = {"data": "name", "model": "backbone", "learner": "name"}
 KIND_NAMES = {"data": "data set", "model": "backbone", "learner": "learner"}
 _PLUGINS: dict[str, dict[str, Plugin]] = {kind: {} for kind in SELECTORS}
+_KINDS: dict[str, Any] = {}
 _loaded = False
 
 
@@ -85,6 +86,23 @@ def register_backbone(name: str, options: type[Options] | None = None, defaults:
 def register_data(name: str, options: type[Options] | None = None, defaults: dict | None = None):
     """Register a data source class with its ``[data]`` options."""
     return _register("data", name, options, defaults)
+
+
+def register_task_kind(name: str):
+    """Register a :class:`~metamap.tasks.kinds.TaskKind` subclass under ``name`` (``DataInfo.problem``)."""
+    def deco(cls):
+        cls.name = name
+        _KINDS[name] = cls()
+        return cls
+    return deco
+
+
+def task_kind(name: str):
+    """The task kind a data source names in ``DataInfo.problem``."""
+    _load_plugins()
+    if not isinstance(name, str) or name not in _KINDS:
+        raise ConfigError(f"unknown task kind {name!r} (DataInfo.problem); choose one of: {', '.join(sorted(_KINDS))}")
+    return _KINDS[name]
 
 
 def _load_plugins() -> None:
@@ -137,4 +155,8 @@ def build_backbone(config: dict, info: DataInfo) -> nn.Module:
 
 
 def build_learner(config: dict, info: DataInfo) -> nn.Module:
-    return plugin("learner", config["learner"]["name"]).build(config, info)
+    """The learner ``config`` names, for the data ``info`` describes (and its task kind)."""
+    kind = task_kind(info.problem)
+    learner = plugin("learner", config["learner"]["name"]).build(config, info)
+    learner.kind = kind
+    return learner

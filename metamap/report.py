@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from metamap.errors import MetamapError
-from metamap.train.plots import plot_curves, read_metrics
+from metamap.train.plots import plot_curves, read_metrics, validation_key
 
 
 def _plt():
@@ -113,9 +113,9 @@ def results_table(summary: dict) -> str:
     if not rows:
         return "<p>No test results (the run was trained with --no-test or has not finished).</p>"
     def value(r):
-        if r["metric"] == "accuracy":
+        if r.get("percent", r["metric"] == "accuracy"):      # results written before task kinds lack it
             return f"{100 * r['mean']:.2f}% ± {100 * r['ci95']:.2f}%"
-        return f"{r['mean']:.4f} ± {r['ci95']:.4f}"
+        return f"{r['mean']:.4f} ± {r['ci95']:.4f} {r['metric']}"
     body = "".join(f"<tr><td>{html.escape(r['setting'])}</td><td>{value(r)}</td><td>{r['episodes']}</td>"
                    f"<td>{r['seed']}</td></tr>" for r in rows)
     best = summary.get("best") or {}
@@ -153,8 +153,8 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, str]:
         rows = read_metrics(d)
         if not rows:
             raise MetamapError(f"{d} has no metrics.jsonl; give run folders made by metamap train")
-        val = [r for r in rows if "val_accuracy" in r or "val_mse" in r]
-        key = "val_accuracy" if any("val_accuracy" in r for r in val) else "val_mse"
+        key = validation_key(rows)
+        val = [r for r in rows if key and key in r]
         if val:
             ax.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=d.name)
         else:
@@ -164,8 +164,9 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, str]:
         learner = json.loads((d / "last" / "checkpoint.json").read_text()).get("learner", "?") \
             if (d / "last" / "checkpoint.json").exists() else "?"
         for r in summary.get("test", []) or [{}]:
-            value = (f"{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f} %" if r.get("metric") == "accuracy"
-                     else f"{r['mean']:.4f} ± {r['ci95']:.4f}" if r else "-")
+            value = (f"{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f} %"
+                     if r and r.get("percent", r.get("metric") == "accuracy")
+                     else f"{r['mean']:.4f} ± {r['ci95']:.4f} {r['metric']}" if r else "-")
             lines.append(f"| {d.name} | {learner} | {r.get('setting', '-')} | {value} | "
                          f"{summary.get('train_seconds', 0) / 60:.1f} min |")
     ax.set(xlabel="meta-training batch", ylabel="validation score", title="runs compared")

@@ -173,9 +173,9 @@ def cifar_archive(tmp_path_factory):
 
 # -- the shipped class splits ---------------------------------------------------------------------
 def test_published_split_sizes_and_disjointness():
-    assert splits.available() == ["cifarfs-bertinetto", "fc100-oreshkin", "miniimagenet-ravi"]
+    assert splits.available() == ["cifarfs-bertinetto", "fc100-oreshkin", "miniimagenet-ravi", "omniglot-vinyals"]
     for name, sizes in (("miniimagenet-ravi", (64, 16, 20)), ("cifarfs-bertinetto", (64, 16, 20)),
-                        ("fc100-oreshkin", (12, 4, 4))):
+                        ("fc100-oreshkin", (12, 4, 4)), ("omniglot-vinyals", (4112, 688, 1692))):
         s = splits.published(name)
         assert tuple(len(s[p]) for p in ("train", "val", "test")) == sizes, name
         everything = s["train"] + s["val"] + s["test"]

@@ -15,8 +15,7 @@ from torch.func import functional_call
 
 from metamap.algorithms.base import MetaGradient
 from metamap.algorithms.gradient import GradientLearner, Reptile, msl_weights
-from metamap.algorithms.inner_opt import (SGD, Adam, PerElementSGD, PerLayerPerStepSGD,
-                                          build_inner_optimizer)
+from metamap.algorithms.inner_opt import SGD, Adam, PerElementSGD, PerLayerPerStepSGD, build_inner_optimizer
 from metamap.errors import ConfigError, MetamapError
 from metamap.nets.backbones import MLP, Conv4
 from metamap.tasks.batch import TaskBatch
@@ -595,3 +594,16 @@ def test_batch_norm_folded_into_first_convolution_is_the_same_function(channels)
             assert a is None and float(b.abs().max()) < 1e-12
         else:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_inner_mini_batches_apply_in_training_and_inner_batch_eval_at_evaluation():
+    mini, tasks = quadratic(steps=3, lr=0.05, inner_batch=2, inner_batch_eval=0)
+    full, _ = quadratic(steps=3, lr=0.05)
+    for learner in (mini, full):
+        learner.inner_steps_eval = 3
+    mini.eval(), full.eval()
+    a = mini.adapt_tasks(tasks.support_x, tasks.support_y, 0)(tasks.query_x)
+    torch.testing.assert_close(a, full.adapt_tasks(tasks.support_x, tasks.support_y, 0)(tasks.query_x),
+                               rtol=0, atol=0)
+    mini.train(), full.train()
+    assert rel_err(library_meta_grad(mini, tasks), library_meta_grad(full, tasks)) > 1e-3

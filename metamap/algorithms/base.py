@@ -5,11 +5,11 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metamap.errors import MetamapError
 from metamap.tasks.batch import TaskBatch
+from metamap.tasks.kinds import TaskKind, infer_kind
 
 Predictor = Callable[[Tensor], Tensor]
 """Query inputs ``[T, Q, *example_shape]`` -> outputs ``[T, Q, ways]`` (logits) or ``[T, Q, *target_shape]``."""
@@ -21,10 +21,16 @@ class MetaGradient:
     ``weight`` is the part's share of the meta-batch's tasks, so that the parts' contributions
     add up to the whole batch's mean; ``scaler`` (fp16 training) scales them as the trainer's
     gradient scaler expects. Gradients accumulate into ``.grad`` of the learner's parameters.
+
+    ``optimizer`` is the trainer's outer optimizer (its learning rate already scheduled), for a
+    learner that takes several outer steps per batch itself (PPO epochs): it steps it and leaves
+    every ``.grad`` at ``None``, so the trainer's own step changes nothing; the optimizer's state
+    stays in the trainer's checkpoints. Such steps happen before the divergence guard looks at
+    the loss, so the guard cannot undo them.
     """
 
-    def __init__(self, weight: float = 1.0, scaler=None):
-        self.weight, self.scaler = float(weight), scaler
+    def __init__(self, weight: float = 1.0, scaler=None, optimizer=None):
+        self.weight, self.scaler, self.optimizer = float(weight), scaler, optimizer
 
     def _scaled(self, t: Tensor) -> Tensor:
         t = t * self.weight
@@ -61,6 +67,11 @@ class MetaLearner(nn.Module):
     family: ClassVar[str] = ""
     # Adaptation that takes gradient steps needs autograd even at evaluation time.
     adapts_with_gradients: ClassVar[bool] = False
+    # The task kind (loss, metrics): set by build_learner; None = inferred from the labels.
+    kind: TaskKind | None = None
+    # train.precision = "auto" runs bf16 autocast (on hardware with native bf16) only for learners
+    # whose accuracy under bf16 was measured unchanged on their default experiment (BENCHMARKS.md).
+    auto_bf16: ClassVar[bool] = False
     # Old -> new prefixes of state names, for checkpoints written before a rename.
     renamed_state: ClassVar[dict[str, str]] = {}
 
@@ -154,24 +165,54 @@ class MetaLearner(nn.Module):
         several times per update when the trainer splits a meta-batch into chunks.
         """
 
-    @staticmethod
-    def query_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-        """Cross-entropy for class labels, mean squared error for real-valued targets."""
-        if torch.is_floating_point(targets):
-            return F.mse_loss(outputs.reshape(targets.shape), targets)
-        return F.cross_entropy(outputs.flatten(0, 1), targets.flatten())
+    # -- the task kind: adaptation loss and metrics ----------------------------------------------
+    def task_kind(self, targets: Tensor) -> TaskKind:
+        """The kind of task this learner serves (set from the data by ``build_learner``); a learner
+        built by hand infers it from the labels (class labels or real-valued targets)."""
+        return self.kind if self.kind is not None else infer_kind(targets)
 
-    @staticmethod
-    def per_task_score(outputs: Tensor, targets: Tensor) -> Tensor:
-        """``[T]``: accuracy per task (classification) or mean squared error per task (regression)."""
-        if torch.is_floating_point(targets):
-            return ((outputs.reshape(targets.shape) - targets) ** 2).flatten(1).mean(1)
-        return (outputs.argmax(-1) == targets).float().mean(1)
+    def query_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The task kind's loss averaged over tasks (cross-entropy, mean squared error...)."""
+        return self.task_kind(targets).loss(outputs, targets).mean()
 
-    @classmethod
-    def task_metrics(cls, outputs: Tensor, targets: Tensor) -> dict[str, float]:
-        name = "mse" if torch.is_floating_point(targets) else "accuracy"
-        return {name: float(cls.per_task_score(outputs, targets).mean())}
+    def task_metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, float]:
+        """Every metric of the task kind, averaged over the tasks."""
+        return {k: float(v.mean()) for k, v in self.task_kind(targets).scores(outputs, targets).items()}
+
+
+class EncodingLearner(MetaLearner):
+    """A learner that encodes every example on its own and adapts on the encodings.
+
+    ``adapt_tasks`` is :meth:`adapt_encoded` applied to :meth:`encode`'s output. When the
+    encoding of an example does not depend on the rest of its episode (:meth:`encodes_per_example`:
+    evaluation mode, no batch statistics), the evaluator encodes each distinct example of a
+    split once and builds every episode from those codes: the same predictions, a fraction of
+    the forward passes.
+    """
+
+    encoder: nn.Module
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [T, N, *example]`` -> codes ``[T, N, *code]``."""
+        return embed_tasks(self.encoder, x)
+
+    def adapt_encoded(self, support_z: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        """Codes ``support_z [T, S, *code]`` -> predictor of query codes ``[T, Q, *code]``."""
+        raise NotImplementedError
+
+    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        predict = self.adapt_encoded(self.encode(support_x), support_y, ways)
+        return lambda query_x: predict(self.encode(query_x))
+
+    def encodes_per_example(self) -> bool:
+        """Whether an example's code is a function of that example alone, right now: evaluation
+        mode, and no batch norm that normalises with batch statistics at evaluation."""
+        def batch_dependent(m: nn.Module) -> bool:
+            # Training mode: batch statistics, dropout. Batch norm without running statistics
+            # normalises with the batch's even at evaluation (instance norm is per example).
+            return m.training or (isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is None
+                                  and not isinstance(m, nn.modules.instancenorm._InstanceNorm))
+        return not any(batch_dependent(m) for m in self.encoder.modules())
 
 
 def embed_tasks(encoder: nn.Module, x: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metamap.algorithms.base import MetaLearner, Predictor, embed_tasks
+from metamap.algorithms.base import EncodingLearner, Predictor, embed_tasks
 from metamap.errors import ConfigError, MetamapError
 from metamap.options import ADAPTATION, ARCHITECTURE, Options, option
 from metamap.registry import DataInfo, build_backbone, register_learner, section_options
@@ -67,7 +67,7 @@ class TaskHead:
         return cosine_logits(z, self.params[0], self.scale)
 
 
-class FineTuneBaseline(MetaLearner):
+class FineTuneBaseline(EncodingLearner):
     name = "finetune"
     family = "baseline"
     adapts_with_gradients = True
@@ -100,7 +100,14 @@ class FineTuneBaseline(MetaLearner):
         tune = [p for p in encoder.parameters() if p.requires_grad] if self.finetune_backbone else []
         with torch.set_grad_enabled(bool(tune)):
             z = embed_tasks(encoder, support_x)
+        return self.fit_head(z, support_y, ways, encoder, support_x, tune)
+
+    def fit_head(self, z: Tensor, support_y: Tensor, ways: int, encoder: nn.Module | None = None,
+                 support_x: Tensor | None = None, tune: list[Tensor] = ()) -> TaskHead:
+        """Fit a head on the support features ``z [T, S, D]``; with ``tune``, those encoder
+        weights are fine-tuned too, re-encoding ``support_x`` every step."""
         head = TaskHead(self.head, z.detach(), support_y, ways, self.scale)
+        tune = list(tune)
         params, rates = head.params + tune, [self.lr] * len(head.params) + [self.backbone_lr] * len(tune)
         velocity = [torch.zeros_like(p) for p in params]
         with torch.enable_grad():
@@ -116,15 +123,27 @@ class FineTuneBaseline(MetaLearner):
         head.params = [p.detach() for p in head.params]
         return head
 
+    def encode(self, x: Tensor) -> Tensor:
+        # Adaptation fits a head on fixed features: no graph through the backbone is needed.
+        with torch.no_grad():
+            return embed_tasks(self.encoder, x)
+
+    def adapt_encoded(self, support_z: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        if self.finetune_backbone:
+            raise MetamapError("with learner.finetune_backbone the features change per task: adapt on inputs")
+        head = self.fit_head(support_z, support_y, ways)
+
+        def predict(query_z: Tensor) -> Tensor:
+            with torch.no_grad():
+                return head(query_z)
+        return predict
+
+    def encodes_per_example(self) -> bool:
+        return not self.finetune_backbone and super().encodes_per_example()
+
     def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
         if not self.finetune_backbone:
-            head = self.fit(self.encoder, support_x, support_y, ways)
-
-            def predict(query_x: Tensor) -> Tensor:
-                # The fitted head is a fixed function: no graph through the backbone is needed.
-                with torch.no_grad():
-                    return head(embed_tasks(self.encoder, query_x))
-            return predict
+            return super().adapt_tasks(support_x, support_y, ways)
         # Each task fine-tunes its own copy of the backbone.
         tuned = [self.tuned_copy(support_x[i:i + 1], support_y[i:i + 1], ways) for i in range(support_x.shape[0])]
 

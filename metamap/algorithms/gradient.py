@@ -31,14 +31,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from metamap.algorithms.base import MetaGradient, MetaLearner, Predictor
-from metamap.algorithms.inner_loop import TaskForward, inner_loop, minibatch_indices, task_losses
+from metamap.algorithms.inner_loop import TaskForward, inner_loop, minibatch_indices
 from metamap.algorithms.inner_opt import build_inner_optimizer
 from metamap.algorithms.split import ParameterSplit
 from metamap.errors import ConfigError, MetamapError
 from metamap.nets.functional import BN_MODES
 from metamap.options import ADAPTATION, ARCHITECTURE, RUNTIME, TRAINING, Options, option
-from metamap.registry import DataInfo, build_backbone, register_learner, section_options
+from metamap.registry import DataInfo, build_backbone, register_learner, section_options, task_kind
 from metamap.tasks.batch import TaskBatch
+
 
 def msl_weights(steps: int, progress: float) -> Tensor:
     """MAML++ multi-step loss weights ``[steps]`` (for the query loss after each inner step).
@@ -74,14 +75,14 @@ class GradientLearner(MetaLearner):
                  inner_steps: int = 1, inner_steps_eval: int = 1, inner_lr: float = 0.4,
                  first_order: bool = False, step_sizes: str = "fixed", inner_optimizer: str = "sgd",
                  inner_beta1: float = 0.0, inner_beta2: float = 0.999, inner_eps: float = 1e-8,
-                 inner_batch: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
+                 inner_batch: int = 0, inner_batch_eval: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
                  batched: bool = True, channels_last: bool = True, fuse_bn_pool: bool = True,
                  bf16: bool = False, grad_checkpoint: bool = False, fold_bn: bool = True,
                  cpp_kernels: bool = True, seed: int = 0):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval),
-                        ("inner_batch", inner_batch)):
+                        ("inner_batch", inner_batch), ("inner_batch_eval", inner_batch_eval)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"learner.{what} must be a whole number >= 0, not {v!r}")
         if bn not in BN_MODES:
@@ -90,7 +91,8 @@ class GradientLearner(MetaLearner):
         self.ways, self.inner_steps, self.inner_steps_eval = ways, inner_steps, inner_steps_eval
         self.first_order, self.bn = bool(first_order), bn
         self.multi_step_loss, self.msl_anneal_steps = bool(multi_step_loss), int(msl_anneal_steps)
-        self.grad_checkpoint, self.inner_batch, self.seed = bool(grad_checkpoint), inner_batch, int(seed)
+        self.grad_checkpoint, self.seed = bool(grad_checkpoint), int(seed)
+        self.inner_batch, self.inner_batch_eval = inner_batch, inner_batch_eval
         self.split = ParameterSplit.declare(self.model, adapt, freeze)
         if not self.split.adapted and max(inner_steps, inner_steps_eval) > 0:
             raise ConfigError(f"learner.adapt = {adapt!r} selects no trainable parameter to adapt")
@@ -122,10 +124,11 @@ class GradientLearner(MetaLearner):
         training = self.training
         theta = dict(self.model.named_parameters())
         batches = None
-        if self.inner_batch and steps:
-            batches = minibatch_indices(support_x, self.inner_batch, steps, self.seed)
+        batch = self.inner_batch if training else self.inner_batch_eval
+        if batch and steps:
+            batches = minibatch_indices(support_x, batch, steps, self.seed)
         loop = dict(optimizer=self.inner_optimizer, differentiable=differentiable, second_order=not self.first_order,
-                    recompute=self.grad_checkpoint, batches=batches)
+                    recompute=self.grad_checkpoint, loss=self.task_kind(support_y).loss, batches=batches)
         if self.body_adapts:
             def fwd(p, x, record=None):
                 return self.full(p, x, training, record)
@@ -141,7 +144,7 @@ class GradientLearner(MetaLearner):
         return history, fwd
 
     def _check_ways(self, support_y: Tensor, ways: int) -> None:
-        if not torch.is_floating_point(support_y) and ways != self.ways:
+        if self.task_kind(support_y).classes and ways != self.ways:
             raise MetamapError(
                 f"this {self.name} learner's head has {self.ways} outputs, so it adapts to {self.ways}-way "
                 f"tasks only, not {ways}-way; train and evaluate with the same number of ways "
@@ -187,7 +190,7 @@ class GradientLearner(MetaLearner):
             loss = torch.zeros(())
             for k in range(1, steps + 1):
                 outputs = self._query(fwd, history[k], tasks.query_x, record if k == steps else None)
-                loss = loss + weights[k - 1] * task_losses(outputs, tasks.query_y).mean()
+                loss = loss + weights[k - 1] * self.query_loss(outputs, tasks.query_y)
         else:
             outputs = self._query(fwd, history[-1], tasks.query_x, record)
             loss = self.query_loss(outputs, tasks.query_y)
@@ -280,8 +283,10 @@ class GradientOptions(Options):
     inner_beta1: float = option(0.0, low=0, high=1, high_open=True, role=ADAPTATION, doc="inner Adam's beta1")
     inner_beta2: float = option(0.999, low=0, high=1, high_open=True, role=ADAPTATION, doc="inner Adam's beta2")
     inner_eps: float = option(1e-8, low=0, low_open=True, role=ADAPTATION, doc="inner Adam's epsilon")
-    inner_batch: int = option(0, low=0, role=ADAPTATION,
-                              doc="support examples per inner step; 0 = the whole support set")
+    inner_batch: int = option(0, low=0, role=TRAINING,
+                              doc="support examples per inner step in meta-training; 0 = the whole support set")
+    inner_batch_eval: int = option(0, low=0, role=ADAPTATION,
+                                   doc="support examples per inner step at test time; 0 = the whole support set")
     adapt: str | list[str] = option(
         "all", role=ARCHITECTURE, doc="which parameters adapt: all, head, or a list of name prefixes")
     freeze: list[str] = option([], role=ARCHITECTURE, doc="name prefixes of parameters neither adapted nor learned")
@@ -313,9 +318,9 @@ DEFAULTS = {"episode": EPISODE, "optim": {"lr": 1e-3}, "schedule": {"name": "con
 def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) -> GradientLearner:
     o: GradientOptions = section_options(config, "learner")
     body = build_backbone(config, info)
-    regression = info.problem == "regression"
-    ways = 0 if regression else config["episode"]["ways"]
-    head = nn.Linear(body.out_features, info.output_dim if regression else ways)
+    kind = task_kind(info.problem)
+    ways = config["episode"]["ways"] if kind.classes else 0
+    head = nn.Linear(body.out_features, kind.output_size(ways, info.output_dim))
     return cls(body, head, len(info.example_shape), ways=ways, seed=config["seed"], **o.to_dict())
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
@@ -24,17 +23,13 @@ from torch.utils.checkpoint import checkpoint
 from metamap.algorithms.inner_opt import InnerOptimizer
 from metamap.algorithms.seeding import content_generator
 from metamap.nets.functional import BN_MODES, TaskBatchedNet, compile_layers
+from metamap.tasks.kinds import infer_kind
 
 
 def task_losses(outputs: Tensor, targets: Tensor) -> Tensor:
-    """``[T]`` per-task mean loss: cross-entropy for class labels, squared error for real targets.
-
-    ``outputs [T, N, ways]`` (logits) or ``[T, N, *target]``; ``targets [T, N]`` or ``[T, N, *target]``.
-    """
-    t = targets.shape[0]
-    if torch.is_floating_point(targets):
-        return ((outputs.reshape(targets.shape) - targets) ** 2).reshape(t, -1).mean(1)
-    return F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none").reshape(t, -1).mean(1)
+    """``[T]`` per-task mean loss of bare labelled tensors: cross-entropy for class labels,
+    squared error for real targets (see :func:`metamap.tasks.kinds.infer_kind`)."""
+    return infer_kind(targets).loss(outputs, targets)
 
 
 class TaskForward:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metamap.algorithms.base import MetaLearner, Predictor, embed_tasks
+from metamap.algorithms.base import EncodingLearner, Predictor
 from metamap.options import ARCHITECTURE, Options, option
 from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
@@ -68,7 +68,7 @@ class FullContextEmbedding(nn.Module):
         return h.view(t, q, d)
 
 
-class MatchingNetwork(MetaLearner):
+class MatchingNetwork(EncodingLearner):
     name = "matching"
     family = "metric"
 
@@ -85,14 +85,14 @@ class MatchingNetwork(MetaLearner):
         # scale = 1 is the paper's softmax over raw cosines; a larger scale sharpens the attention.
         return class_log_attention(self.scale * cosine_similarities(query_z, support_z), support_y, ways)
 
-    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
-        support_z = embed_tasks(self.encoder, support_x)
-        return lambda query_x: self.log_probs(support_z, support_y, embed_tasks(self.encoder, query_x), ways)
+    def adapt_encoded(self, support_z: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        # With FCE too: the CNN encodes each example alone; the LSTMs run on its codes here.
+        return lambda query_z: self.log_probs(support_z, support_y, query_z, ways)
 
     def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         # One encoder pass over the whole episode, so BatchNorm sees support and queries together.
         s = tasks.support_x.shape[1]
-        z = embed_tasks(self.encoder, torch.cat([tasks.support_x, tasks.query_x], 1))
+        z = self.encode(torch.cat([tasks.support_x, tasks.query_x], 1))
         log_probs = self.log_probs(z[:, :s], tasks.support_y, z[:, s:], tasks.ways)
         return self.query_loss(log_probs, tasks.query_y), self.task_metrics(log_probs.detach(), tasks.query_y)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metamap.algorithms.base import MetaLearner, Predictor, embed_tasks
+from metamap.algorithms.base import EncodingLearner, Predictor
 from metamap.registry import DataInfo, build_backbone, register_learner
 from metamap.tasks.batch import TaskBatch
 
@@ -26,23 +26,24 @@ def squared_distances(queries: Tensor, prototypes: Tensor) -> Tensor:
     return ((queries.unsqueeze(2) - prototypes.unsqueeze(1)) ** 2).sum(-1)
 
 
-class PrototypicalNetwork(MetaLearner):
+class PrototypicalNetwork(EncodingLearner):
     name = "protonet"
     family = "metric"
+    auto_bf16 = True          # default experiment: 96.64 / 89.56 % in bf16, 96.60 / 89.41 % in fp32
 
     def __init__(self, encoder: nn.Module, example_dims: int):
         super().__init__(example_dims)
         self.encoder = encoder
 
-    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
-        prototypes = class_means(embed_tasks(self.encoder, support_x), support_y, ways)
-        return lambda query_x: -squared_distances(embed_tasks(self.encoder, query_x), prototypes)
+    def adapt_encoded(self, support_z: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        prototypes = class_means(support_z, support_y, ways)
+        return lambda query_z: -squared_distances(query_z, prototypes)
 
     def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         # Support and query go through the encoder as one batch, as in the reference
         # implementation: one forward pass, and BatchNorm sees the whole episode.
         s = tasks.support_x.shape[1]
-        z = embed_tasks(self.encoder, torch.cat([tasks.support_x, tasks.query_x], 1))
+        z = self.encode(torch.cat([tasks.support_x, tasks.query_x], 1))
         prototypes = class_means(z[:, :s], tasks.support_y, tasks.ways)
         logits = -squared_distances(z[:, s:], prototypes)
         return self.query_loss(logits, tasks.query_y), self.task_metrics(logits.detach(), tasks.query_y)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metamap.algorithms.base import MetaLearner, Predictor
+from metamap.algorithms.base import EncodingLearner, Predictor
 from metamap.errors import ConfigError
 from metamap.nets.backbones import conv_block
 from metamap.options import ARCHITECTURE, Options, option
@@ -74,7 +74,7 @@ def class_sums(maps: Tensor, labels: Tensor, ways: int) -> Tensor:
     return (onehot @ maps.flatten(2)).reshape(maps.shape[0], ways, *maps.shape[2:])
 
 
-class RelationNetwork(MetaLearner):
+class RelationNetwork(EncodingLearner):
     name = "relation"
     family = "metric"
 
@@ -82,13 +82,16 @@ class RelationNetwork(MetaLearner):
         super().__init__(example_dims)
         self.encoder, self.relation = encoder, relation
 
-    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
-        classes = class_sums(embed_maps(self.encoder, support_x), support_y, ways)
-        return lambda query_x: self.relation(classes, embed_maps(self.encoder, query_x))
+    def encode(self, x: Tensor) -> Tensor:
+        return embed_maps(self.encoder, x)
+
+    def adapt_encoded(self, support_z: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        classes = class_sums(support_z, support_y, ways)
+        return lambda query_z: self.relation(classes, query_z)
 
     def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         s = tasks.support_x.shape[1]
-        maps = embed_maps(self.encoder, torch.cat([tasks.support_x, tasks.query_x], 1))
+        maps = self.encode(torch.cat([tasks.support_x, tasks.query_x], 1))
         scores = self.relation(class_sums(maps[:, :s], tasks.support_y, tasks.ways), maps[:, s:])
         loss = F.mse_loss(scores, F.one_hot(tasks.query_y, tasks.ways).to(scores.dtype))
         return loss, self.task_metrics(scores.detach(), tasks.query_y)

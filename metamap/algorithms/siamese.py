@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metamap.algorithms.base import MetaLearner, Predictor, embed_tasks
+from metamap.algorithms.base import EncodingLearner, Predictor
 from metamap.algorithms.seeding import content_generator
 from metamap.errors import ConfigError
 from metamap.options import ARCHITECTURE, TRAINING, Options, option
@@ -66,7 +66,7 @@ def balanced_pairs(labels: Tensor, pairs: int, generator: torch.Generator) -> tu
     return torch.cat(firsts, 1), torch.cat(seconds, 1), torch.cat(same, 1)
 
 
-class SiameseNetwork(MetaLearner):
+class SiameseNetwork(EncodingLearner):
     name = "siamese"
     family = "metric"
 
@@ -87,11 +87,9 @@ class SiameseNetwork(MetaLearner):
             return self.head((a - b).abs()).squeeze(-1)     # the logit of P(same class)
         return -euclidean(a, b)
 
-    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
-        support_z = embed_tasks(self.encoder, support_x)
-
-        def predict(query_x: Tensor) -> Tensor:
-            scores = self.similarity(embed_tasks(self.encoder, query_x).unsqueeze(2), support_z.unsqueeze(1))
+    def adapt_encoded(self, support_z: Tensor, support_y: Tensor, ways: int) -> Predictor:
+        def predict(query_z: Tensor) -> Tensor:
+            scores = self.similarity(query_z.unsqueeze(2), support_z.unsqueeze(1))
             return nearest_support_class(scores, support_y, ways)
         return predict
 
@@ -103,7 +101,7 @@ class SiameseNetwork(MetaLearner):
     def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         # Pairs come from all of the episode's examples (support and query), embedded once.
         s = tasks.support_x.shape[1]
-        z = embed_tasks(self.encoder, torch.cat([tasks.support_x, tasks.query_x], 1))   # [T, E, D]
+        z = self.encode(torch.cat([tasks.support_x, tasks.query_x], 1))   # [T, E, D]
         labels = torch.cat([tasks.support_y, tasks.query_y], 1).cpu()
         first, second, same = balanced_pairs(labels, self.pairs, content_generator(self.seed, tasks.support_x))
         loss = self.pair_loss(rows(z, first), rows(z, second), same.to(z))

@@ -1,8 +1,9 @@
 """Data sources: turn the ``[data]`` section of a config into task samplers.
 
-A source answers two questions: what does one example look like (:class:`DataInfo`), and
-which tasks make up a split (``train``, ``val``, ``test``). Episode-based sources share
-:class:`EpisodeSampler`; task families such as sinusoid regression bring their own sampler.
+A source answers two questions: what does one example look like and which kind of task is it
+(:class:`DataInfo`), and which tasks make up a split (``train``, ``val``, ``test``).
+Episode-based sources share :class:`EpisodeSampler`; task families such as sinusoid
+regression bring their own sampler.
 """
 from __future__ import annotations
 
@@ -18,7 +19,29 @@ from metamap.tasks.sampler import EpisodeSampler, TaskSampler
 SPLITS = ("train", "val", "test")
 
 
-class ClassDataSource:
+class DataSource:
+    """What a ``[data] name`` stands for; registered with :func:`metamap.registry.register_data`."""
+
+    def info(self, config: dict) -> DataInfo:
+        """The shape of one example, the task kind (``problem``) and a description."""
+        raise NotImplementedError
+
+    def sampler(self, config: dict, split: str, ways: int, shots: int, queries: int,
+                tasks_per_batch: int, seed: int) -> TaskSampler:
+        """Seeded tasks of ``split``; sources whose tasks have no classes ignore ``ways``."""
+        raise NotImplementedError
+
+    def describe(self, config: dict, split: str) -> str:
+        """Which data ``split`` is, for reports (e.g. the classes it holds)."""
+        return f"{config['data']['name']} {split} split"
+
+    def classes(self, config: dict, split: str) -> int | None:
+        """How many classes ``split`` has (0 if it has none), or ``None`` if its tasks are not
+        drawn from classes; validation episodes are sized by it."""
+        return None
+
+
+class ClassDataSource(DataSource):
     """Base for sources made of labelled classes: subclasses implement :meth:`datasets`, which
     gets the typed options of the ``[data]`` section."""
 
@@ -41,6 +64,13 @@ class ClassDataSource:
     def sampler(self, config: dict, split: str, ways: int, shots: int, queries: int,
                 tasks_per_batch: int, seed: int) -> TaskSampler:
         return EpisodeSampler(self.dataset(config, split), ways, shots, queries, tasks_per_batch, seed)
+
+    def describe(self, config: dict, split: str) -> str:
+        return self.dataset(config, split).description
+
+    def classes(self, config: dict, split: str) -> int | None:
+        dataset = self.splits(config).get(split)
+        return 0 if dataset is None else dataset.num_classes
 
 
 @dataclass(frozen=True, kw_only=True)

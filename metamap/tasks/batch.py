@@ -67,6 +67,10 @@ class TaskBatch:
                          move_x(self.query_x), self.query_y.to(device, non_blocking=non_blocking), self.ways,
                          None if self.classes is None else self.classes.to(device))
 
+    def map_inputs(self, fn) -> TaskBatch:
+        """``fn`` applied to ``support_x`` and ``query_x`` (e.g. dataset positions -> inputs or codes)."""
+        return TaskBatch(fn(self.support_x), self.support_y, fn(self.query_x), self.query_y, self.ways, self.classes)
+
     def pin_memory(self) -> TaskBatch:
         """Page-locked copies, so that a later ``to("cuda", non_blocking=True)`` overlaps with compute."""
         return TaskBatch(self.support_x.pin_memory(), self.support_y.pin_memory(), self.query_x.pin_memory(),

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from metamap.errors import ConfigError
-from metamap.options import ARCHITECTURE, Options, option
-from metamap.registry import DataInfo, register_data, section_options
 from metamap.tasks.batch import TaskBatch
+from metamap.tasks.kinds import REGRESSION
 from metamap.tasks.sampler import check_positive, shard
 
 FAMILIES = {
@@ -35,8 +33,7 @@ FAMILIES = {
 class RegressionSampler:
     """Meta-batches of ``tasks_per_batch`` regression tasks from one family."""
 
-    regression = True
-    ways = 1            # so that generic code sizing chunks by ways * (shots + queries) works
+    kind = REGRESSION
 
     def __init__(self, family: str, shots: int, queries: int, tasks_per_batch: int = 1, seed: int = 0,
                  split: str = "train", ranges: dict[str, tuple[float, float]] | None = None,
@@ -57,6 +54,10 @@ class RegressionSampler:
         self.seed, self.split, self.x_range, self.noise = int(seed), split, tuple(x_range), float(noise)
         # Splits draw from disjoint random streams even with equal seeds.
         self._split_key = zlib.crc32(split.encode())
+
+    @property
+    def examples_per_task(self) -> int:
+        return self.shots + self.queries
 
     def describe(self) -> str:
         return f"{self.family} {self.shots}-shot, {self.queries} queries"
@@ -97,73 +98,6 @@ class RegressionSampler:
     def params_of(self, ids) -> torch.Tensor:
         """``[len(ids), 2]`` parameters of the evaluation tasks :meth:`episodes` returns."""
         return torch.tensor(np.stack([self._task(int(e), 0)[2] for e in ids]))
-
-
-def _range(default: tuple[float, float], doc: str):
-    return option(list(default), length=2, role=ARCHITECTURE, doc=doc)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RegressionOptions(Options):
-    section = "data"
-    x_range: list[float] = _range((-5.0, 5.0), "inputs x ~ U[low, high]")
-    noise: float = option(0.0, low=0, role=ARCHITECTURE, doc="standard deviation of Gaussian noise on y")
-
-    def check(self) -> None:
-        lo, hi = self.x_range
-        if not lo < hi:
-            self.fail(f"data.x_range [{lo}, {hi}] is empty; give [low, high] with low < high")
-        for f in self.ranges():
-            lo, hi = getattr(self, f)
-            if not lo <= hi:
-                self.fail(f"data.{f} [{lo}, {hi}] is empty; give [low, high] with low <= high")
-
-    def ranges(self) -> list[str]:
-        return [f for f in self.__dataclass_fields__ if f.endswith("_range") and f != "x_range"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class SinusoidOptions(RegressionOptions):
-    amplitude_range: list[float] = _range(FAMILIES["sinusoid"][1][0], "amplitude A ~ U[low, high]")
-    phase_range: list[float] = _range(FAMILIES["sinusoid"][1][1], "phase ~ U[low, high]")
-
-
-@dataclass(frozen=True, kw_only=True)
-class LinearOptions(RegressionOptions):
-    slope_range: list[float] = _range(FAMILIES["linear"][1][0], "slope a ~ U[low, high]")
-    intercept_range: list[float] = _range(FAMILIES["linear"][1][1], "intercept b ~ U[low, high]")
-
-
-class RegressionSource:
-    """``[data] name = "sinusoid" | "linear"``; splits differ only in their random streams."""
-
-    family = "sinusoid"
-
-    def settings(self, config: dict) -> RegressionOptions:
-        return section_options(config, "data")
-
-    def info(self, config: dict) -> DataInfo:
-        self.settings(config)
-        return DataInfo(example_shape=(1,), problem="regression", output_dim=1,
-                        description=f"{self.family} regression tasks")
-
-    def sampler(self, config: dict, split: str, ways: int, shots: int, queries: int, tasks_per_batch: int,
-                seed: int) -> RegressionSampler:
-        """``ways`` means nothing for regression and is ignored; ``queries`` is per task."""
-        o = self.settings(config)
-        names = FAMILIES[self.family][0]
-        return RegressionSampler(self.family, shots, queries, tasks_per_batch, seed, split,
-                                 {n: tuple(getattr(o, f"{n}_range")) for n in names}, tuple(o.x_range), o.noise)
-
-
-@register_data("sinusoid", options=SinusoidOptions)
-class SinusoidSource(RegressionSource):
-    family = "sinusoid"
-
-
-@register_data("linear", options=LinearOptions)
-class LinearSource(RegressionSource):
-    family = "linear"
 
 
 def plot_tasks(learner, sampler: RegressionSampler, path, ids=(0, 1, 2, 3), steps=(1, 10)) -> None:

@@ -1,4 +1,4 @@
-"""N-way K-shot Q-query episodes over any :class:`ClassDataset`.
+"""N-way K-shot Q-query episodes over any labelled data set (:class:`LabelledExamples`).
 
 Every episode is a pure function of ``(seed, batch index, task position)``: no global RNG,
 no hidden state. So the same seed always gives the same episodes, resuming a run needs only
@@ -12,15 +12,36 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from metamap.data.dataset import ClassDataset
 from metamap.errors import EpisodeError
 from metamap.tasks.batch import TaskBatch
+from metamap.tasks.kinds import CLASSIFICATION, TaskKind
+
+
+class LabelledExamples(Protocol):
+    """What an :class:`EpisodeSampler` draws from (:class:`metamap.data.dataset.ClassDataset` is one)."""
+
+    num_classes: int
+    class_names: list[str]
+    description: str
+
+    def class_counts(self) -> np.ndarray: ...
+
+    def indices_of(self, c: int) -> np.ndarray: ...
+
+    def inputs(self, index: torch.Tensor) -> torch.Tensor: ...
 
 
 class TaskSampler(Protocol):
-    """Anything that yields meta-batches of tasks by index (episodes, regression tasks...)."""
+    """Anything that yields meta-batches of tasks by index (episodes, regression tasks...).
+
+    ``kind`` is the tasks' :class:`~metamap.tasks.kinds.TaskKind` (loss, metrics, evaluation);
+    ``examples_per_task`` sizes evaluation chunks. A batch needs ``num_tasks``, ``slice``,
+    ``to`` and ``pin_memory`` (as :class:`TaskBatch` has) for the trainer to run it.
+    """
 
     tasks_per_batch: int
+    kind: TaskKind
+    examples_per_task: int
 
     def batch(self, index: int, rank: int = 0, world_size: int = 1) -> TaskBatch: ...
 
@@ -49,7 +70,9 @@ class EpisodeSampler:
     which dataset class becomes label ``j`` is random per task.
     """
 
-    def __init__(self, dataset: ClassDataset, ways: int, shots: int, queries: int,
+    kind = CLASSIFICATION
+
+    def __init__(self, dataset: LabelledExamples, ways: int, shots: int, queries: int,
                  tasks_per_batch: int = 1, seed: int = 0):
         check_positive(ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch)
         if ways < 2:
@@ -70,6 +93,10 @@ class EpisodeSampler:
                 f"lower shots + queries to at most {int(counts.min())} or remove those classes")
         self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
         self.tasks_per_batch, self.seed = tasks_per_batch, int(seed)
+
+    @property
+    def examples_per_task(self) -> int:
+        return self.ways * (self.shots + self.queries)
 
     def describe(self) -> str:
         return f"{self.ways}-way {self.shots}-shot, {self.queries} queries/class"
@@ -94,6 +121,14 @@ class EpisodeSampler:
 
     def tasks(self, keys: list[tuple[int, int]]) -> TaskBatch:
         """The tasks at ``(batch index, position)`` keys, stacked along the task dimension."""
+        return self.task_positions(keys).map_inputs(self.dataset.inputs)
+
+    def episode_positions(self, ids) -> TaskBatch:
+        """:meth:`episodes` with dataset positions (``long [T, S]``, ``[T, Q]``) in place of inputs."""
+        return self.task_positions([(int(e), 0) for e in ids])
+
+    def task_positions(self, keys: list[tuple[int, int]]) -> TaskBatch:
+        """:meth:`tasks` with the examples' positions in the dataset in place of their inputs."""
         if not keys:
             raise EpisodeError("no tasks requested (is the meta-batch smaller than the number of ranks?)")
         picks, classes = zip(*(self.task_indices(i, p) for i, p in keys))
@@ -101,9 +136,9 @@ class EpisodeSampler:
         k, t = self.shots, len(keys)
         labels = torch.arange(self.ways)
         return TaskBatch(
-            support_x=self.dataset.inputs(picks[:, :, :k].flatten(1)),   # class-major order
+            support_x=picks[:, :, :k].flatten(1),             # class-major order
             support_y=labels.repeat_interleave(k).expand(t, -1).clone(),
-            query_x=self.dataset.inputs(picks[:, :, k:].flatten(1)),
+            query_x=picks[:, :, k:].flatten(1),
             query_y=labels.repeat_interleave(self.queries).expand(t, -1).clone(),
             ways=self.ways,
             classes=torch.from_numpy(np.stack(classes)),

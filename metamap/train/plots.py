@@ -12,6 +12,30 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# Keys of a training record that are not metrics of the task kind.
+BOOKKEEPING = {"step", "loss", "lr", "tasks_per_s", "elapsed_s", "rss_mb", "peak_rss_mb", "cuda_peak_mb", "event"}
+
+
+def validation_key(rows: list[dict]) -> str | None:
+    """The validation metric's key (``val_accuracy``, ``val_mse``...) in a run's records."""
+    for r in rows:
+        if "val_metric" in r:
+            return "val_" + r["val_metric"]
+    for r in rows:           # runs logged before validation records named their metric
+        for k in ("val_accuracy", "val_mse"):
+            if k in r:
+                return k
+    return None
+
+
+def score_key(train: list[dict], val: list[dict]) -> str | None:
+    """The metric to plot beside the loss: the validated one if training logs it, else the first."""
+    key = validation_key(val)
+    if key and key[4:] in train[0]:
+        return key[4:]
+    return next((k for k, v in train[0].items() if k not in BOOKKEEPING and isinstance(v, (int, float))), None)
+
+
 def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     """Training loss and score against the step, with validation scores; ``None`` if nothing to plot."""
     import matplotlib
@@ -23,7 +47,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
     val = [r for r in rows if any(k.startswith("val_") and k != "val_ci95" and k != "val_setting" for k in r)]
     if not train:
         return None
-    score = "accuracy" if "accuracy" in train[0] else "mse" if "mse" in train[0] else None
+    score = score_key(train, val)
     fig, axes = plt.subplots(1, 2 if score else 1, figsize=(11 if score else 6, 4), squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)

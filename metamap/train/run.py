@@ -15,6 +15,7 @@ from metamap.registry import DataInfo, build_learner, data_source
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult, evaluate
 from metamap.train.plots import plot_curves
+from metamap.train.precision import resolve_precision
 from metamap.train.runtime import pick_device, set_threads, tune_allocator
 from metamap.train.trainer import Trainer
 
@@ -68,21 +69,15 @@ def test(learner, config: dict, samplers: list, device, memory_format=None, prog
          episodes: int | None = None, rank: int = 0, world_size: int = 1) -> list[EvalResult]:
     """Evaluate on fixed episodes of every sampler of :func:`test_samplers`."""
     e = config["eval"]
+    precision = resolve_precision(config["train"]["precision"], device, learner)[0]
     return [evaluate(learner, sampler, episodes or e["episodes"], chunk=e["tasks_per_batch"], device=device,
                      memory_format=memory_format, progress=progress, setting=sampler.describe(), rank=rank,
-                     world_size=world_size, precision=config["train"]["precision"])
+                     world_size=world_size, precision=precision, cache_mb=e["cache_mb"])
             for sampler in samplers]
 
 
-def describe_split(config: dict, source, split: str) -> str:
-    try:
-        return source.dataset(config, split).description
-    except (AttributeError, KeyError):
-        return f"{config['data']['name']} {split} split"
-
-
 def report(results: list[EvalResult], config: dict, source, split: str = "test") -> str:
-    lines = [f"{split} data: {describe_split(config, source, split)}"]
+    lines = [f"{split} data: {source.describe(config, split)}"]
     lines += [f"  {r.summary()}  [95% CI = 1.96 * std / sqrt(n)]" for r in results]
     return "\n".join(lines)
 
@@ -119,6 +114,7 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
     if resume:
         trainer.resume(run_dir / "last")
         echo(f"resuming {run_dir} at step {trainer.step} of {config['train']['steps']}")
+    echo(f"precision: {trainer.precision} ({trainer.precision_reason})")
     echo(f"meta-training {config['learner']['name']} on {info.description or config['data']['name']}: "
          f"{train_sampler.describe()}, {train_sampler.tasks_per_batch} task(s) per batch, "
          f"{config['train']['steps']} batches -> {run_dir}")
@@ -155,13 +151,9 @@ def make_validation(learner, config: dict, source, device, memory_format, rank: 
     t = config["train"]
     if not t["val_every"]:
         return None
-    try:
-        val = source.dataset(config, "val")
-        if val is None or val.num_classes < 2:
-            return None
-        limit = val.num_classes
-    except (AttributeError, KeyError):
-        limit = None
+    limit = source.classes(config, "val")
+    if limit is not None and limit < 2:
+        return None
     ways, shots = max(eval_settings(config))
     fixed = getattr(learner, "ways", 0)          # learners whose head is built for one number of ways
     if fixed:
@@ -175,9 +167,10 @@ def make_validation(learner, config: dict, source, device, memory_format, rank: 
         sampler = source.sampler(config, "val", ways, shots, config["eval"]["queries"], 1, t["val_seed"])
     except EpisodeError:
         return None
+    precision = resolve_precision(t["precision"], device, learner)[0]
     return lambda: evaluate(learner, sampler, t["val_episodes"], device=device, memory_format=memory_format,
                             progress=False, setting=f"val {sampler.describe()}", rank=rank,
-                            world_size=world_size, precision=t["precision"])
+                            world_size=world_size, precision=precision, cache_mb=config["eval"]["cache_mb"])
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str = "test",
@@ -193,6 +186,8 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str 
     memory_format = memory_format_for(config, loaded.info)
     if memory_format is not None:
         learner.to(memory_format=memory_format)
+    precision, why = resolve_precision(config["train"]["precision"], device, learner)
+    echo(f"precision: {precision} ({why})")
     results = test(learner, config, test_samplers(config, source, split), device, memory_format, progress)
     echo(f"checkpoint: {path} ({meta['learner']}, step {meta['step']})")
     echo(report(results, config, source, split))

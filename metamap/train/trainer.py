@@ -7,7 +7,6 @@ default the gradient of ``meta_loss``).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -27,6 +26,7 @@ from metamap.tasks.batch import TaskBatch
 from metamap.tasks.sampler import TaskSampler
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult
+from metamap.train.precision import autocast, resolve_precision
 from metamap.train.progress import progress_bar
 from metamap.train.schedule import lr_factor
 
@@ -88,17 +88,18 @@ class Trainer:
         self.progress, self.callbacks, self.rank, self.world_size = progress, list(callbacks), rank, world_size
         self.optimizer = build_optimizer([p for p in learner.parameters() if p.requires_grad], config["optim"])
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        precision = self.train_cfg["precision"]
-        if precision == "fp16" and self.device.type != "cuda":
+        self.precision, self.precision_reason = resolve_precision(self.train_cfg["precision"], self.device, learner)
+        if self.precision == "fp16" and self.device.type != "cuda":
             raise MetamapError("train.precision = fp16 needs a CUDA device; on CPU use bf16")
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         prefetch = self.train_cfg["prefetch"]
         if prefetch == "auto":
             prefetch = self.device.type == "cuda"
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="metamap-prefetch") if prefetch else None
         self._pending = None
+        self.metric_names = [m.name for m in sampler.kind.metrics]
         self.step = 0
-        self.best: dict | None = None          # {"step", "metric", "mean"}
+        self.best: dict | None = None          # {"step", "metric", "mean", "higher_is_better"}
         self.bad_steps = 0
         self._stop_signal: int | None = None
 
@@ -157,7 +158,7 @@ class Trainer:
                     if self.step % self.train_cfg["log_every"] == 0 or self.step == steps:
                         self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", **{k: f"{v:.3f}" for k, v in record.items()
-                                                                    if k in ("accuracy", "mse")},
+                                                                    if k in self.metric_names},
                                     tasks_s=f"{record['tasks_per_s']:.1f}", refresh=False)
                     for cb in self.callbacks:
                         cb.on_step(self, record)
@@ -189,8 +190,9 @@ class Trainer:
         index = self.step
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * lr_factor(index, self.train_cfg["steps"], self.config["schedule"], base)
-        batch = self._batch(index)
         self.learner.train()
+        # A task kind whose support data the current learner collects (trajectories) does it here.
+        batch = self.sampler.kind.collect(self._batch(index), self.learner)
         self.optimizer.zero_grad(set_to_none=True)
         # Running statistics change in the forward pass; a skipped batch must not leave them changed.
         buffers = [b.clone() for b in self.learner.buffers()]
@@ -243,18 +245,14 @@ class Trainer:
             part = batch.slice(start, start + size)
             weight = part.num_tasks / n
             with self._autocast():
-                loss, m = self.learner.meta_backward(part, MetaGradient(weight, self.scaler))
+                loss, m = self.learner.meta_backward(part, MetaGradient(weight, self.scaler, self.optimizer))
             total = total + (loss.detach().float() * weight).cpu()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + weight * v
         return total, metrics
 
     def _autocast(self):
-        precision = self.train_cfg["precision"]
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device)
 
     def _batch(self, index: int) -> TaskBatch:
         """Batch ``index``, on the device; drawn in a background thread one step ahead if prefetching."""
@@ -280,14 +278,15 @@ class Trainer:
 
     def run_validation(self) -> EvalResult:
         result = self.validate()
-        better = self.best is None or self.best.get("mean") is None or (
-            result.mean > self.best["mean"] if result.metric == "accuracy" else result.mean < self.best["mean"])
+        better = result.better_than(None if self.best is None else self.best.get("mean"))
         if better:
-            self.best = {"step": self.step, "metric": result.metric, "mean": result.mean}
+            self.best = {"step": self.step, "metric": result.metric, "mean": result.mean,
+                         "higher_is_better": result.higher_is_better}
             if self.is_main:
                 self.save("best")
         self.log({"step": self.step, "val_" + result.metric: result.mean, "val_ci95": result.ci95,
-                  "val_setting": result.setting, "best": better})
+                  "val_setting": result.setting, "val_metric": result.metric,
+                  "higher_is_better": result.higher_is_better, "best": better})
         for cb in self.callbacks:
             cb.on_validation(self, result, better)
         return result

@@ -1,0 +1,68 @@
+"""train.precision = "auto": bf16 only where the hardware has it and the learner's accuracy allows."""
+import pytest
+import torch
+
+from metamap import config as configlib
+from metamap.algorithms.gradient import GradientLearner
+from metamap.algorithms.protonet import PrototypicalNetwork
+from metamap.errors import ConfigError
+from metamap.nets import Conv4
+from metamap.train.precision import cpu_flags, native_bf16, resolve_precision
+from metamap.train.run import train
+from tests.test_training import folder_config
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni
+"""
+AMX = {"avx512f", "amx_tile", "amx_bf16", "avx512_bf16"}
+PLAIN = {"sse2", "avx2", "avx512f"}
+CPU = torch.device("cpu")
+
+
+def protonet():
+    return PrototypicalNetwork(Conv4(hidden=4, image_size=8, layers=2), example_dims=3)
+
+
+def maml():
+    conv = Conv4(hidden=4, image_size=8, layers=2)
+    return GradientLearner(conv, torch.nn.Linear(conv.out_features, 3), 3, ways=3)
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    assert cpu_flags(CPUINFO) == {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"}
+    assert cpu_flags("processor : 0\n") == set()
+
+
+def test_native_bf16_on_cpu_means_amx_or_avx512_bf16():
+    assert native_bf16(CPU, cpu_flags(CPUINFO)) == "avx512_bf16"
+    assert native_bf16(CPU, AMX) == "amx_bf16 and avx512_bf16"
+    assert native_bf16(CPU, PLAIN) is None
+    assert native_bf16(torch.device("meta"), AMX) is None
+
+
+def test_auto_picks_bf16_only_with_native_bf16_and_a_learner_measured_unchanged():
+    assert resolve_precision("auto", CPU, protonet(), AMX)[0] == "bf16"
+    assert resolve_precision("auto", CPU, protonet(), cpu_flags(CPUINFO))[0] == "bf16"
+    precision, why = resolve_precision("auto", CPU, protonet(), PLAIN)
+    assert precision == "fp32" and "no native bf16" in why
+    precision, why = resolve_precision("auto", CPU, maml(), AMX)     # MAML: not measured unchanged
+    assert precision == "fp32" and "maml" in why
+    for explicit in ("fp32", "bf16"):                                # an explicit choice is kept
+        assert resolve_precision(explicit, CPU, maml(), PLAIN)[0] == explicit
+        assert resolve_precision(explicit, CPU, protonet(), AMX)[0] == explicit
+
+
+def test_auto_is_the_default_and_bad_values_are_refused():
+    assert configlib.resolve()["train"]["precision"] == "auto"
+    with pytest.raises(ConfigError, match="train.precision must be auto, fp32, bf16 or fp16"):
+        configlib.resolve(overrides=["train.precision='half'"])
+
+
+def test_the_choice_is_printed_at_the_start(image_folder, tmp_path):
+    lines = []
+    train(folder_config(image_folder, steps=1), tmp_path / "run", progress=False, run_test=False,
+          echo=lines.append)
+    expected = resolve_precision("auto", CPU, protonet())
+    assert lines[0] == f"precision: {expected[0]} ({expected[1]})"

@@ -113,8 +113,9 @@ def _load_plugins() -> None:
     import metamap.algorithms as algorithms
     import metamap.data as data
     import metamap.nets as nets
+    import metamap.rl as rl
     import metamap.tasks as tasks
-    for pkg in (algorithms, nets, data, tasks):
+    for pkg in (algorithms, nets, data, tasks, rl):
         for mod in pkgutil.iter_modules(pkg.__path__):
             importlib.import_module(f"{pkg.__name__}.{mod.name}")
 

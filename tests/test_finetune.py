@@ -17,6 +17,47 @@ def test_cosine_classifier_by_hand():
     assert torch.allclose(head(torch.tensor([[3.0, 4.0]])), torch.tensor([[6.0, 8.0]]))   # 10 * (0.6, 0.8)
 
 
+@pytest.mark.parametrize("norm", ["learned", "per_class"])
+def test_cosine_scale_and_per_class_norm_receive_gradients(norm):
+    net = learner("finetune", 'learner.head="cosine"', f'learner.cosine_norm="{norm}"', "learner.scale=10.0")
+    head = net.classifier
+    learned = head.scale if norm == "learned" else head.gain
+    assert isinstance(learned, nn.Parameter) and learned in set(net.parameters())
+    loss, _ = net.meta_loss(episode())
+    loss.backward()
+    assert learned.grad is not None and float(learned.grad.abs().sum()) > 0
+    # By hand: logits = scale * gain_c * cos(z, w_c).
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]).repeat(6, 4)[:12, :head.weight.shape[1]])
+    z = torch.randn(3, head.weight.shape[1])
+    cos = F.normalize(z, dim=-1) @ F.normalize(head.weight, dim=-1).T
+    gain = head.gain if norm == "per_class" else 1.0
+    assert torch.allclose(head(z), 10.0 * cos * gain, atol=1e-6)
+
+
+def test_fixed_cosine_scale_is_not_a_parameter_and_bad_norm_is_refused():
+    from metamap.errors import ConfigError
+    net = learner("finetune", 'learner.head="cosine"')
+    assert net.classifier.scale == 10.0 and net.classifier.gain is None
+    with pytest.raises(ConfigError, match="cosine_norm"):
+        learner("finetune", 'learner.head="cosine"', 'learner.cosine_norm="l2"')
+
+
+def test_per_class_task_head_fits_a_gain_per_class():
+    z = torch.tensor([[[3.0, 4.0], [0.0, 2.0], [0.0, 5.0]]])
+    y = torch.tensor([[0, 1, 1]])
+    net = FineTuneBaseline(nn.Identity(), 1, features=2, num_classes=2, head="cosine", steps=0,
+                           cosine_norm="per_class", scale=2.0)
+    head = net.fit(nn.Identity(), z, y, 2)
+    assert torch.equal(head.params[1], torch.ones(1, 2))
+    assert torch.allclose(head(z[:, :1]), torch.tensor([[[2.0, 1.6]]]))      # 2 * 1 * (1, 0.8)
+    net.steps = 5
+    fitted = net.fit(nn.Identity(), z, y, 2)
+    assert not torch.equal(fitted.params[1], torch.ones(1, 2))             # the gains were fitted
+    support_loss = lambda h: float(F.cross_entropy(h(z)[0], y[0]))
+    assert support_loss(fitted) < support_loss(head)
+
+
 def test_pretraining_uses_global_class_ids():
     net = learner("finetune", classes=12)
     tasks = episode()

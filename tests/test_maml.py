@@ -596,6 +596,43 @@ def test_batch_norm_folded_into_first_convolution_is_the_same_function(channels)
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kw", [{}, {"first_order": True}, {"adapt": "head"}])
+def test_zero_head_keeps_the_head_at_zero_after_every_outer_step(kw):
+    learner = conv_learner(zero_head=True, inner_steps=1, **kw)
+    head = learner.model.head
+    assert all(bool((p == 0).all()) for p in head.parameters())          # zero at initialisation
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-2)
+    body_before = [p.detach().clone() for p in learner.model.body.parameters()]
+    for seed in (1, 2):
+        opt.zero_grad()
+        loss, _ = learner.meta_loss(conv_tasks(seed))
+        loss.backward()
+        # The head still gets a meta-gradient (its update is then undone), the body learns.
+        assert float(head.weight.grad.abs().sum()) > 0
+        opt.step()
+        assert float(head.weight.detach().abs().sum()) > 0
+        learner.after_step()
+        assert all(bool((p == 0).all()) for p in head.parameters())
+    changed = [not torch.equal(a, b) for a, b in zip(body_before, learner.model.body.parameters())]
+    assert any(changed)
+    # Adaptation from the zero head: one inner step from zero logits gives the closed form
+    # -lr * grad = lr * features^T (onehot - 1/ways) / S for the head's weights.
+    learner.eval()
+    tasks = conv_tasks(3)
+    history, _ = learner._adapt(tasks.support_x, tasks.support_y, 1, False)
+    if "adapt" in kw:
+        with torch.no_grad():
+            feats = learner.model.body.train()(tasks.support_x[0])     # the task's batch statistics
+        onehot = F.one_hot(tasks.support_y[0], W).double()
+        expected = 0.4 * (onehot - 1.0 / W).T @ feats / S              # inner_lr 0.4
+        assert torch.allclose(history[1]["head.weight"][0], expected, atol=1e-10)
+
+
+def test_zero_head_option_is_checked():
+    with pytest.raises(ConfigError, match="zero_head"):
+        conv_learner(zero_head="yes")
+
+
 def test_inner_mini_batches_apply_in_training_and_inner_batch_eval_at_evaluation():
     mini, tasks = quadratic(steps=3, lr=0.05, inner_batch=2, inner_batch_eval=0)
     full, _ = quadratic(steps=3, lr=0.05)

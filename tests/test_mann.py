@@ -9,6 +9,7 @@ from torch import nn
 from metamap.algorithms.mann import (
     MemoryAugmentedNetwork,
     least_used,
+    least_used_shared,
     presentation_accuracy,
     presentation_numbers,
     read_weights,
@@ -106,6 +107,41 @@ def test_add_vector_is_written_and_key_strength_sharpens_the_read():
     # The key reads with beta = 3: cosine -1/sqrt(2) with slot 0, 0 with the empty slots (all ones / sqrt 2).
     logits = 3 * torch.tensor([-1 / math.sqrt(2), 0, 0, 0])
     assert torch.allclose(s1.read[0, 0], logits.softmax(0))
+
+
+def test_paper_least_used_vector_is_shared_by_the_heads():
+    usage = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
+    assert least_used_shared(usage, 1).tolist() == [[0, 1, 0, 0]]
+    assert least_used_shared(usage, 2).tolist() == [[0, 1, 0, 1]]
+    assert least_used_shared(usage, 3).tolist() == [[0, 1, 1, 1]]
+
+
+def test_paper_write_with_two_heads_by_hand():
+    """The paper's equations: both heads write to the 2 least used slots, only the least used is cleared."""
+    net = MemoryAugmentedNetwork(nn.Identity(), 1, features=2, classes=2, hidden=3, slots=4, width=2,
+                                 heads=2, gamma=0.5, strength=0, add_vector=False, least_used="shared")
+    for p in net.parameters():
+        nn.init.zeros_(p)
+    with torch.no_grad():
+        net.key.bias.copy_(torch.atanh(torch.tensor([0.5, -0.5, 0.2, 0.4])))
+    x, label = torch.zeros(1, 2), torch.zeros(1, 2)
+    state = net.initial_state(1, x)
+    state.memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]]])
+    state.usage = torch.tensor([[0.9, 0.2, 0.8, 0.1]])
+    state.read = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]]])
+    _, s1 = net.step(x, label, state)
+    lu = torch.tensor([0.0, 1, 0, 1])                    # slots 3 and 1 are the 2 least used
+    keys = torch.tensor([[0.5, -0.5], [0.2, 0.4]])
+    write = 0.5 * state.read[0] + 0.5 * lu               # gate sigmoid(0) = 1/2, per head
+    expected = state.memory[0].clone()
+    expected[3] = 0                                      # only the least used slot is cleared
+    expected += write.T @ keys
+    assert torch.allclose(s1.memory[0], expected)
+    read = torch.stack([read_weights(keys[h].view(1, 1, 2), s1.memory)[0, 0] for h in range(2)])
+    assert torch.allclose(s1.read[0], read)
+    assert torch.allclose(s1.usage[0], 0.5 * state.usage[0] + read.sum(0) + write.sum(0))
+    with pytest.raises(ConfigError, match="least_used"):
+        MemoryAugmentedNetwork(nn.Identity(), 1, features=2, classes=2, least_used="lru")
 
 
 def test_strength_must_exceed_one_or_be_off():

@@ -82,6 +82,26 @@ def test_meta_loss_is_the_contrastive_loss_of_the_drawn_pairs():
     assert SiameseNetwork(nn.Identity(), 1, features=4, pairs=8, margin=2.0, seed=6).meta_loss(tasks)[0] != loss
 
 
+def test_normalized_contrastive_loss_uses_unit_embeddings():
+    net = SiameseNetwork(nn.Identity(), 1, features=4, pairs=8, margin=0.5, seed=5, normalize=True)
+    tasks = episode(shape=(4,))
+    loss, _ = net.meta_loss(tasks)
+    from metamap.algorithms.seeding import content_generator
+    z = torch.cat([tasks.support_x, tasks.query_x], 1)
+    z = z / z.norm(dim=-1, keepdim=True)
+    labels = torch.cat([tasks.support_y, tasks.query_y], 1)
+    first, second, same = balanced_pairs(labels, 8, content_generator(5, tasks.support_x))
+    d = torch.stack([euclidean(z[t, first[t]], z[t, second[t]]) for t in range(2)])
+    assert float(d.max()) <= 2.0                                   # distances of unit vectors
+    by_hand = (same * d ** 2 + (1 - same) * (0.5 - d).clamp_min(0) ** 2).sum() / (2 * 16)
+    assert loss.item() == pytest.approx(by_hand.item())
+    # The prediction ranks by the same normalised distance: scaling a query changes nothing.
+    support, query = tasks.support_x[:1], tasks.query_x[:1]
+    a = net.adapt(support, tasks.support_y[:1])(query)
+    b = net.adapt(support, tasks.support_y[:1])(7.0 * query)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
 @pytest.mark.parametrize("loss", ["contrastive", "bce"])
 def test_deterministic_under_a_seed(loss):
     a, b = learner("siamese", f'learner.loss="{loss}"', seed=2), learner("siamese", f'learner.loss="{loss}"', seed=2)
@@ -95,6 +115,10 @@ def test_bad_options_are_refused():
         learner("siamese", 'learner.loss="triplet"')
     with pytest.raises(ConfigError, match="even"):
         learner("siamese", "learner.pairs=7")
+    with pytest.raises(ConfigError, match="normalize"):
+        learner("siamese", 'learner.normalize="yes"')
+    with pytest.raises(ConfigError, match="margin"):
+        learner("siamese", "learner.margin=0")
 
 
 def test_cli_train_eval_and_checkpoint_round_trip(tmp_path):

@@ -23,33 +23,46 @@ from metamap.registry import DataInfo, build_backbone, register_learner, section
 from metamap.tasks.batch import TaskBatch
 
 HEADS = ("linear", "cosine")
+# How the cosine head's logits are scaled: a constant, one learned scalar, or a learned norm per
+# class (Chen et al.'s code: weight normalisation of the class weights, times a constant).
+COSINE_NORMS = ("fixed", "learned", "per_class")
 
 
 class CosineClassifier(nn.Module):
-    """Baseline++'s head: ``scale * cos(feature, class weight)``, ``[B, D]`` -> ``[B, classes]``."""
+    """Baseline++'s head: ``scale * gain_c * cos(feature, class weight c)``, ``[B, D]`` -> ``[B, classes]``.
 
-    def __init__(self, features: int, classes: int, scale: float = 10.0):
+    ``norm = "fixed"``: ``scale`` is a constant and there is no gain; ``"learned"``: ``scale``
+    is a parameter started at the given value; ``"per_class"``: a learned ``gain`` per class
+    (started at 1) multiplies the constant ``scale``.
+    """
+
+    def __init__(self, features: int, classes: int, scale: float = 10.0, norm: str = "fixed"):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(classes, features) * features ** -0.5)
-        self.scale = scale
+        self.norm = norm
+        self.scale = nn.Parameter(torch.tensor(float(scale))) if norm == "learned" else float(scale)
+        self.gain = nn.Parameter(torch.ones(classes)) if norm == "per_class" else None
 
     def forward(self, z: Tensor) -> Tensor:
-        return cosine_logits(z, self.weight, self.scale)
+        return cosine_logits(z, self.weight, self.scale, self.gain)
 
 
-def cosine_logits(z: Tensor, weight: Tensor, scale: float) -> Tensor:
-    """``z [..., B, D]``, ``weight [..., N, D]`` -> ``scale * cosine`` ``[..., B, N]``."""
-    return scale * F.normalize(z, dim=-1) @ F.normalize(weight, dim=-1).transpose(-1, -2)
+def cosine_logits(z: Tensor, weight: Tensor, scale: Tensor | float, gain: Tensor | None = None) -> Tensor:
+    """``z [..., B, D]``, ``weight [..., N, D]`` (``gain [..., N]``) -> ``scale * gain * cosine`` ``[..., B, N]``."""
+    logits = scale * F.normalize(z, dim=-1) @ F.normalize(weight, dim=-1).transpose(-1, -2)
+    return logits if gain is None else logits * gain.unsqueeze(-2)
 
 
 class TaskHead:
     """One new head per task, fitted on that task's support features.
 
     ``linear``: ``z W^T + b`` from zeros (the problem is convex, so the start hardly matters and
-    zeros need no RNG); ``cosine``: Baseline++, started from the normalised class means.
+    zeros need no RNG); ``cosine``: Baseline++, started from the normalised class means, with
+    a fitted gain per class (started at 1) when ``per_class``.
     """
 
-    def __init__(self, kind: str, support_z: Tensor, support_y: Tensor, ways: int, scale: float):
+    def __init__(self, kind: str, support_z: Tensor, support_y: Tensor, ways: int, scale: float,
+                 per_class: bool = False):
         t, _, d = support_z.shape
         self.kind, self.scale = kind, scale
         if kind == "linear":
@@ -57,6 +70,8 @@ class TaskHead:
         else:
             onehot = F.one_hot(support_y, ways).to(support_z.dtype).transpose(1, 2)        # [T, ways, S]
             self.params = [onehot @ F.normalize(support_z.detach(), dim=-1)]
+            if per_class:
+                self.params.append(support_z.new_ones(t, ways))
         self.params = [p.requires_grad_() for p in self.params]
 
     def __call__(self, z: Tensor) -> Tensor:
@@ -64,7 +79,7 @@ class TaskHead:
         if self.kind == "linear":
             weight, bias = self.params
             return z @ weight.transpose(1, 2) + bias.unsqueeze(1)
-        return cosine_logits(z, self.params[0], self.scale)
+        return cosine_logits(z, *self.params[:1], self.scale, *self.params[1:])
 
 
 class FineTuneBaseline(EncodingLearner):
@@ -74,16 +89,19 @@ class FineTuneBaseline(EncodingLearner):
 
     def __init__(self, encoder: nn.Module, example_dims: int, features: int, num_classes: int,
                  head: str = "linear", scale: float = 10.0, steps: int = 100, lr: float = 0.01,
-                 finetune_backbone: bool = False, backbone_lr: float = 0.001):
+                 finetune_backbone: bool = False, backbone_lr: float = 0.001, cosine_norm: str = "fixed"):
         super().__init__(example_dims)
         if head not in HEADS:
             raise ConfigError(f"learner.head must be one of {', '.join(HEADS)}, not {head!r}")
+        if cosine_norm not in COSINE_NORMS:
+            raise ConfigError(f"learner.cosine_norm must be one of {', '.join(COSINE_NORMS)}, not {cosine_norm!r}")
+        self.cosine_norm = cosine_norm
         if num_classes < 2:
             raise ConfigError("the fine-tuning baseline pre-trains a classifier and needs at least 2 training classes")
         self.encoder, self.head, self.scale = encoder, head, scale
         self.steps, self.lr, self.finetune_backbone, self.backbone_lr = steps, lr, finetune_backbone, backbone_lr
         self.classifier = nn.Linear(features, num_classes) if head == "linear" else \
-            CosineClassifier(features, num_classes, scale)
+            CosineClassifier(features, num_classes, scale, cosine_norm)
 
     # -- pre-training: an ordinary classifier over all training classes -----------------------------
     def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
@@ -106,7 +124,7 @@ class FineTuneBaseline(EncodingLearner):
                  support_x: Tensor | None = None, tune: list[Tensor] = ()) -> TaskHead:
         """Fit a head on the support features ``z [T, S, D]``; with ``tune``, those encoder
         weights are fine-tuned too, re-encoding ``support_x`` every step."""
-        head = TaskHead(self.head, z.detach(), support_y, ways, self.scale)
+        head = TaskHead(self.head, z.detach(), support_y, ways, self.task_scale(), self.cosine_norm == "per_class")
         tune = list(tune)
         params, rates = head.params + tune, [self.lr] * len(head.params) + [self.backbone_lr] * len(tune)
         velocity = [torch.zeros_like(p) for p in params]
@@ -122,6 +140,10 @@ class FineTuneBaseline(EncodingLearner):
                         p.sub_(lr * v.mul_(0.9).add_(g + 1e-3 * p))
         head.params = [p.detach() for p in head.params]
         return head
+
+    def task_scale(self) -> float:
+        """The cosine scale of a new task's head: the pre-trained one when it is learned."""
+        return float(self.classifier.scale) if self.cosine_norm == "learned" else self.scale
 
     def encode(self, x: Tensor) -> Tensor:
         # Adaptation fits a head on fixed features: no graph through the backbone is needed.
@@ -168,6 +190,8 @@ class FineTuneOptions(Options):
     finetune_backbone: bool = option(False, role=ADAPTATION, doc="also fine-tune a copy of the backbone per task")
     backbone_lr: float = option(0.001, low=0, low_open=True, role=ADAPTATION,
                                 doc="step size of the backbone copy (finetune_backbone)")
+    cosine_norm: Literal["fixed", "learned", "per_class"] = option(
+        "fixed", role=ARCHITECTURE, doc="cosine head's scale: fixed, learned, or per class (see the module docstring)")
 
 
 @register_learner("finetune", options=FineTuneOptions, family="baseline",
@@ -178,4 +202,4 @@ def _build(config: dict, info: DataInfo) -> FineTuneBaseline:
         raise ConfigError("the fine-tuning baseline is for classification data")
     encoder = build_backbone(config, info)
     return FineTuneBaseline(encoder, len(info.example_shape), encoder.out_features, info.num_train_classes,
-                            o.head, o.scale, o.steps, o.lr, o.finetune_backbone, o.backbone_lr)
+                            o.head, o.scale, o.steps, o.lr, o.finetune_backbone, o.backbone_lr, o.cosine_norm)

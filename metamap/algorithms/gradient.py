@@ -15,6 +15,10 @@ Reptile        the outer update is ``theta - mean_t phi_t`` (:class:`Reptile`, N
 The inner step is an inner optimizer object (:mod:`metamap.algorithms.inner_opt`: SGD, learned
 step sizes, Adam) and which weights adapt is a declared :class:`ParameterSplit`.
 
+``zero_head = true`` is Kao et al.'s (ICLR 2022) zeroing trick: the head's weights and bias are
+zero at initialisation and are set back to zero after every outer step, so every task starts
+from a head that favours no class and the inner steps alone build it from the support set.
+
 Batch norm inside the inner loop (``bn``): ``"transductive"`` (default, as the reference MAML)
 normalises each task's support and query sets with their own batch statistics, at training
 and at test time; ``"running"`` does so in meta-training while tracking running statistics
@@ -79,7 +83,7 @@ class GradientLearner(MetaLearner):
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
                  batched: bool = True, channels_last: bool = True, fuse_bn_pool: bool = True,
                  bf16: bool = False, grad_checkpoint: bool = False, fold_bn: bool = True,
-                 cpp_kernels: bool = True, seed: int = 0):
+                 cpp_kernels: bool = True, seed: int = 0, zero_head: bool = False):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval),
                         ("inner_batch", inner_batch), ("inner_batch_eval", inner_batch_eval)):
@@ -93,6 +97,11 @@ class GradientLearner(MetaLearner):
         self.multi_step_loss, self.msl_anneal_steps = bool(multi_step_loss), int(msl_anneal_steps)
         self.grad_checkpoint, self.seed = bool(grad_checkpoint), int(seed)
         self.inner_batch, self.inner_batch_eval = inner_batch, inner_batch_eval
+        if not isinstance(zero_head, bool):
+            raise ConfigError(f"learner.zero_head must be true or false, not {zero_head!r}")
+        self.zero_head = zero_head
+        if zero_head:
+            self._zero_head()
         self.split = ParameterSplit.declare(self.model, adapt, freeze)
         if not self.split.adapted and max(inner_steps, inner_steps_eval) > 0:
             raise ConfigError(f"learner.adapt = {adapt!r} selects no trainable parameter to adapt")
@@ -218,6 +227,13 @@ class GradientLearner(MetaLearner):
 
     def after_step(self) -> None:
         self.outer_steps += 1
+        if self.zero_head:
+            self._zero_head()
+
+    def _zero_head(self) -> None:
+        with torch.no_grad():
+            for p in self.model.head.parameters():
+                p.zero_()
 
     def _update_running_stats(self, record: dict) -> None:
         with torch.no_grad():
@@ -301,6 +317,8 @@ class GradientOptions(Options):
     grad_checkpoint: bool = option(False, role=RUNTIME, doc="recompute inner-step activations in the backward")
     fold_bn: bool = option(True, role=RUNTIME)
     cpp_kernels: bool = option(True, role=RUNTIME)
+    zero_head: bool = option(False, role=TRAINING,
+                             doc="zero the head before every outer step (Kao et al. 2022; see the module docstring)")
 
     def check(self) -> None:
         if self.inner_optimizer == "adam" and self.step_sizes != "fixed":

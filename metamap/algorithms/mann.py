@@ -6,8 +6,9 @@ an example in memory until its label arrives and bind the two. Reads are content
 (softmax of cosine similarities); writes use least-recently-used access (LRUA): each head
 writes either to the slot it just read or to a least-used slot, mixed by a learned gate.
 
-Two deviations from the paper's equations, both on by default and both switchable off
-(``strength = 0``, ``add_vector = false`` give the paper's model):
+Three deviations from the paper's equations, on by default and each switchable off
+(``strength = 0``, ``add_vector = false``, ``least_used = "shared"`` give the paper's model,
+``configs/reproduce/mann-omniglot-paper.toml``):
 
 * **Key strength** (``strength``): the read weights are ``softmax(beta * cosine)`` with a
   per-head ``beta = 1 + softplus(.)`` emitted by the controller, as in the Neural Turing
@@ -19,6 +20,11 @@ Two deviations from the paper's equations, both on by default and both switchabl
   instead of the read key. Reading right after writing the key itself makes each head's
   best match the slot it has just written, i.e. the current input, not an earlier example
   of the same class with its label.
+* **Least-used slots per head** (``least_used = "per_head"``): head h writes to the h-th least
+  used slot, and those slots are cleared first. The paper (``"shared"``) has one least-used
+  vector for all heads, ``w^lu(i) = 1`` on the n least used slots (n = number of reads, here the
+  heads), and clears only *the* least used slot before writing; its heads then write copies of
+  their keys over the same n slots.
 
 Measured (BENCHMARKS.md, MANN) on a synthetic binding task (random prototypes per episode, 5 x 10
 instances, 600 batches of 16, Adam 3e-3), accuracy at the 2nd / 10th presentation: paper's
@@ -27,6 +33,7 @@ equations 49 / 50 %, add vector only 60 / 77 %, strength 10 only 73 / 97 %, both
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +47,7 @@ from metamap.registry import DataInfo, build_backbone, register_backbone, regist
 from metamap.tasks.batch import TaskBatch
 
 PRESENTATIONS = (1, 2, 5, 10)
+LEAST_USED = ("per_head", "shared")
 
 
 # -- the memory's equations (B sequences, H heads, N slots of width W) ---------------------------
@@ -59,6 +67,13 @@ def least_used(usage: Tensor, heads: int) -> Tensor:
     """
     order = usage.argsort(dim=-1, stable=True)[:, :heads]
     return F.one_hot(order, usage.shape[-1]).to(usage.dtype)
+
+
+def least_used_shared(usage: Tensor, n: int) -> Tensor:
+    """The paper's ``w^lu``: ``usage [B, N]`` -> ``[B, N]``, 1 on the ``n`` least used slots
+    (``w^u(i) <= m(w^u, n)``, the n-th smallest usage; ties to the lower slot index), else 0."""
+    order = usage.argsort(dim=-1, stable=True)[:, :n]
+    return F.one_hot(order, usage.shape[-1]).sum(1).to(usage.dtype)
 
 
 def write_weights(gate: Tensor, previous_read: Tensor, previous_least_used: Tensor) -> Tensor:
@@ -93,8 +108,11 @@ class MemoryAugmentedNetwork(MetaLearner):
 
     def __init__(self, encoder: nn.Module, example_dims: int, features: int, classes: int, hidden: int = 200,
                  slots: int = 128, width: int = 40, heads: int = 4, gamma: float = 0.95, seed: int = 0,
-                 strength: float = 10.0, add_vector: bool = True):
+                 strength: float = 10.0, add_vector: bool = True, least_used: str = "per_head"):
         super().__init__(example_dims)
+        if least_used not in LEAST_USED:
+            raise ConfigError(f"learner.least_used must be one of {', '.join(LEAST_USED)}, not {least_used!r}")
+        self.least_used = least_used
         if heads > slots:
             raise ConfigError(f"learner.heads ({heads}) cannot exceed learner.slots ({slots})")
         if strength != 0 and strength <= 1:
@@ -126,11 +144,15 @@ class MemoryAugmentedNetwork(MetaLearner):
         h, c = self.controller(torch.cat([x, previous_label, s.reads], -1), (s.h, s.c))
         keys = torch.tanh(self.key(h)).view(b, self.heads, self.width)
         gate = torch.sigmoid(self.gate(h)).unsqueeze(-1)
-        lu = least_used(s.usage, self.heads)
+        if self.least_used == "per_head":
+            lu = least_used(s.usage, self.heads)
+            cleared = lu.sum(1)                     # each head's slot is cleared before it is written
+        else:
+            lu = least_used_shared(s.usage, self.heads).unsqueeze(1).expand(b, self.heads, self.slots)
+            cleared = least_used_shared(s.usage, 1)     # the paper: "the least used location is set to zero"
         write = write_weights(gate, s.read, lu)
         content = keys if self.add is None else torch.tanh(self.add(h)).view(b, self.heads, self.width)
-        # The least used slots are cleared before they are written to.
-        memory = s.memory * (1 - lu.sum(1)).unsqueeze(-1) + write.transpose(1, 2) @ content
+        memory = s.memory * (1 - cleared).unsqueeze(-1) + write.transpose(1, 2) @ content
         beta = None if self.strength is None else 1 + F.softplus(self.strength(h)).unsqueeze(-1)
         read = read_weights(keys, memory, beta)
         reads = (read @ memory).flatten(1)
@@ -243,6 +265,8 @@ class MANNOptions(Options):
     strength: float = option(10.0, low=0, role=ARCHITECTURE,
                              doc="initial key strength beta (> 1), or 0 for the paper's plain reads")
     add_vector: bool = option(True, role=ARCHITECTURE, doc="heads write an add vector of their own")
+    least_used: Literal["per_head", "shared"] = option(
+        "per_head", role=ARCHITECTURE, doc="each head its own least-used slot, or the paper's shared ones")
 
     def check(self) -> None:
         if self.heads > self.slots:
@@ -268,4 +292,4 @@ def _build(config: dict, info: DataInfo) -> MemoryAugmentedNetwork:
     encoder = build_backbone(config, info)
     return MemoryAugmentedNetwork(encoder, len(info.example_shape), encoder.out_features, classes, o.hidden,
                                   o.slots, o.width, o.heads, o.gamma, seed=config["seed"],
-                                  strength=o.strength, add_vector=o.add_vector)
+                                  strength=o.strength, add_vector=o.add_vector, least_used=o.least_used)

@@ -71,13 +71,18 @@ class SiameseNetwork(EncodingLearner):
     family = "metric"
 
     def __init__(self, encoder: nn.Module, example_dims: int, features: int, loss: str = "contrastive",
-                 margin: float = 1.0, pairs: int = 256, seed: int = 0):
+                 margin: float = 1.0, pairs: int = 256, seed: int = 0, normalize: bool = False):
         super().__init__(example_dims)
+        if not isinstance(normalize, bool):
+            raise ConfigError(f"learner.normalize must be true or false, not {normalize!r}")
+        if not (isinstance(margin, (int, float)) and margin > 0):
+            raise ConfigError(f"learner.margin must be a positive number, not {margin!r}")
         if loss not in LOSSES:
             raise ConfigError(f"learner.loss must be one of {', '.join(LOSSES)}, not {loss!r}")
         if pairs < 2 or pairs % 2:
             raise ConfigError(f"learner.pairs must be an even number >= 2 (half same, half different), not {pairs}")
         self.encoder, self.loss, self.margin, self.pairs, self.seed = encoder, loss, margin, pairs, seed
+        self.normalize = normalize
         # Koch's verification head: weights on the component-wise L1 distance, then a sigmoid.
         self.head = nn.Linear(features, 1) if loss == "bce" else None
 
@@ -86,6 +91,11 @@ class SiameseNetwork(EncodingLearner):
         if self.head is not None:
             return self.head((a - b).abs()).squeeze(-1)     # the logit of P(same class)
         return -euclidean(a, b)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [T, N, *example]`` -> ``[T, N, D]``, on the unit sphere with ``normalize``."""
+        z = super().encode(x)
+        return F.normalize(z, dim=-1) if self.normalize else z
 
     def adapt_encoded(self, support_z: Tensor, support_y: Tensor, ways: int) -> Predictor:
         def predict(query_z: Tensor) -> Tensor:
@@ -120,6 +130,8 @@ class SiameseOptions(Options):
     pairs: int = option(256, low=2, high=1 << 20, role=TRAINING,
                         doc="pairs per task, half same-class and half different (even)")
 
+    normalize: bool = option(False, role=ARCHITECTURE, doc="embeddings on the unit sphere")
+
     def check(self) -> None:
         if self.pairs % 2:
             self.fail(f"learner.pairs must be an even number >= 2 (half same, half different), not {self.pairs}")
@@ -131,4 +143,4 @@ def _build(config: dict, info: DataInfo) -> SiameseNetwork:
     o: SiameseOptions = section_options(config, "learner")
     encoder = build_backbone(config, info)
     return SiameseNetwork(encoder, len(info.example_shape), encoder.out_features, o.loss, o.margin, o.pairs,
-                          seed=config["seed"])
+                          seed=config["seed"], normalize=o.normalize)

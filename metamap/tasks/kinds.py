@@ -65,6 +65,8 @@ class TaskKind:
     name: ClassVar[str] = ""
     metrics: ClassVar[tuple[Metric, ...]] = ()
     classes: ClassVar[bool] = False
+    # Further keys of a learner's training record that the progress bar shows (e.g. RL's KL).
+    progress: ClassVar[tuple[str, ...]] = ()
 
     @property
     def primary(self) -> Metric:

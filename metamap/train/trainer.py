@@ -97,7 +97,8 @@ class Trainer:
             prefetch = self.device.type == "cuda"
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="metamap-prefetch") if prefetch else None
         self._pending = None
-        self.metric_names = [m.name for m in sampler.kind.metrics]
+        # The progress bar shows the kind's metrics and the extra training statistics it names.
+        self.metric_names = [m.name for m in sampler.kind.metrics] + list(sampler.kind.progress)
         self.step = 0
         self.best: dict | None = None          # {"step", "metric", "mean", "higher_is_better"}
         self.bad_steps = 0

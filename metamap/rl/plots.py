@@ -1,0 +1,110 @@
+"""Pictures of meta-RL results: return against adaptation steps (the shape of Finn et al.'s
+Figures 4 and 5), and 2-D navigation trajectories before and after adaptation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_adaptation(results: dict[str, list[tuple[float, float]]], path: str | Path, title: str,
+                    xlabel: str = "number of gradient steps (episodes of experience for RL²)",
+                    paper: dict[str, list[float]] | None = None) -> Path:
+    """``results[method] = [(mean, ci95) after 0, 1, ... steps]``; RL²'s point ``k`` is its episode
+    ``k + 1`` (``k`` episodes of experience). A method with one point (the oracle) is drawn flat.
+    ``paper`` (optional): values read from the paper's figure, drawn as faint markers."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    styles = {"maml-trpo": ("tab:green", "-"), "fomaml-trpo": ("tab:olive", "-"), "maml-promp": ("tab:cyan", "-"),
+              "pretrained": ("tab:blue", "--"), "random": ("black", ":"), "oracle": ("tab:red", "--"),
+              "rl2": ("tab:purple", "-.")}
+    longest = max(len(v) for v in results.values())
+    for name, points in results.items():
+        color, style = styles.get(name, (None, "-"))
+        mean = np.array([m for m, _ in points])
+        ci = np.array([c for _, c in points])
+        xs = np.arange(len(points))
+        if len(points) == 1:
+            xs, mean, ci = np.array([0, longest - 1]), np.repeat(mean, 2), np.repeat(ci, 2)
+        ax.plot(xs, mean, style, color=color, marker="o" if len(points) > 1 else None, label=name)
+        ax.fill_between(xs, mean - ci, mean + ci, color=color, alpha=0.15)
+    for name, values in (paper or {}).items():
+        color = styles.get(name, (None, "-"))[0]
+        ax.plot(np.arange(len(values)), values, "x", color=color, alpha=0.5, ms=7)
+    ax.set(xlabel=xlabel, ylabel="average return", title=title, xticks=range(longest))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if paper:
+        ax.text(0.99, 0.01, "x: values read from the paper's figure", transform=ax.transAxes, ha="right",
+                va="bottom", fontsize=7, alpha=0.7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_navigation(meta, goals: np.ndarray, path: str | Path, steps: int = 3, seed: int = 0,
+                    trajectories: int = 40, label: str = "MAML") -> Path:
+    """2-D navigation: for each goal, the mean-action path of the policy before adaptation and after
+    ``steps`` policy-gradient steps (each on ``trajectories`` sampled episodes). ``meta`` is a
+    :class:`~metamap.rl.maml.PolicyGradientMeta`."""
+    from metamap.rl.policy_gradient import adapt_step
+    from metamap.rl.trajectories import rollout
+
+    plt = _plt()
+    fam = meta.family
+    seeds = lambda phase: [[seed, 0, i, 0, phase] for i in range(len(goals))]
+    params = {n: p.detach() for n, p in meta.theta().items()}
+    paths = []
+    for k in range(steps + 1):
+        mean_path = rollout(fam, lambda o, p=params: meta.policy.distribution(p, o), goals, 1, seeds(k),
+                            dtype=meta.dtype, deterministic=True)
+        paths.append(mean_path.obs[:, 0, :, :2].numpy())
+        if k < steps:
+            episodes = meta.sample(params, goals, seeds(k), trajectories)
+            lr = meta.cfg.inner_lr * (1 if k == 0 else meta.cfg.eval_lr_factor)
+            params = adapt_step(meta.policy, params, episodes, meta.advantages(episodes), lr, False)
+    fig, axes = plt.subplots(1, len(goals), figsize=(3.2 * len(goals), 3.4), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        for k, shade in zip(range(steps + 1), np.linspace(0.35, 1.0, steps + 1)):
+            name = "pre-update" if k == 0 else f"{k} step{'s' if k > 1 else ''}"
+            ax.plot(paths[k][i, :, 0], paths[k][i, :, 1], color=plt.cm.Blues(shade), lw=1.5, label=name)
+        ax.plot(*goals[i], marker="*", color="red", ms=14, ls="", label="goal")
+        ax.plot(0, 0, marker="o", color="grey", ms=5, ls="")
+        ax.set(xlim=(-0.6, 0.6), ylim=(-0.6, 0.6), aspect="equal", title=f"{label}: goal {i + 1}")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ci_table(results: dict[str, list[tuple[float, float]]], header: str = "after k steps") -> str:
+    """Markdown table: one row per method, ``mean ± ci95`` per step."""
+    longest = max(len(v) for v in results.values())
+    lines = [f"| method | " + " | ".join(f"{header.replace('k', str(k))}" for k in range(longest)) + " |",
+             "|---|" + "---|" * longest]
+    for name, points in results.items():
+        cells = [f"{m:.2f} ± {c:.2f}" for m, c in points] + [""] * (longest - len(points))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def returns_of(scores: dict[str, torch.Tensor]) -> list[tuple[float, float]]:
+    """``{metric: per-task scores}`` in metric order -> ``[(mean, ci95)]``."""
+    from metamap.train.evaluate import confidence_interval
+    out = []
+    for _, v in scores.items():
+        mean, ci, _ = confidence_interval(torch.as_tensor(v))
+        out.append((mean, ci))
+    return out

@@ -93,16 +93,18 @@ def with_torchopt(model: nn.Module, steps: int):
     return step
 
 
-def with_metamap(model: nn.Module, steps: int, chunk: int = TASKS, **options):
-    """``chunk``: tasks per forward/backward pass, as the trainer's ``train.chunk_tasks`` runs them."""
+def with_metamap(model: nn.Module, steps: int, chunk: int = TASKS, bf16: bool = False, **options):
+    """``chunk``: tasks per forward/backward pass, as the trainer's ``train.chunk_tasks`` runs them;
+    ``bf16``: under bfloat16 autocast, as ``train.precision = "bf16"`` runs it."""
     learner = GradientLearner(model[0], model[1], 3, ways=WAYS, inner_steps=steps, inner_lr=LR, **options)
     learner.train()
 
     def step(b: TaskBatch):
         for start in range(0, b.num_tasks, chunk):
             part = b.slice(start, min(start + chunk, b.num_tasks))
-            loss, _ = learner.meta_loss(part)
-            (loss * (part.num_tasks / b.num_tasks)).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = learner.meta_loss(part)
+            (loss.float() * (part.num_tasks / b.num_tasks)).backward()
     return step
 
 
@@ -122,8 +124,8 @@ IMPLEMENTATIONS = {
     "metamap, fold_bn=false": lambda m, s: with_metamap(m, s, chunk=8, fold_bn=False, cpp_kernels=False),
     "metamap, fuse_bn_pool=false": lambda m, s: with_metamap(m, s, chunk=2, fuse_bn_pool=False),
     "metamap, channels_last=false": lambda m, s: with_metamap(m, s, chunk=2, channels_last=False),
-    "metamap, batched=false (per-task loop)": lambda m, s: with_metamap(m, s, batched=False),
-    "metamap, bf16=true (bfloat16 autocast)": lambda m, s: with_metamap(m, s, chunk=2, bf16=True),
+    "metamap, backend=reference (per-task loop)": lambda m, s: with_metamap(m, s, backend="reference"),
+    "metamap, train.precision=bf16 (bfloat16 autocast)": lambda m, s: with_metamap(m, s, chunk=2, bf16=True),
 }
 SKIP_KEYS = {"higher": "higher", "torchopt": "TorchOpt", "loop": "plain loop"}
 

@@ -114,6 +114,21 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_build_kernels(args) -> int:
+    import warnings
+
+    from metamap.nets import kernels
+    name, _ = kernels.extension_name()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # the failure is reported below, once
+        built = kernels.build(verbose=args.verbose)
+    if built is None:
+        raise MetamapError(f"could not build the C++ kernels ({kernels.failure()}); install a C++ compiler "
+                           "and `pip install ninja`, or train with learner.cpp_kernels = false (same results, slower)")
+    print(f"built the C++ kernels: {name} ({built.__file__})")
+    return 0
+
+
 def cmd_learners(args) -> int:
     from metamap.registry import learners
     for name, entry in sorted(learners().items()):
@@ -161,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("learners", help="list the available meta-learners")
     lst.set_defaults(func=cmd_learners)
+
+    kb = sub.add_parser("build-kernels", help="compile the optional C++ kernels now (else on first use)")
+    kb.add_argument("--verbose", "-v", action="store_true", help="show the compiler's output")
+    kb.set_defaults(func=cmd_build_kernels)
     return p
 
 

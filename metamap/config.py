@@ -260,17 +260,17 @@ def complete(user: dict, base: dict | None = None) -> dict:
             key = PLUGIN_SECTIONS[section][0]
             options = plugin(section, choice[section]).options
             where = f"[{section}] ({section}.{key} = {choice[section]!r})"
-            old = options.upgrade(dict(base.get(section, {}))) if base.get(section, {}).get(key) in (
+            old = options.upgrade_checkpoint(dict(base.get(section, {}))) if base.get(section, {}).get(key) in (
                 None, choice[section]) else {}
         else:
             key, options, where = None, SECTIONS[section], ""
-            old = options.upgrade(dict(base.get(section, {})))
+            old = options.upgrade_checkpoint(dict(base.get(section, {})))
         known = set(field_names(options))
         # Defaults the plug-ins chose for keys this section's options do not have are dropped
         # (MANN's recipe names no conv4 keys, say); the user's and the checkpoint's keys are checked.
         values = {k: v for k, v in recipe.get(section, {}).items() if k in known}
         values = deep_merge(values, {k: v for k, v in old.items() if k != key})
-        values = deep_merge(values, {k: v for k, v in user.get(section, {}).items() if k != key})
+        values = deep_merge(values, options.upgrade({k: v for k, v in user.get(section, {}).items() if k != key}))
         checked = options.from_section(values, where=where).to_dict()
         out[section] = {key: choice[section], **checked} if key else checked
     return out

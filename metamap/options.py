@@ -194,11 +194,15 @@ class Options:
 
     @classmethod
     def upgrade(cls, section: dict) -> dict:
-        """An older checkpoint's section -> today's keys (renamed or retired keys).
-
-        Applied to configs read from checkpoints only, never to the user's files or overrides.
-        """
+        """A section with renamed or retired keys -> today's keys (or a ConfigError saying what
+        replaced them). Applied to the user's files and overrides and to checkpoints' configs."""
         return section
+
+    @classmethod
+    def upgrade_checkpoint(cls, section: dict) -> dict:
+        """A section read from an older checkpoint -> today's keys; by default :meth:`upgrade`.
+        Override it to drop keys older checkpoints saved but that never meant anything."""
+        return cls.upgrade(section)
 
     @classmethod
     def from_section(cls, section: dict, ignore: tuple[str, ...] = (), where: str = "") -> Options:

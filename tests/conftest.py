@@ -2,9 +2,21 @@
 from __future__ import annotations
 
 import http.server
+import shutil
 import threading
+import warnings
 
 import pytest
+
+
+def pytest_configure(config):
+    """Build the optional C++ kernel once, before any test needs it: tests that spawn processes
+    (distributed ranks) then load it from the cache instead of compiling it in each process."""
+    if shutil.which("c++") or shutil.which("g++"):
+        from metamap.nets import kernels
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # without ninja the kernel tests report it themselves
+            kernels.build()
 
 
 class _FileHandler(http.server.BaseHTTPRequestHandler):

@@ -110,12 +110,41 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(ext, "load", broken)
     monkeypatch.setattr(kernels, "_module", None)
     monkeypatch.setattr(kernels, "_failed", None)
-    model = learner(True).double().train()
+    # The kernel is built when the learner's backend is made, not inside a forward pass.
     with pytest.warns(RuntimeWarning, match="could not compile its C\\+\\+ kernel.*Ninja is required"):
-        loss, _ = model.meta_loss(tasks())
+        model = learner(True).double().train()
+    assert "conv_bn_relu_pool_cpp" not in model.full.kinds() and "conv_bn" in model.full.kinds()
+    loss, _ = model.meta_loss(tasks())
     loss.backward()
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")           # the warning is not repeated
-        model.meta_loss(tasks())
-    assert not kernels.available()
+        learner(True).double().train().meta_loss(tasks())
+    assert not kernels.available() and "Ninja is required" in kernels.failure()
+
+
+@needs_compiler
+def test_kernel_is_built_with_the_backend_never_in_a_forward_pass(monkeypatch):
+    assert kernels.build() is not None
+    calls = []
+    monkeypatch.setattr(kernels, "build", lambda *a, **k: calls.append(1) or kernels._module)
+    from metamap.nets.backbones import MLP
+    GradientLearner(MLP(1, (8,)), nn.Linear(8, 1), 1)            # nothing for the kernel to run
+    assert calls == []
+    model = learner(True).double().train()
+    assert calls and "conv_bn_relu_pool_cpp" in model.full.kinds()
+    built = len(calls)
+    model.meta_loss(tasks())[0].backward()
+    model.eval()
+    model.adapt_tasks(tasks().support_x, tasks().support_y, 3)(tasks().query_x)
+    assert len(calls) == built
+
+
+def test_build_kernels_command(capsys):
+    from metamap.cli import main
+    code = main(["build-kernels"])
+    out = capsys.readouterr()
+    if kernels.build() is not None:
+        assert code == 0 and "built" in out.out
+    else:
+        assert code == 2 and "could not" in out.err

@@ -94,12 +94,12 @@ def rel_err(a: dict, b: dict) -> float:
     return float((x - y).norm() / y.norm())
 
 
-@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("backend", ["fast", "reference"])
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_second_order_maml_matches_unrolled_loop(steps, norm, batched):
-    learner = conv_learner(norm=norm, inner_steps=steps, inner_lr=0.4, batched=batched)
-    assert learner.full.batched == batched
+def test_second_order_maml_matches_unrolled_loop(steps, norm, backend):
+    learner = conv_learner(norm=norm, inner_steps=steps, inner_lr=0.4, backend=backend)
+    assert learner.full.name == backend
     tasks = conv_tasks()
     ref = unrolled_meta_grad(learner, tasks, steps, 0.4)
     got = library_meta_grad(learner, tasks)
@@ -412,7 +412,7 @@ def test_explicitly_adapted_frozen_weight_and_unused_parameters_work():
     body.features[0][0].bias.requires_grad_(False)
     learner = GradientLearner(body, HeadWithSpare(), 3, ways=W, inner_steps=2,
                               adapt=["body.features.0.0.bias", "head"], channels_last=False)
-    assert not learner.full.batched
+    assert learner.full.name == "reference"
     tasks = conv_tasks()
     learner.train()
     loss, _ = learner.meta_loss(tasks)
@@ -439,7 +439,7 @@ def test_running_batch_norm_mode_tracks_and_uses_running_statistics():
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     # ... unlike transductive mode, which uses each task's query statistics.
     learner.bn = "transductive"
-    learner.full.bn_mode = "transductive"
+    learner.full.bn_mode = learner.body_fn.bn_mode = learner.head_fn.bn_mode = "transductive"
     out_t = learner.adapt_trajectory(tasks.support_x, tasks.support_y, 0)[0](tasks.query_x)
     assert (out_t - ref).abs().max() > 1e-3
 
@@ -462,8 +462,8 @@ def test_batched_and_per_task_loop_agree_in_float32():
     tasks = TaskBatch(torch.randn(4, 5, 1, 12, 12), torch.arange(5).repeat(4, 1),
                       torch.randn(4, 10, 1, 12, 12), torch.arange(5).repeat_interleave(2).repeat(4, 1), 5)
     grads = []
-    for batched, cl in ((False, False), (True, False), (True, True)):
-        learner = GradientLearner(body, nn.Linear(body.out_features, 5), 3, ways=5, inner_steps=2, batched=batched,
+    for backend, cl in (("reference", False), ("fast", False), ("fast", True)):
+        learner = GradientLearner(body, nn.Linear(body.out_features, 5), 3, ways=5, inner_steps=2, backend=backend,
                                   channels_last=cl)
         torch.manual_seed(1)
         learner.model.head.reset_parameters()
@@ -508,7 +508,7 @@ def test_fused_bn_relu_pool_handles_negative_gammas_exactly():
     # Half the batch-norm scales negative: those channels must min-pool, in both layouts.
     for adapt in ("all", "head"):
         learner = conv_learner(inner_steps=2, adapt=adapt)
-        assert any(layer.kind == "bn_relu_pool" for layer in learner.full.net.layers)
+        assert "bn_relu_pool" in learner.full.kinds()
         with torch.no_grad():
             for m in learner.model.body.modules():
                 if isinstance(m, nn.BatchNorm2d):
@@ -519,7 +519,7 @@ def test_fused_bn_relu_pool_handles_negative_gammas_exactly():
         assert rel_err(library_meta_grad(learner, tasks), unrolled_meta_grad(learner, tasks, 2, 0.4, names)) < 1e-8
         unfused = conv_learner(inner_steps=2, adapt=adapt, fuse_bn_pool=False)
         unfused.load_state_dict(learner.state_dict())
-        assert all(layer.kind != "bn_relu_pool" for layer in unfused.full.net.layers)
+        assert "bn_relu_pool" not in unfused.full.kinds()
         assert rel_err(library_meta_grad(unfused, tasks), library_meta_grad(learner, tasks)) < 1e-8
 
 
@@ -537,16 +537,16 @@ def saved_bytes(learner: GradientLearner, tasks: TaskBatch) -> int:
     return total
 
 
-@pytest.mark.parametrize(("kw", "batched"), [({}, True), ({}, False), ({"step_sizes": "per_element"}, True),
-                                             ({"adapt": "head"}, True),
-                                             ({"multi_step_loss": True, "step_sizes": "per_layer_per_step"}, True)])
-def test_gradient_checkpointing_gives_the_same_meta_gradient(kw, batched):
-    plain = conv_learner(inner_steps=3, inner_lr=0.3, batched=batched, **kw)
-    recomputed = conv_learner(inner_steps=3, inner_lr=0.3, batched=batched, grad_checkpoint=True, **kw)
+@pytest.mark.parametrize(("kw", "backend"), [({}, "fast"), ({}, "reference"), ({"step_sizes": "per_element"}, "fast"),
+                                             ({"adapt": "head"}, "fast"),
+                                             ({"multi_step_loss": True, "step_sizes": "per_layer_per_step"}, "fast")])
+def test_gradient_checkpointing_gives_the_same_meta_gradient(kw, backend):
+    plain = conv_learner(inner_steps=3, inner_lr=0.3, backend=backend, **kw)
+    recomputed = conv_learner(inner_steps=3, inner_lr=0.3, backend=backend, grad_checkpoint=True, **kw)
     tasks = conv_tasks()
     ref = library_meta_grad(plain, tasks)
     assert rel_err(library_meta_grad(recomputed, tasks), ref) < 1e-12
-    if not kw and batched:
+    if not kw and backend == "fast":
         assert rel_err(unrolled_meta_grad(plain, tasks, 3, 0.3), ref) < 1e-8
 
 
@@ -564,7 +564,7 @@ def test_gradient_checkpointing_keeps_only_step_boundaries():
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_batch_norm_folded_into_first_convolution_is_the_same_function(channels):
-    from metamap.algorithms.inner_loop import TaskForward
+    from metamap.nets.backend import BackendOptions, make_backend
     torch.manual_seed(0)
     model = nn.Sequential(Conv4(in_channels=channels, hidden=4, layers=2, image_size=8), nn.Linear(16, W))
     with torch.no_grad():
@@ -579,7 +579,7 @@ def test_batch_norm_folded_into_first_convolution_is_the_same_function(channels)
     outs, records, grads = [], [], []
     for fold in (True, False):
         record = {}
-        out = TaskForward(model, channels_last=True, fold=fold)(params, x, True, record)
+        out = make_backend(model, options=BackendOptions(channels_last=True, fold_bn=fold))(params, x, True, record)
         outs.append(out)
         records.append(record)
         grads.append(torch.autograd.grad((out ** 2).sum(), list(params.values()), allow_unused=True))

@@ -35,10 +35,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from metamap.algorithms.base import MetaGradient, MetaLearner, Predictor
-from metamap.algorithms.inner_loop import TaskForward, inner_loop, minibatch_indices
+from metamap.algorithms.inner_loop import inner_loop, minibatch_indices
 from metamap.algorithms.inner_opt import build_inner_optimizer
 from metamap.algorithms.split import ParameterSplit
 from metamap.errors import ConfigError, MetamapError
+from metamap.nets.backend import BackendOptions, make_backend
 from metamap.nets.functional import BN_MODES
 from metamap.options import ADAPTATION, ARCHITECTURE, RUNTIME, TRAINING, Options, option
 from metamap.registry import DataInfo, build_backbone, register_learner, section_options, task_kind
@@ -81,9 +82,9 @@ class GradientLearner(MetaLearner):
                  inner_beta1: float = 0.0, inner_beta2: float = 0.999, inner_eps: float = 1e-8,
                  inner_batch: int = 0, inner_batch_eval: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
-                 batched: bool = True, channels_last: bool = True, fuse_bn_pool: bool = True,
-                 bf16: bool = False, grad_checkpoint: bool = False, fold_bn: bool = True,
-                 cpp_kernels: bool = True, seed: int = 0, zero_head: bool = False):
+                 backend: str = "fast", channels_last: bool = True, fuse_bn_pool: bool = True,
+                 fold_bn: bool = True, cpp_kernels: bool = True, grad_checkpoint: bool = False, seed: int = 0,
+                 zero_head: bool = False):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval),
                         ("inner_batch", inner_batch), ("inner_batch_eval", inner_batch_eval)):
@@ -115,10 +116,10 @@ class GradientLearner(MetaLearner):
         # When the body does not adapt (ANIL), its features are computed once per task batch, as
         # one large batch, and only the head runs in the inner loop.
         self.body_adapts = self.split.adapts("body")
-        speed = (batched, channels_last, bn, fuse_bn_pool, bf16, fold_bn, cpp_kernels)
-        self.full = TaskForward(self.model, *speed)
-        self.body_fn = TaskForward(self.model, *speed, part="body")
-        self.head_fn = TaskForward(self.model, *speed, part="head")
+        options = BackendOptions(backend, channels_last, fuse_bn_pool, fold_bn, cpp_kernels)
+        self.full = make_backend(self.model, "", bn, options)
+        self.body_fn = make_backend(self.model, "body", bn, options)
+        self.head_fn = make_backend(self.model, "head", bn, options)
 
     @property
     def adapt_names(self) -> list[str]:
@@ -223,7 +224,7 @@ class GradientLearner(MetaLearner):
         # batch's memory. Small MLPs (regression) are the opposite: per-pass overhead dominates,
         # and two-task chunks ran 5x slower than the whole meta-batch.
         convolutional = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
-        return 8 if convolutional and self.body_adapts and self.full.batched else 0
+        return 8 if convolutional and self.body_adapts and self.full.name == "fast" else 0
 
     def after_step(self) -> None:
         self.outer_steps += 1
@@ -310,15 +311,32 @@ class GradientOptions(Options):
         "transductive", role=ARCHITECTURE, doc="batch statistics per task, or running statistics at test time")
     multi_step_loss: bool = option(False, role=TRAINING, doc="MAML++ query loss after every inner step")
     msl_anneal_steps: int = option(0, low=0, role=TRAINING, doc="outer steps over which that loss anneals")
-    batched: bool = option(True, role=RUNTIME, doc="all tasks at once through grouped convolutions")
-    channels_last: bool = option(True, role=RUNTIME)
-    fuse_bn_pool: bool = option(True, role=RUNTIME)
-    bf16: bool = option(False, role=RUNTIME)
+    backend: Literal["fast", "reference"] = option(
+        "fast", role=RUNTIME, doc="fast: lowered, rewritten batched operations; reference: functional_call per task")
+    channels_last: bool = option(True, role=RUNTIME, doc="fast backend lever")
+    fuse_bn_pool: bool = option(True, role=RUNTIME, doc="fast backend lever")
+    fold_bn: bool = option(True, role=RUNTIME, doc="fast backend lever")
+    cpp_kernels: bool = option(True, role=RUNTIME, doc="fast backend lever: the first layer in C++")
     grad_checkpoint: bool = option(False, role=RUNTIME, doc="recompute inner-step activations in the backward")
-    fold_bn: bool = option(True, role=RUNTIME)
-    cpp_kernels: bool = option(True, role=RUNTIME)
     zero_head: bool = option(False, role=TRAINING,
                              doc="zero the head before every outer step (Kao et al. 2022; see the module docstring)")
+
+    @classmethod
+    def upgrade(cls, section: dict) -> dict:
+        """Retired keys: ``batched = false`` was the reference backend; ``bf16`` moved to ``train.precision``."""
+        section = dict(section)
+        batched, bf16 = section.pop("batched", True), section.pop("bf16", False)
+        if batched is False:
+            section["backend"] = "reference"
+        if bf16 is not False:
+            raise ConfigError("learner.bf16 is replaced by train.precision = \"bf16\" (bfloat16 autocast for the "
+                              "whole learner, or \"auto\"); remove learner.bf16")
+        return section
+
+    @classmethod
+    def upgrade_checkpoint(cls, section: dict) -> dict:
+        # A checkpoint trained with the retired learner.bf16 lever has the same weights either way.
+        return cls.upgrade({k: v for k, v in section.items() if k != "bf16"})
 
     def check(self) -> None:
         if self.inner_optimizer == "adam" and self.step_sizes != "fixed":

@@ -7,22 +7,20 @@ starts from the shared initial weights ``theta``, expands the adapted ones to ``
 since tasks do not interact, the gradient of that sum with respect to task ``t``'s copy is
 exactly task ``t``'s own gradient.
 
-Forward passes use :class:`~metamap.nets.functional.TaskBatchedNet` (all tasks at once, grouped
-convolutions) when the network is made of known layers, else a per-task loop over
-``torch.func.functional_call``; ``batched=False`` forces the loop (the reference formulation).
+Forward passes go through a backend (:mod:`metamap.nets.backend`): the fast one runs all tasks
+at once (grouped convolutions) for networks that lower to its operations, the reference one is
+a per-task loop over ``torch.func.functional_call``; both compute the same function.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from metamap.algorithms.inner_opt import InnerOptimizer
 from metamap.algorithms.seeding import content_generator
-from metamap.nets.functional import BN_MODES, TaskBatchedNet, compile_layers
 from metamap.tasks.kinds import infer_kind
 
 
@@ -30,63 +28,6 @@ def task_losses(outputs: Tensor, targets: Tensor) -> Tensor:
     """``[T]`` per-task mean loss of bare labelled tensors: cross-entropy for class labels,
     squared error for real targets (see :func:`metamap.tasks.kinds.infer_kind`)."""
     return infer_kind(targets).loss(outputs, targets)
-
-
-class TaskForward:
-    """Runs ``module`` (or its sub-module ``part``) on ``x [T, N, *example]`` with a parameter dict
-    -> ``[T, N, *out]``.
-
-    Parameters are named as in ``module`` whatever ``part`` runs (``"body.features.0.0.weight"``
-    for ``part = "body"``), and so are the batch-norm statistics it records.
-    """
-
-    def __init__(self, module: nn.Module, batched: bool = True, channels_last: bool = False,
-                 bn_mode: str = "transductive", fuse: bool = True, bf16: bool = False, fold: bool = True,
-                 cpp: bool = True, part: str = ""):
-        if bn_mode not in BN_MODES:
-            raise ValueError(f"bn_mode must be one of {BN_MODES}, not {bn_mode!r}")
-        self.bn_mode, self.channels_last, self.bf16 = bn_mode, channels_last, bf16
-        self.module, self.part = module.get_submodule(part), part
-        self.prefix = part + "." if part else ""
-        layers = compile_layers(self.module, part) if batched else None
-        self.net = TaskBatchedNet(layers, fuse, fold, cpp) if layers is not None else None
-        self.shapes = {self.prefix + n: p.shape for n, p in self.module.named_parameters()}
-
-    @property
-    def batched(self) -> bool:
-        return self.net is not None
-
-    def __call__(self, params: dict[str, Tensor], x: Tensor, training: bool,
-                 record: dict | None = None) -> Tensor:
-        use_running = self.bn_mode == "running" and not training
-        if self.bf16:
-            # bfloat16 convolutions and matmuls (AMX on recent Xeons), float32 outputs and losses.
-            with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                out = self._run(params, x, use_running, record)
-            return out.float()
-        return self._run(params, x, use_running, record)
-
-    def _run(self, params, x, use_running, record):
-        if self.net is not None:
-            return self.net(params, x, x.shape[0], use_running, self.channels_last, record)
-        return self._loop(params, x, use_running)
-
-    def _loop(self, params: dict[str, Tensor], x: Tensor, use_running: bool) -> Tensor:
-        # The reference formulation: one functional_call per task. Batch norm layers see the
-        # module in train mode (batch statistics) unless running statistics are asked for; the
-        # running buffers are passed as copies so evaluation never changes the module.
-        buffers = {n: b.clone() for n, b in self.module.named_buffers()}
-        own = {n[len(self.prefix):]: v for n, v in params.items() if n in self.shapes}
-        was = self.module.training
-        self.module.train(not use_running)
-        try:
-            outs = []
-            for t in range(x.shape[0]):
-                p = {n: (v[t] if v.dim() == len(self.shapes[self.prefix + n]) + 1 else v) for n, v in own.items()}
-                outs.append(functional_call(self.module, {**buffers, **p}, (x[t],)))
-        finally:
-            self.module.train(was)
-        return torch.stack(outs)
 
 
 def minibatch_indices(support_x: Tensor, batch: int, steps: int, seed: int) -> Tensor:

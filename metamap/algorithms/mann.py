@@ -247,7 +247,7 @@ class FlattenOptions(Options):
     scale: float = option(0.2, doc="inputs are multiplied by this (see Flatten)")
 
     @classmethod
-    def upgrade(cls, section: dict) -> dict:
+    def upgrade_checkpoint(cls, section: dict) -> dict:
         # Checkpoints written before the typed options carried the conv4 keys here, unused.
         return {k: v for k, v in section.items() if k not in ("hidden", "layers", "norm")}
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from metamap.nets.program import Op, lower
+
 
 def conv_block(in_channels: int, out_channels: int, norm: bool = True, pool: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1)]
@@ -43,6 +45,11 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x).flatten(1)
 
+    def lower(self, prefix: str = "") -> list[Op] | None:
+        """For the fast backend: the blocks' operations, then the flattening."""
+        body = lower(self.features, f"{prefix}.features" if prefix else "features")
+        return None if body is None else body + [Op("flatten")]
+
 
 class MLP(nn.Module):
     """Fully connected layers with ReLU between them, e.g. ``MLP(1, (40, 40), 1)`` for regression."""
@@ -62,3 +69,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1))
+
+    def lower(self, prefix: str = "") -> list[Op] | None:
+        """For the fast backend: the flattening, then the layers."""
+        body = lower(self.net, f"{prefix}.net" if prefix else "net")
+        return None if body is None else [Op("flatten")] + body

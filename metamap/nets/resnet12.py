@@ -13,7 +13,8 @@ that to 640 features, ``pool = "flatten"`` keeps all of them (MetaOptNet's choic
 DropBlock is not included.
 
 The network is a plain ``nn.Module`` with parameters and BatchNorm buffers only, so it works
-through ``torch.func.functional_call`` (MAML-style learners fall back to a per-task loop for it).
+through ``torch.func.functional_call`` (the reference backend), and it declares how it lowers
+for the fast backend (residual sums included), so MAML-style learners run all tasks at once.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from metamap.errors import ConfigError
+from metamap.nets.program import Op, lower, lower_children
 from metamap.options import Options, option
 from metamap.registry import DataInfo, register_backbone
 
@@ -62,6 +64,17 @@ class ResidualBlock(nn.Module):
         out = self.act(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.pool(self.act(out + self.shortcut(x)))
+
+    def lower(self, prefix: str = "") -> list[Op] | None:
+        """For the fast backend: the sum of the main path and the shortcut, then activation and pooling."""
+        main = lower_children(prefix, ("conv1", self.conv1), ("bn1", self.bn1), ("act", self.act),
+                              ("conv2", self.conv2), ("bn2", self.bn2), ("act", self.act),
+                              ("conv3", self.conv3), ("bn3", self.bn3))
+        shortcut = lower_children(prefix, ("shortcut", self.shortcut))
+        tail = lower_children(prefix, ("act", self.act), ("pool", self.pool))
+        if main is None or shortcut is None or tail is None:
+            return None
+        return [Op("add", branches=(main, shortcut))] + tail
 
 
 class ResNet12(nn.Module):
@@ -105,6 +118,11 @@ class ResNet12(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.blocks(x)
         return x.mean((2, 3)) if self.pool == "avg" else x.flatten(1)
+
+    def lower(self, prefix: str = "") -> list[Op] | None:
+        """For the fast backend: the blocks, then the average over positions or the flattening."""
+        blocks = lower(self.blocks, f"{prefix}.blocks" if prefix else "blocks")
+        return None if blocks is None else blocks + [Op("mean_hw" if self.pool == "avg" else "flatten")]
 
 
 @register_backbone("resnet12", options=ResNet12Options)

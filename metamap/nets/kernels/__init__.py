@@ -1,19 +1,24 @@
-"""Optional C++ kernels, compiled on first use with the local C++ compiler.
+"""Optional C++ kernels, built explicitly with the local C++ compiler.
 
 :func:`conv_pool_relu` runs a first layer -- per-task convolution, bias, 2x2 max-pool, ReLU --
 without ever writing its full-resolution feature map (see ``conv_pool.cpp``). It is
 differentiable twice (MAML's second-order meta-gradient needs exactly that) with respect to the
 kernel and bias; its input is data and gets no gradient.
 
-Compiling needs a C++ compiler, the Python headers and ``ninja`` (``pip install ninja``); the
-result is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
-built with ``-march=native`` under a name tied to the CPU's instruction sets
-(``METAMAP_KERNELS_PORTABLE=1`` builds a generic one instead).
-If compiling fails the library warns once and keeps using the PyTorch layers, which compute the
-same function.
+:func:`build` compiles and loads the kernel. The fast backend calls it when it is created for a
+network that can use the kernel -- never inside a forward pass -- and ``metamap build-kernels``
+calls it ahead of time. Compiling needs a C++ compiler, the Python headers and ``ninja``
+(``pip install ninja``); the result is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), built with ``-march=native`` under a name tied to the CPU's
+instruction sets (``METAMAP_KERNELS_PORTABLE=1`` builds a generic one instead). Processes that
+build at the same time (the ranks of a distributed run on a fresh cache) take turns under a
+file lock, so one compiles and the others load its result. If compiling fails the library
+warns once and keeps using the PyTorch layers, which compute the same function.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import threading
@@ -30,25 +35,31 @@ _module = None
 _failed: str | None = None
 
 
-def load():
-    """The compiled extension module, or ``None`` if it cannot be built here (warns once)."""
+def extension_name() -> tuple[str, list[str]]:
+    """The cached extension's name and its compiler flags."""
+    flags = ["-O3", "-fopenmp"]
+    name = "metamap_conv_pool"
+    if os.environ.get("METAMAP_KERNELS_PORTABLE") != "1":
+        # Built for this CPU; the name carries its instruction sets, so that a cache shared
+        # between machines (a home directory on a cluster) never hands one CPU's build to another.
+        flags.append("-march=native")
+        name += "_" + _cpu_tag()
+    return name, flags
+
+
+def build(verbose: bool = False):
+    """Compile (or load from the cache) the extension; ``None`` if it cannot be built here (warns once)."""
     global _module, _failed
     if _module is not None or _failed is not None:
         return _module
     with _lock:
         if _module is None and _failed is None:
             try:
-                from torch.utils.cpp_extension import load as build
-                flags = ["-O3", "-fopenmp"]
-                name = "metamap_conv_pool"
-                if os.environ.get("METAMAP_KERNELS_PORTABLE") != "1":
-                    # Built for this CPU; the name carries its instruction sets, so that a cache
-                    # shared between machines (a home directory on a cluster) never hands one
-                    # CPU's build to another.
-                    flags.append("-march=native")
-                    name += "_" + _cpu_tag()
-                _module = build(name, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                verbose=False)
+                from torch.utils.cpp_extension import load as compile_and_load
+                name, flags = extension_name()
+                with _file_lock(_lock_path(name, verbose)):
+                    _module = compile_and_load(name, [str(_SOURCE)], extra_cflags=flags,
+                                               extra_ldflags=["-fopenmp"], verbose=verbose)
             except Exception as e:  # any build failure means: use the PyTorch layers
                 _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 warnings.warn(
@@ -56,6 +67,33 @@ def load():
                     f"instead (same results, slower). Install a C++ compiler and `pip install ninja`, "
                     f"or set learner.cpp_kernels = false to silence this.", RuntimeWarning, stacklevel=3)
     return _module
+
+
+def failure() -> str | None:
+    """Why the last :func:`build` failed (``None`` if it did not)."""
+    return _failed
+
+
+def _lock_path(name: str, verbose: bool) -> Path:
+    """A lock file beside PyTorch's build folder for ``name`` (in the temporary folder if unknown)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        return Path(_get_build_directory(name, verbose)).parent / f"{name}.metamap-lock"
+    except (ImportError, OSError, TypeError):
+        import tempfile
+        return Path(tempfile.gettempdir()) / f"{name}.metamap-lock"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock held by one process at a time (released if the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _cpu_tag() -> str:
@@ -67,8 +105,14 @@ def _cpu_tag() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
+def loaded() -> bool:
+    """Whether the kernel is built and loaded in this process (never builds)."""
+    return _module is not None
+
+
 def available() -> bool:
-    return load() is not None
+    """Whether the kernel can be used here, building it first if need be."""
+    return build() is not None
 
 
 class _ConvPoolReLU(torch.autograd.Function):
@@ -117,7 +161,7 @@ def conv_pool_relu(x: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Ten
     """``relu(max_pool2d(conv2d(x_t, weight_t, bias_t, padding), 2))`` for every task ``t`` at once.
 
     ``x [N, T, C_in, H, W]`` (data: not differentiated), ``weight [T, C, C_in, kh, kw]``,
-    ``bias [T, C]`` -> grouped channels-last ``[N, T*C, H', W']``. Needs :func:`available`.
+    ``bias [T, C]`` -> grouped channels-last ``[N, T*C, H', W']``. Needs :func:`build` first.
     """
     t, c, cin, kh, kw = weight.shape
     w = weight.reshape(t, c, cin * kh * kw).transpose(1, 2).contiguous()      # [T, D, C]

@@ -53,7 +53,7 @@ def overrides_from(args, names) -> list[str]:
 
 
 TRAIN_FLAGS = list(FLAG_KEYS)
-EVAL_FLAGS = ["episodes", "seed", "device", "threads", "data_root"]
+EVAL_FLAGS = ["data", "episodes", "seed", "device", "threads", "data_root"]
 
 
 def cmd_train(args) -> int:
@@ -88,8 +88,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from metamap.predict import predict_folders
-    rows = predict_folders(args.checkpoint, args.support, args.query)
+    from metamap.predict import finetune_settings, predict_folders
+    tune = args.finetune_lr is not None or args.finetune_steps is not None or args.finetune_select is not None
+    settings = finetune_settings(args.finetune_lr, args.finetune_steps, args.finetune_seed) if tune else None
+    chosen: dict = {}
+    rows = predict_folders(args.checkpoint, args.support, args.query, finetune=settings, select=args.finetune_select,
+                           echo=lambda line: print(line, file=sys.stderr), record=chosen)
+    if tune and args.out:
+        import json
+        record = Path(str(args.out) + ".finetune.json")
+        record.write_text(json.dumps(chosen, indent=2))
+        print(f"test-time fine-tuning recorded in {record}", file=sys.stderr)
     with open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
         writer = csv.writer(out)
         writer.writerow(["file", "prediction", "score"])
@@ -162,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
     r.add_argument("--query", required=True, help="folder of images to classify")
     r.add_argument("--out", help="CSV file to write (default: standard output)")
+    r.add_argument("--finetune-lr", type=float, default=None,
+                   help="fine-tune the learner on the support set first, with this learning rate (test-time fine-tuning)")
+    r.add_argument("--finetune-steps", type=int, default=None, help="... for this many steps")
+    r.add_argument("--finetune-select", metavar="FOLDER", default=None,
+                   help="labelled images of OTHER classes (one sub-folder each) to choose the learning rate and "
+                        "steps not given on (P>M>F's recipe)")
+    r.add_argument("--finetune-seed", type=int, default=0, help="seed of the fine-tuning's augmentation")
     r.set_defaults(func=cmd_predict)
 
     rep = sub.add_parser("report", help="(re)generate a run's curves, test-episode grid and HTML report")

@@ -130,12 +130,36 @@ class EvalOptions(Options):
     tasks_per_batch: int = option(0, low=0, role=RUNTIME, doc="0 = choose from the episode size")
     cache_mb: float = option(1024, low=0, role=RUNTIME,
                              doc="learners that encode examples one by one: MB of codes kept; 0 = per episode")
+    protocol: Literal["", "bscd-fsl"] = option(
+        "", role=ADAPTATION, doc="a named protocol that fixes ways, shots, queries and episodes; see config.PROTOCOLS")
+    # Test-time fine-tuning on each episode's support set (metamap/train/test_time.py).
+    finetune: bool | Literal["auto", "on", "off"] = option(False, role=ADAPTATION)
+    finetune_lr: Literal["auto"] | float = option(
+        "auto", low=0, role=ADAPTATION, doc="auto = picked on episodes of the validation classes")
+    finetune_steps: Literal["auto"] | int = option("auto", low=0, role=ADAPTATION)
+    finetune_lrs: list[float] = option([0.0, 1e-4, 1e-3, 1e-2], low=0, nonempty=True, role=ADAPTATION,
+                                       doc="candidates of finetune_lr = auto; 0 = no fine-tuning")
+    finetune_steps_grid: list[int] = option([10, 25, 50], low=1, nonempty=True, role=ADAPTATION,
+                                            doc="candidates of finetune_steps = auto")
+    finetune_episodes: int = option(5, low=1, role=ADAPTATION, doc="labelled episodes the automatic choice uses")
+    finetune_augment: list[Literal["flip", "color", "translation"]] = option(
+        ["flip", "color", "translation"], role=ADAPTATION)
+    finetune_aug_prob: float = option(0.9, low=0, high=1, role=ADAPTATION)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for k in ("ways", "shots"):                  # one number means a list of one
             if not isinstance(getattr(self, k), list):
                 object.__setattr__(self, k, [getattr(self, k)])
+        for k, v in PROTOCOLS.get(self.protocol, {}).items():
+            object.__setattr__(self, k, copy.deepcopy(v))
+
+
+# Named evaluation protocols (eval.protocol): each fixes these [eval] keys. BSCD-FSL (Guo et al.
+# 2020): 5-way, 1/5/20/50 shots, 15 queries, 600 fixed episodes, on a domain never meta-trained on.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "bscd-fsl": {"ways": [5], "shots": [1, 5, 20, 50], "queries": 15, "episodes": 600},
+}
 
 
 # The fixed sections, in the order configs are written.

@@ -94,7 +94,7 @@ def describe(tp, meta: dict, plural: bool = False) -> str:
     if tp is dict:
         return "tables" if plural else "a table (section)"
     if origin is Literal:
-        choices = [str(c) for c in typing.get_args(tp)]
+        choices = ['""' if c == "" else str(c) for c in typing.get_args(tp)]
         return choices[0] if len(choices) == 1 else ", ".join(choices[:-1]) + " or " + choices[-1]
     if origin in (list, tuple):
         n = meta.get("length")

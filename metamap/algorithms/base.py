@@ -165,6 +165,23 @@ class MetaLearner(nn.Module):
         several times per update when the trainer splits a meta-batch into chunks.
         """
 
+    # -- test-time fine-tuning (metamap/train/test_time.py) ---------------------------------------
+    def finetune_start(self, support_x: Tensor, support_y: Tensor, ways: int) -> tuple[list[Tensor], object]:
+        """Task-specific tensors fine-tuned together with the learner's weights, and the state that
+        holds them (e.g. a head fitted on the support set). Default: none -- prototypes, attention
+        and the like are recomputed from the support set with the current weights."""
+        return [], None
+
+    def finetune_loss(self, support_x: Tensor, support_y: Tensor, pseudo_x: Tensor, ways: int,
+                      state: object) -> Tensor:
+        """What test-time fine-tuning minimises: the loss, on ``pseudo_x`` (augmented copies of the
+        support examples, labels ``support_y``), of the predictor adapted to the plain support set."""
+        return self.query_loss(self.adapt_tasks(support_x, support_y, ways)(pseudo_x), support_y)
+
+    def finetuned_predictor(self, support_x: Tensor, support_y: Tensor, ways: int, state: object) -> Predictor:
+        """The predictor after test-time fine-tuning (default: adapt as usual, with the tuned weights)."""
+        return self.adapt_tasks(support_x, support_y, ways)
+
     # -- the task kind: adaptation loss and metrics ----------------------------------------------
     def task_kind(self, targets: Tensor) -> TaskKind:
         """The kind of task this learner serves (set from the data by ``build_learner``); a learner

@@ -173,6 +173,22 @@ class FineTuneBaseline(EncodingLearner):
             return torch.cat([head(embed_tasks(enc, query_x[i:i + 1])) for i, (enc, head) in enumerate(tuned)])
         return predict
 
+    # -- test-time fine-tuning: the fitted head and the backbone together ---------------------------
+    def finetune_start(self, support_x: Tensor, support_y: Tensor, ways: int) -> tuple[list[Tensor], TaskHead]:
+        head = self.fit(self.encoder, support_x, support_y, ways)
+        head.params = [p.detach().clone().requires_grad_() for p in head.params]
+        return head.params, head
+
+    def finetune_loss(self, support_x: Tensor, support_y: Tensor, pseudo_x: Tensor, ways: int,
+                      state: TaskHead) -> Tensor:
+        return self.query_loss(state(embed_tasks(self.encoder, pseudo_x)), support_y)
+
+    def finetuned_predictor(self, support_x: Tensor, support_y: Tensor, ways: int, state: TaskHead) -> Predictor:
+        def predict(query_x: Tensor) -> Tensor:
+            with torch.no_grad():
+                return state(embed_tasks(self.encoder, query_x))
+        return predict
+
     def tuned_copy(self, support_x: Tensor, support_y: Tensor, ways: int) -> tuple[nn.Module, TaskHead]:
         encoder = copy.deepcopy(self.encoder).requires_grad_(True)
         head = self.fit(encoder, support_x, support_y, ways)

@@ -174,6 +174,14 @@ class GradientLearner(MetaLearner):
                 return fwd(final, query_x)
         return predict
 
+    def finetune_loss(self, support_x: Tensor, support_y: Tensor, pseudo_x: Tensor, ways: int,
+                      state: object) -> Tensor:
+        # Test-time fine-tuning moves the initial weights themselves on the augmented support set;
+        # the usual inner steps then adapt from the fine-tuned weights (finetuned_predictor).
+        self._check_ways(support_y, ways)
+        history, fwd = self._adapt(support_x, support_y, 0, True)
+        return self.query_loss(fwd(history[0], pseudo_x), support_y)
+
     def adapt_trajectory(self, support_x: Tensor, support_y: Tensor, steps: int, ways: int = 0
                          ) -> list[Predictor]:
         """Predictors after ``0, 1, ..., steps`` inner steps (for plots and step sweeps)."""

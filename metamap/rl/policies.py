@@ -81,10 +81,14 @@ class RecurrentPolicy(nn.Module):
     Gaussian over normalised actions and a value estimate (for PPO's advantages).
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 64, init_std: float = 1.0):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 64, init_std: float = 1.0,
+                 separate_value: bool = True):
         super().__init__()
         self.obs_dim, self.act_dim, self.hidden = obs_dim, act_dim, hidden
         self.gru = nn.GRU(obs_dim + act_dim + 2, hidden, batch_first=True)
+        # A value GRU of its own: returns here are tens of units, the policy's gradients a few
+        # hundredths, and a shared GRU was trained almost only by the value loss.
+        self.value_gru = nn.GRU(obs_dim + act_dim + 2, hidden, batch_first=True) if separate_value else None
         self.mean = nn.Linear(hidden, act_dim)
         self.value = nn.Linear(hidden, 1)
         nn.init.xavier_uniform_(self.mean.weight, gain=0.1)
@@ -97,10 +101,16 @@ class RecurrentPolicy(nn.Module):
         return torch.cat([obs, prev_action, prev_reward.unsqueeze(-1), prev_done.unsqueeze(-1)], -1)
 
     def initial_state(self, batch: int, dtype=torch.float32) -> Tensor:
-        return torch.zeros(1, batch, self.hidden, dtype=dtype)
+        """The zero state ``[1, B, hidden]`` (``2 hidden`` with a separate value GRU)."""
+        return torch.zeros(1, batch, self.hidden * (2 if self.value_gru is not None else 1), dtype=dtype)
 
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``x [B, L, in]``, ``state [1, B, hidden]`` -> mean ``[B, L, act]``, log std ``[act]``,
-        value ``[B, L]``, final state."""
-        out, state = self.gru(x, state)
-        return self.mean(out), self.log_std, self.value(out).squeeze(-1), state
+        """``x [B, L, in]``, ``state`` (see :meth:`initial_state`) -> mean ``[B, L, act]``, log std
+        ``[act]``, value ``[B, L]``, final state."""
+        if self.value_gru is None:
+            out, state = self.gru(x, state)
+            return self.mean(out), self.log_std, self.value(out).squeeze(-1), state
+        h_pi, h_v = state.split(self.hidden, -1)
+        out, h_pi = self.gru(x, h_pi.contiguous())
+        out_v, h_v = self.value_gru(x, h_v.contiguous())
+        return self.mean(out), self.log_std, self.value(out_v).squeeze(-1), torch.cat([h_pi, h_v], -1)

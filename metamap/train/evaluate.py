@@ -14,6 +14,7 @@ from metamap.tasks.kinds import Metric, TaskKind
 from metamap.tasks.sampler import TaskSampler, shard
 from metamap.train.precision import autocast
 from metamap.train.progress import progress_bar
+from metamap.train.test_time import finetune_predictions
 
 
 @dataclass
@@ -36,11 +37,16 @@ class EvalResult:
     higher_is_better: bool = True
     percent: bool = False
     others: dict[str, dict] = field(default_factory=dict)
+    finetune: dict | None = None      # test-time fine-tuning used (lr, steps, how they were chosen)
 
     def summary(self) -> str:
         fmt = Metric(self.metric, self.higher_is_better, self.percent).format
         extra = "".join(f", {k} {fmt_of(k, v)}" for k, v in self.others.items())
-        return f"{self.setting}: {fmt(self.mean, self.ci95)}{extra} ({self.episodes} episodes, seed {self.seed})"
+        tuned = ""
+        if self.finetune:
+            tuned = f", fine-tuned at test time: lr {self.finetune['lr']:g}, {self.finetune['steps']} steps"
+        return (f"{self.setting}: {fmt(self.mean, self.ci95)}{extra} ({self.episodes} episodes, "
+                f"seed {self.seed}{tuned})")
 
     def better_than(self, mean: float | None) -> bool:
         """Whether this result beats an earlier one's mean (``None``: nothing to beat)."""
@@ -80,7 +86,7 @@ def default_chunk(sampler: TaskSampler) -> int:
 def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, chunk: int = 0,
              device: str | torch.device = "cpu", memory_format=None, progress: bool = True,
              setting: str = "", rank: int = 0, world_size: int = 1, precision: str = "fp32",
-             cache_mb: float = DEFAULT_CACHE_MB) -> EvalResult:
+             cache_mb: float = DEFAULT_CACHE_MB, finetune=None) -> EvalResult:
     """Score ``learner`` on episodes ``0 .. episodes-1`` of ``sampler`` (fixed by its seed).
 
     The sampler's task kind adapts and scores (``kind.evaluate``) and names the metrics.
@@ -93,6 +99,10 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
     example of the episodes encoded once, in blocks of episodes whose codes fit in ``cache_mb``
     megabytes, instead of once per episode it appears in: the same predictions (to rounding)
     for a fraction of the forward passes. ``cache_mb = 0`` encodes per episode.
+
+    ``finetune`` (a :class:`metamap.train.test_time.FineTuning`) fine-tunes the learner on each
+    episode's support set before it adapts (test-time fine-tuning); the weights change per
+    episode, so codes are never cached then, and they are restored after every episode.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, not {episodes}")
@@ -106,16 +116,21 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
     bar = progress_bar(total=len(mine), desc=f"eval {setting}".strip(), enabled=progress and rank == 0,
                        unit="ep")
     try:
-        cached = cache_mb > 0 and can_cache(learner, sampler)
+        cached = cache_mb > 0 and finetune is None and can_cache(learner, sampler)
         with torch.set_grad_enabled(learner.adapts_with_gradients), autocast(precision, device):
             batches = (cached_episodes(learner, sampler, mine, chunk, device, memory_format, cache_mb) if cached
                        else episode_inputs(sampler, mine, chunk, device, memory_format))
+            done = 0
             for tasks in batches:
-                if cached:
+                if finetune is not None:
+                    outputs = finetune_predictions(learner, tasks, mine[done:done + len(tasks)], finetune)[0]
+                    got = kind.scores(outputs, tasks.query_y)
+                elif cached:
                     outputs = learner.adapt_encoded(tasks.support_x, tasks.support_y, tasks.ways)(tasks.query_x)
                     got = kind.scores(outputs.detach().float(), tasks.query_y)
                 else:
                     got = kind.evaluate(learner, kind.collect(tasks, learner))
+                done += len(tasks)
                 for name in scores:
                     scores[name].append(got[name].detach().double().cpu())
                 bar.update(len(got[primary]))

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from metamap import config as configlib
-from metamap.errors import CheckpointError, EpisodeError
+from metamap.errors import CheckpointError, ConfigError, EpisodeError
 from metamap.registry import DataInfo, build_learner, data_source
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult, evaluate
 from metamap.train.plots import plot_curves
 from metamap.train.precision import resolve_precision
+from metamap.train import test_time
 from metamap.train.runtime import pick_device, set_threads, tune_allocator
 from metamap.train.trainer import Trainer
 
@@ -66,14 +67,62 @@ def test_samplers(config: dict, source, split: str = "test") -> list:
 
 
 def test(learner, config: dict, samplers: list, device, memory_format=None, progress: bool = True,
-         episodes: int | None = None, rank: int = 0, world_size: int = 1) -> list[EvalResult]:
-    """Evaluate on fixed episodes of every sampler of :func:`test_samplers`."""
+         episodes: int | None = None, rank: int = 0, world_size: int = 1, source=None, split: str = "test",
+         echo=None) -> list[EvalResult]:
+    """Evaluate on fixed episodes of every sampler of :func:`test_samplers`.
+
+    With ``eval.finetune``, each setting is fine-tuned at test time, with the learning rate and
+    steps given or chosen on episodes of ``source``'s validation classes (:func:`finetune_for`).
+    """
     e = config["eval"]
     precision = resolve_precision(config["train"]["precision"], device, learner)[0]
-    return [evaluate(learner, sampler, episodes or e["episodes"], chunk=e["tasks_per_batch"], device=device,
-                     memory_format=memory_format, progress=progress, setting=sampler.describe(), rank=rank,
-                     world_size=world_size, precision=precision, cache_mb=e["cache_mb"])
-            for sampler in samplers]
+    results = []
+    for sampler in samplers:
+        tuning, chosen = finetune_for(learner, config, source, sampler, split) if test_time.enabled(e) else (None, None)
+        if chosen is not None and echo is not None and rank == 0:
+            echo(f"{sampler.describe()}: {chosen.summary()}")
+        result = evaluate(learner, sampler, episodes or e["episodes"], chunk=e["tasks_per_batch"], device=device,
+                          memory_format=memory_format, progress=progress, setting=sampler.describe(), rank=rank,
+                          world_size=world_size, precision=precision, cache_mb=e["cache_mb"], finetune=tuning)
+        result.finetune = None if chosen is None else chosen.to_dict()
+        results.append(result)
+    return results
+
+
+# Selection episodes are drawn with their own seed, so they are never the test episodes.
+SELECTION_SEED_OFFSET = 7919
+
+
+def finetune_for(learner, config: dict, source, sampler, split: str):
+    """The test-time fine-tuning of one evaluation setting: ``(FineTuning, Selection)``.
+
+    Automatic choices are made on episodes of the validation classes of the evaluated data at
+    the same ways, shots and queries; the classes are checked to be disjoint from ``split``'s.
+    """
+    e = config["eval"]
+    if not test_time.needs_selection(e):
+        return test_time.choose(learner, e, None, "given")
+    if split != "test" or source is None or not hasattr(source, "dataset"):
+        raise ConfigError("automatic test-time fine-tuning picks its learning rate and steps on the validation "
+                          "classes of labelled image data while testing on the test classes; give them instead "
+                          "(eval.finetune_lr, eval.finetune_steps)")
+    val, evaluated = source.dataset(config, "val"), source.dataset(config, split)
+    shared = sorted(set(val.class_names) & set(evaluated.class_names))
+    if shared:
+        raise ConfigError(f"the validation classes share {len(shared)} class(es) with the test classes "
+                          f"({', '.join(shared[:3])}), so they cannot pick test-time fine-tuning blind to the test "
+                          "classes; give eval.finetune_lr and eval.finetune_steps")
+    ways = getattr(sampler, "ways", 0)
+    try:
+        chooser = source.sampler(config, "val", ways, sampler.shots, sampler.queries, 1,
+                                 e["seed"] + SELECTION_SEED_OFFSET)
+    except EpisodeError as err:
+        raise ConfigError(f"automatic test-time fine-tuning needs {ways}-way {sampler.shots}-shot episodes of the "
+                          f"validation classes ({val.num_classes} classes): {err}; or give eval.finetune_lr and "
+                          "eval.finetune_steps") from None
+    where = (f"chosen on {e['finetune_episodes']} episodes of the validation classes: "
+             f"{val.description or 'val split'}")
+    return test_time.choose(learner, e, chooser, where)
 
 
 def report(results: list[EvalResult], config: dict, source, split: str = "test") -> str:
@@ -130,7 +179,8 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
         best = checkpoint.resolve_path(run_dir / "best")
         path, best_meta = checkpoint.read_meta(best)
         checkpoint.load_state(learner, checkpoint.read_tensors(path, checkpoint.WEIGHTS, best_meta), path)
-        results = test(learner, config, samplers, device, memory_format, progress, rank=rank, world_size=world_size)
+        results = test(learner, config, samplers, device, memory_format, progress, rank=rank, world_size=world_size,
+                       source=source, echo=echo)
         summary["test"] = [r.to_dict() for r in results]
         echo(f"best checkpoint: {best} (step {best_meta['step']})")
         echo(report(results, config, source))
@@ -175,20 +225,42 @@ def make_validation(learner, config: dict, source, device, memory_format, rank: 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str = "test",
                         progress: bool = True, echo=print) -> list[EvalResult]:
-    """``metamap eval``: rebuild the learner of a checkpoint and test it on its data."""
+    """``metamap eval``: rebuild the learner of a checkpoint and test it on its data, or on another
+    domain (``data.name=...``: its images converted to the checkpoint's channels, size and
+    normalisation)."""
+    from metamap.data.convert import ConvertedSource
     from metamap.train.checkpoint import load_learner
     path, meta = checkpoint.read_meta(path)
-    config = configlib.resolve(overrides=list(overrides), base=meta["config"])
+    config = configlib.resolve(overrides=list(overrides), base=checkpoint_base(meta["config"], overrides))
     device = setup_runtime(config)
     loaded = load_learner(path, device=str(device))
     learner = loaded.learner
     source = data_source(config)
+    trained_on = meta["config"]["data"]["name"]
+    if loaded.spec is not None and hasattr(source, "dataset"):
+        source = ConvertedSource(source, loaded.spec)
     memory_format = memory_format_for(config, loaded.info)
     if memory_format is not None:
         learner.to(memory_format=memory_format)
     precision, why = resolve_precision(config["train"]["precision"], device, learner)
     echo(f"precision: {precision} ({why})")
-    results = test(learner, config, test_samplers(config, source, split), device, memory_format, progress)
+    if config["data"]["name"] != trained_on:
+        echo(f"cross-domain: meta-trained on {trained_on}, evaluated on {config['data']['name']}")
+    results = test(learner, config, test_samplers(config, source, split), device, memory_format, progress,
+                   source=source, split=split, echo=echo)
     echo(f"checkpoint: {path} ({meta['learner']}, step {meta['step']})")
     echo(report(results, config, source, split))
     return results
+
+
+def checkpoint_base(saved: dict, overrides) -> dict:
+    """The checkpoint's config as the base of an evaluation; another ``data.name`` starts that
+    source's ``[data]`` from its own defaults instead of the training data's keys."""
+    wanted = None
+    for item in overrides:
+        parsed = configlib.parse_override(item)
+        if isinstance(parsed.get("data"), dict) and "name" in parsed["data"]:
+            wanted = parsed["data"]["name"]
+    if wanted is None or wanted == saved["data"]["name"]:
+        return saved
+    return {**saved, "data": {"name": wanted}}

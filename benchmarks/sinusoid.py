@@ -28,7 +28,7 @@ from common import RESULTS, facts_line, save  # noqa: E402
 
 from metamap import config as configlib  # noqa: E402
 from metamap.registry import data_source  # noqa: E402
-from metamap.tasks.regression import plot_tasks  # noqa: E402
+from metamap.report.regression import regression_tasks  # noqa: E402
 from metamap.train import checkpoint  # noqa: E402
 from metamap.train.evaluate import evaluate  # noqa: E402
 from metamap.train.run import train  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> None:
         torch.manual_seed(0)
         png = RESULTS / f"sinusoid-{name}.png"
         RESULTS.mkdir(parents=True, exist_ok=True)
-        plot_tasks(learner, sampler, png, ids=(0, 1, 2, 3), steps=(1, 10))
+        regression_tasks(learner, sampler, png, ids=(0, 1, 2, 3), steps=(1, 10))
         results[name] = {"config": cfg, "train_seconds": round(wall, 1), "steps": summary["steps"],
                          "scores": scores, "plot": str(png.relative_to(ROOT))}
         print(f"{name}: trained {summary['steps']} batches in {wall / 60:.1f} min; plot {png}", flush=True)

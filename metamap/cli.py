@@ -6,12 +6,13 @@ Every flag of ``train`` and ``eval`` is a shorthand for one config key (``--step
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
+import io
 import sys
 from pathlib import Path
 
 from metamap import config as configlib
+from metamap.data.paths import check_output_file, write_text
 from metamap.errors import MetamapError
 
 # flag -> (config key, type, help)
@@ -61,7 +62,8 @@ def cmd_train(args) -> int:
     from metamap.train.run import train
     overrides = overrides_from(args, TRAIN_FLAGS)
     if args.resume:
-        _, meta = checkpoint.read_meta(Path(args.resume) / "last")
+        _, meta = checkpoint.read_meta(checkpoint.resume_source(args.resume))
+        checkpoint.check_rebuild(meta, Path(args.resume))
         config = configlib.resolve(args.config, overrides, base=meta["config"])
     else:
         config = configlib.resolve(args.config, overrides)
@@ -79,44 +81,64 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from metamap.train.run import evaluate_checkpoint
+    if args.json:
+        check_output_file(args.json, "--json")           # before the evaluation, not after it
     overrides = overrides_from(args, EVAL_FLAGS)
     results = evaluate_checkpoint(args.checkpoint, overrides, split=args.split, progress=not args.quiet)
     if args.json:
         import json
-        Path(args.json).write_text(json.dumps([r.to_dict(with_scores=True) for r in results], indent=2))
+        write_text(args.json, json.dumps([r.to_dict(with_scores=True) for r in results], indent=2))
     return 0
+
+
+# A cell starting with one of these is a formula to a spreadsheet (CSV injection): prefix a quote.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
 
 
 def cmd_predict(args) -> int:
     from metamap.predict import finetune_settings, predict_folders
+    if args.out:
+        check_output_file(args.out, "--out")              # before the predictions, not after them
     tune = args.finetune_lr is not None or args.finetune_steps is not None or args.finetune_select is not None
     settings = finetune_settings(args.finetune_lr, args.finetune_steps, args.finetune_seed) if tune else None
     chosen: dict = {}
     rows = predict_folders(args.checkpoint, args.support, args.query, finetune=settings, select=args.finetune_select,
                            echo=lambda line: print(line, file=sys.stderr), record=chosen)
-    if tune and args.out:
-        import json
-        record = Path(str(args.out) + ".finetune.json")
-        record.write_text(json.dumps(chosen, indent=2))
-        print(f"test-time fine-tuning recorded in {record}", file=sys.stderr)
-    with open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
-        writer = csv.writer(out)
-        writer.writerow(["file", "prediction", "score"])
-        for row in rows:
-            writer.writerow([row.file, row.prediction, f"{row.score:.6f}"])
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["file", "prediction", "score"])
+    for row in rows:
+        writer.writerow([csv_cell(row.file), csv_cell(row.prediction), f"{row.score:.6f}"])
     if args.out:
+        write_text(args.out, out.getvalue())
         print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
+        if tune:
+            import json
+            record = Path(str(args.out) + ".finetune.json")
+            write_text(record, json.dumps(chosen, indent=2))
+            print(f"test-time fine-tuning recorded in {record}", file=sys.stderr)
+    else:
+        sys.stdout.write(out.getvalue())
     return 0
 
 
 def cmd_report(args) -> int:
-    from metamap.report import write_report
-    print(f"wrote {write_report(args.run_dir, episodes=not args.no_episodes)}")
+    import metamap
+    from metamap.report import check_run_dir, write_report
+    run = check_run_dir(args.run_dir)
+    loaded = None if args.no_episodes else metamap.load(run)
+    learner, spec, config = (None, None, None) if loaded is None else (loaded.learner, loaded.spec, loaded.config)
+    print(f"wrote {write_report(run, learner, spec, config)}")
     return 0
 
 
 def cmd_compare(args) -> int:
     from metamap.report import compare
+    check_output_file(args.out, "--out")
     plot, table = compare(args.run_dirs, args.out)
     print(table)
     print(f"plot: {plot}")

@@ -101,6 +101,8 @@ class TrainOptions(Options):
     tune_allocator: bool = option(True, role=RUNTIME, doc="keep freed memory in-process (glibc mallopt)")
     max_bad_steps: int = option(10, low=0, role=TRAINING,
                                 doc="non-finite losses or gradients tolerated before the run stops")
+    max_weight_growth: float = option(1e4, low=0, role=TRAINING,
+                                      doc="the run stops when the weights' norm exceeds this times its start; 0 = off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", role=RUNTIME, doc="auto: bf16 where the hardware has it and the learner's accuracy was measured "
         "unchanged, else fp32; bf16: autocast on CPU or GPU; fp16: autocast and a gradient scaler, GPU only")
@@ -115,6 +117,9 @@ class TrainOptions(Options):
         d = self.device
         if not (d in ("cpu", "cuda", "auto") or (d.startswith("cuda:") and d[5:].isdigit())):
             self.fail(f"train.device must be cpu, cuda, cuda:N or auto, not {d!r}")
+
+
+FINETUNE_AUGMENTATIONS = ("flip", "color", "translation")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,8 +147,8 @@ class EvalOptions(Options):
     finetune_steps_grid: list[int] = option([10, 25, 50], low=1, nonempty=True, role=ADAPTATION,
                                             doc="candidates of finetune_steps = auto")
     finetune_episodes: int = option(5, low=1, role=ADAPTATION, doc="labelled episodes the automatic choice uses")
-    finetune_augment: list[Literal["flip", "color", "translation"]] = option(
-        ["flip", "color", "translation"], role=ADAPTATION)
+    finetune_augment: list[Literal["flip", "color", "translation"]] = option(list(FINETUNE_AUGMENTATIONS),
+                                                                            role=ADAPTATION)
     finetune_aug_prob: float = option(0.9, low=0, high=1, role=ADAPTATION)
 
     def __post_init__(self) -> None:
@@ -153,6 +158,16 @@ class EvalOptions(Options):
                 object.__setattr__(self, k, [getattr(self, k)])
         for k, v in PROTOCOLS.get(self.protocol, {}).items():
             object.__setattr__(self, k, copy.deepcopy(v))
+
+
+def finetune_enabled(e: dict) -> bool:
+    """Whether an ``[eval]`` section asks for test-time fine-tuning (metamap/train/test_time.py)."""
+    return e["finetune"] in (True, "on", "auto")
+
+
+def check_finetune(e: dict) -> None:
+    """Check the ``eval.finetune*`` keys of ``e`` (as :class:`EvalOptions` does)."""
+    EvalOptions(**{k: v for k, v in e.items() if k.startswith("finetune")})
 
 
 # Named evaluation protocols (eval.protocol): each fixes these [eval] keys. BSCD-FSL (Guo et al.
@@ -328,6 +343,8 @@ def dumps(config: dict) -> str:
             return json.dumps(v)
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):            # an inline table, e.g. one domain of a mixture
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
         raise ConfigError(f"cannot write {v!r} to TOML")
 
     for k, v in config.items():

@@ -27,3 +27,7 @@ class DownloadError(MetamapError):
 
 class DivergenceError(MetamapError):
     """Training produced non-finite losses or gradients too many times."""
+
+
+class OutputError(MetamapError):
+    """A file or folder to be written cannot be written there (checked before any work)."""

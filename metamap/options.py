@@ -67,6 +67,8 @@ def _number(v: float) -> str:
 def _bounds(meta: dict) -> str:
     if meta.get("low") == 0 and meta.get("low_open") and meta.get("high") is None:
         return ""                                   # said as "positive"
+    if meta.get("low") is not None and meta.get("high") is not None and not (meta["low_open"] or meta["high_open"]):
+        return f" from {_number(meta['low'])} to {_number(meta['high'])}"
     parts = []
     if meta.get("low") is not None:
         parts.append(f"{'>' if meta['low_open'] else '>='} {_number(meta['low'])}")

@@ -57,6 +57,8 @@ KIND_NAMES = {"data": "data set", "model": "backbone", "learner": "learner"}
 _PLUGINS: dict[str, dict[str, Plugin]] = {kind: {} for kind in SELECTORS}
 _KINDS: dict[str, Any] = {}
 _loaded = False
+# Packages whose every module is imported on first use of the tables, so that they register.
+PLUGIN_PACKAGES = ("metamap.algorithms", "metamap.nets", "metamap.data", "metamap.tasks", "metamap.rl")
 
 
 def _register(kind: str, name: str, options, defaults, **extra):
@@ -110,12 +112,9 @@ def _load_plugins() -> None:
     if _loaded:
         return
     _loaded = True
-    import metamap.algorithms as algorithms
-    import metamap.data as data
-    import metamap.nets as nets
-    import metamap.rl as rl
-    import metamap.tasks as tasks
-    for pkg in (algorithms, nets, data, tasks, rl):
+    # Plug-ins depend on this registry, not the other way round: they are found by package name.
+    for name in PLUGIN_PACKAGES:
+        pkg = importlib.import_module(name)
         for mod in pkgutil.iter_modules(pkg.__path__):
             importlib.import_module(f"{pkg.__name__}.{mod.name}")
 
@@ -160,4 +159,5 @@ def build_learner(config: dict, info: DataInfo) -> nn.Module:
     kind = task_kind(info.problem)
     learner = plugin("learner", config["learner"]["name"]).build(config, info)
     learner.kind = kind
+    learner.example_shape = tuple(info.example_shape)        # for adapt()'s checks of its inputs
     return learner

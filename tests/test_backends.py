@@ -20,7 +20,7 @@ from metamap.nets.program import lower
 from metamap.nets.resnet12 import ResNet12
 from metamap.tasks.batch import TaskBatch
 
-T, W = 3, 3
+T, W = 2, 3
 
 
 @pytest.fixture(autouse=True)

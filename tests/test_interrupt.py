@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import kill_points
 from tests.test_training import MACHINE_DEPENDENT
 
 
@@ -67,3 +68,31 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(image_folder, tmp_path
     strip = lambda p: [{k: v for k, v in json.loads(x).items() if k not in MACHINE_DEPENDENT}
                        for x in (p / "metrics.jsonl").read_text().splitlines()]
     assert strip(full) == strip(run)
+
+
+@pytest.fixture(scope="module")
+def whole_12(image_folder, tmp_path_factory):
+    run = tmp_path_factory.mktemp("whole") / "run"
+    subprocess.run(train_cmd(image_folder, run, 12), check=True, capture_output=True)
+    return run
+
+
+def test_sigkill_between_the_renames_of_a_checkpoint_write_then_resume_is_bit_identical(image_folder, tmp_path,
+                                                                                        whole_12):
+    """A real SIGKILL at the worst point of replacing last/: the old one moved aside, the new one not yet in
+    place (every point in-process: tests/test_checkpoint_safety.py; with real kills: python -m tests.kill_points
+    --sweep)."""
+    point = (kill_points.STEPS.index("_rename new") + 1, False)
+    run = tmp_path / "run"
+    cmd = train_cmd(image_folder, run, 12)
+    killed = subprocess.run([sys.executable, "-m", "tests.kill_points", str(point[0]), str(int(point[1])), "last",
+                             "10", "--", *cmd[3:]], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert any(p.name.startswith(".last.tmp-") for p in run.iterdir())        # the write was really cut
+    subprocess.run(cmd[:-2] + ["--resume", str(run)], check=True, capture_output=True)
+    a, b = weights(whole_12), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k not in MACHINE_DEPENDENT}
+                       for x in (p / "metrics.jsonl").read_text().splitlines()]
+    assert strip(whole_12) == strip(run)
+    assert not any(p.name.startswith((".last.tmp", ".last.old")) for p in run.iterdir())

@@ -148,3 +148,30 @@ def test_build_kernels_command(capsys):
         assert code == 0 and "built" in out.out
     else:
         assert code == 2 and "could not" in out.err
+
+
+def _hold_lock(path, log, seconds):
+    import time as clock
+
+    from metamap.nets import kernels as k
+    with k._file_lock(path):
+        start = clock.monotonic()
+        clock.sleep(seconds)
+        with open(log, "a") as f:
+            f.write(f"{start} {clock.monotonic()}\n")
+
+
+def test_processes_building_at_once_take_turns(tmp_path):
+    """Two processes that build on a fresh cache at the same moment (the ranks of a distributed run)
+    hold the build lock one after the other, never together."""
+    import multiprocessing
+    lock, log = tmp_path / "ext.lock", tmp_path / "log"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_hold_lock, args=(lock, log, 0.5)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    (a0, a1), (b0, b1) = sorted(tuple(map(float, line.split())) for line in log.read_text().splitlines())
+    assert a1 <= b0

@@ -10,7 +10,8 @@ import torch
 from metamap import config as configlib
 from metamap.errors import ConfigError
 from metamap.registry import build_learner, data_source
-from metamap.tasks.regression import RegressionSampler, plot_tasks
+from metamap.report.regression import regression_tasks
+from metamap.tasks.regression import RegressionSampler
 from metamap.train.evaluate import evaluate
 
 
@@ -110,5 +111,26 @@ def test_plot_writes_a_png(tmp_path):
     learner = build_learner(cfg, source.info(cfg))
     sampler = source.sampler(cfg, "test", 1, 10, 10, 1, 2024)
     path = tmp_path / "tasks.png"
-    plot_tasks(learner, sampler, path, ids=(0, 1), steps=(1, 3))
+    regression_tasks(learner, sampler, path, ids=(0, 1), steps=(1, 3))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plot_works_for_a_learner_without_inner_steps(tmp_path):
+    from metamap.algorithms.base import MetaLearner
+
+    class SupportMean(MetaLearner):          # predicts each task's mean support target everywhere
+        def adapt_tasks(self, support_x, support_y, ways):
+            return lambda query_x: support_y.mean(1, keepdim=True).expand(-1, query_x.shape[1]).unsqueeze(-1)
+
+    sampler = RegressionSampler("sinusoid", shots=5, queries=5, seed=1, split="test")
+    path = regression_tasks(SupportMean(1), sampler, tmp_path / "tasks.png", ids=(0, 1))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_regression_run_reports_its_test_tasks(tmp_path):
+    from metamap.train.run import train
+    cfg = sinusoid_config("train.steps=2", "train.val_every=0", "eval.episodes=5", "eval.ways=[1]")
+    train(cfg, tmp_path / "run", progress=False, echo=lambda *_: None)
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert 'src="episodes.png"' in page and (tmp_path / "run" / "episodes.png").stat().st_size > 1000
+    assert "mse" in page

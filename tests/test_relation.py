@@ -88,3 +88,25 @@ def test_needs_conv_feature_maps():
 def test_cli_train_eval_and_checkpoint_round_trip(tmp_path):
     _, loaded = cli_train_eval(tmp_path, "relation")
     assert isinstance(loaded, RelationNetwork)
+
+
+def test_batch_norm_statistics_are_per_task_in_training():
+    """A task's loss does not depend on the other tasks of its meta-batch (encoder and relation
+    module both normalise each task's examples and pairs on their own)."""
+    net = learner("relation")
+    net.train()
+    tasks = episode(tasks=3)
+    whole, _ = net.meta_loss(tasks)
+    alone = [net.meta_loss(tasks.task(i))[0] for i in range(3)]
+    torch.testing.assert_close(whole, torch.stack(alone).mean(), rtol=1e-6, atol=1e-7)
+
+
+def test_the_encoder_comes_from_the_backbone_registry_and_old_checkpoints_load():
+    from metamap.nets.backbones import Conv4
+    net = learner("relation")
+    assert isinstance(net.encoder, Conv4) and net.encoder.feature_maps and net.encoder.out_shape == (8, 4, 4)
+    with pytest.raises(ConfigError, match="feature_maps"):
+        learner("relation", "model.feature_maps=false")
+    # Checkpoints from before kept the encoder as a bare Sequential of conv blocks.
+    old = {k.replace("encoder.features.", "encoder.", 1): v for k, v in net.state_dict().items()}
+    assert net.upgrade_state(old).keys() == net.state_dict().keys()

@@ -24,7 +24,9 @@ def png_bytes(mode="L", size=(12, 9), fmt="PNG"):
 
 @pytest.mark.parametrize("mode,fmt", [("1", "PNG"), ("L", "PNG"), ("P", "PNG"), ("RGB", "JPEG"), ("RGBA", "PNG"),
                                       ("LA", "PNG"), ("I;16", "PNG"), ("I", "TIFF"), ("CMYK", "JPEG"),
-                                      ("F", "TIFF"), ("RGB", "BMP"), ("RGB", "GIF"), ("RGB", "WEBP")])
+                                      ("F", "TIFF"), ("RGB", "BMP"), ("RGB", "GIF"), ("RGB", "WEBP"),
+                                      ("RGBA", "WEBP"), ("L", "WEBP"), ("I;16", "TIFF"), ("CMYK", "TIFF"),
+                                      ("YCbCr", "JPEG"), ("P", "GIF"), ("LA", "TIFF"), ("1", "TIFF")])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_common_mode_and_format_loads(tmp_path, mode, fmt, channels):
     path = tmp_path / f"x.{fmt.lower()}"
@@ -32,6 +34,54 @@ def test_every_common_mode_and_format_loads(tmp_path, mode, fmt, channels):
     spec = ImageSpec(size=8, channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
     arr = spec.load(path)
     assert arr.shape == (channels, 8, 8) and arr.dtype == np.uint8
+
+
+def test_a_float_image_with_a_nan_pixel_is_refused_not_blanked(tmp_path):
+    arr = np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)
+    Image.fromarray(arr, "F").save(tmp_path / "ok.tif")
+    assert ImageSpec(size=10).load(tmp_path / "ok.tif").max() == 255      # rescaled, not clipped
+    arr[3, 3] = np.nan
+    Image.fromarray(arr, "F").save(tmp_path / "nan.tif")
+    with pytest.raises(DataError, match=r"nan.tif: 1 of its 100 pixels are NaN or infinite"):
+        ImageSpec(size=8).load(tmp_path / "nan.tif")
+    arr[3, 3] = np.inf
+    Image.fromarray(arr, "F").save(tmp_path / "inf.tif")
+    with pytest.raises(DataError, match=r"inf.tif: 1 of its 100 pixels"):
+        ImageSpec(size=8).load(tmp_path / "inf.tif")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_lab_tiff_loads_as_its_colours(tmp_path, channels):
+    from PIL import ImageCms
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8), "RGB")
+    to_lab = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
+    lab = ImageCms.applyTransform(rgb, to_lab)
+    lab.save(tmp_path / "lab.tif")
+    assert Image.open(tmp_path / "lab.tif").mode == "LAB"
+    spec = ImageSpec(size=8, channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels)
+    got = spec.load(tmp_path / "lab.tif").astype(int)
+    want = spec.prepare(rgb).astype(int)
+    # The round trip through 8-bit L*a*b* loses a few levels; taking the channels as RGB would be off by ~100.
+    assert np.abs(got - want).mean() < 3 and np.abs(got - want).max() <= 16
+
+
+def test_premultiplied_alpha_modes_load(tmp_path):
+    spec = ImageSpec(size=4)
+    for mode in ("La", "RGBa"):
+        im = Image.new("RGBA", (5, 5), (200, 100, 50, 128)).convert(mode)
+        assert spec.prepare(im).shape == (1, 4, 4), mode
+
+
+def test_exif_orientation_is_applied_as_a_viewer_shows_it(tmp_path):
+    arr = np.zeros((12, 20), np.uint8)
+    arr[:, :5] = 255                                    # a bright band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6                                    # "rotate 90 degrees clockwise to view"
+    Image.fromarray(arr, "L").save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    upright = np.rot90(arr, -1)                          # the band is now at the top
+    got = ImageSpec(size=20).load(tmp_path / "photo.jpg")[0]
+    want = ImageSpec(size=20).prepare(Image.fromarray(np.ascontiguousarray(upright), "L"))[0]
+    assert np.abs(got.astype(int) - want.astype(int)).max() < 40 and got[:3].mean() > 200
 
 
 def test_bad_files_name_the_file_and_the_fix(tmp_path):

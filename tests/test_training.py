@@ -101,8 +101,7 @@ def test_architecture_mismatch_names_the_difference(image_folder, tmp_path):
           echo=lambda *_: None)
     meta = json.loads((tmp_path / "run" / "best" / checkpoint.META).read_text())
     meta["config"]["model"]["hidden"] = 16
-    meta.pop("sha256")
-    (tmp_path / "run" / "best" / checkpoint.META).write_text(json.dumps(meta))
+    checkpoint.write_meta(tmp_path / "run" / "best", meta)      # an intended edit, with its checksum
     with pytest.raises(CheckpointError, match="shape mismatch"):
         metamap.load(tmp_path / "run" / "best")
 

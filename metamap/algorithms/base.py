@@ -1,6 +1,7 @@
 """The one interface every meta-learner implements: a mapping from a support set to a predictor."""
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -13,6 +14,16 @@ from metamap.tasks.kinds import TaskKind, infer_kind
 
 Predictor = Callable[[Tensor], Tensor]
 """Query inputs ``[T, Q, *example_shape]`` -> outputs ``[T, Q, ways]`` (logits) or ``[T, Q, *target_shape]``."""
+
+
+def as_tensor(x, what: str) -> Tensor:
+    """``x`` as a tensor (from a tensor, an array or nested lists of numbers)."""
+    if torch.is_tensor(x):
+        return x
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise MetamapError(f"{what} must be a tensor or an array of numbers ({e})") from None
 
 
 class MetaGradient:
@@ -78,6 +89,9 @@ class MetaLearner(nn.Module):
     def __init__(self, example_dims: int):
         super().__init__()
         self.example_dims = example_dims
+        # What one example looks like (set by build_learner from the data): adapt() then names a
+        # wrong input instead of failing inside a layer.
+        self.example_shape: tuple[int, ...] | None = None
 
     # -- the mapping -------------------------------------------------------------------------
     def adapt_tasks(self, support_x: Tensor, support_y: Tensor, ways: int) -> Predictor:
@@ -85,53 +99,123 @@ class MetaLearner(nn.Module):
         raise NotImplementedError
 
     def adapt(self, support_x: Tensor, support_y: Tensor, ways: int | None = None) -> Predictor:
-        """Adapt to one task or a batch of tasks; see the class docstring for shapes."""
-        support_x, support_y = torch.as_tensor(support_x), torch.as_tensor(support_y)
+        """Adapt to one task or a batch of tasks; see the class docstring for shapes.
+
+        Inputs are checked first, so that a wrong one is named (with its shape, type or value and
+        the fix) instead of failing deep inside a layer.
+        """
+        support_x, support_y = as_tensor(support_x, "support_x"), as_tensor(support_y, "support_y")
         self.check_examples(support_x, "support_x")
         batched = support_x.dim() == self.example_dims + 2
         if not batched:
             support_x, support_y = support_x.unsqueeze(0), support_y.unsqueeze(0)
+        if support_x.shape[1] == 0:
+            raise MetamapError("adapt: the support set is empty; give at least one labelled example per class")
         if support_y.shape[:2] != support_x.shape[:2]:
             raise MetamapError(f"adapt: support_y has shape {tuple(support_y.shape)} but support_x has "
                                f"{support_x.shape[1]} examples per task; give one label per example")
-        classification = not torch.is_floating_point(support_y)
-        if ways is None:
-            ways = int(support_y.max()) + 1 if classification and support_y.numel() else 0
-        if classification:
-            present = torch.zeros(support_y.shape[0], ways, dtype=torch.bool).scatter_(1, support_y.cpu(), True)
-            if support_y.min() < 0 or not bool(present.all()):
-                raise MetamapError(f"adapt: support labels must cover every class 0..{ways - 1} of each task "
-                                   "(at least one example per class)")
-        predictor = self.adapt_tasks(support_x, support_y, ways)
-        if batched:
-            return self._checked(predictor)
+        support_y, ways = self.check_labels(support_y, ways)
+        predictor = self._guarded(self.adapt_tasks, "adapt", support_x)(support_x, support_y, ways)
+        return self._checked(predictor, tuple(support_x.shape[2:]), support_x.shape[0], batched)
 
-        def single(query_x: Tensor) -> Tensor:
-            self.check_examples(query_x, "query_x", single=True)
-            return predictor(query_x.unsqueeze(0)).squeeze(0)
-        return single
+    def _checked(self, predictor: Predictor, example: tuple, tasks: int, batched: bool) -> Predictor:
+        """``predictor`` with its queries checked against the support set it was adapted to."""
+        def predict(query_x: Tensor) -> Tensor:
+            query_x = as_tensor(query_x, "query_x")
+            self.check_examples(query_x, "query_x", single=not batched, example=example)
+            if batched and query_x.shape[0] != tasks:
+                raise MetamapError(f"query_x has {query_x.shape[0]} task(s) but the predictor was adapted to "
+                                   f"{tasks}; give the queries of each task in the same order")
+            run = self._guarded(predictor, "the predictor", query_x)
+            return run(query_x) if batched else run(query_x.unsqueeze(0)).squeeze(0)
+        return predict
 
-    def _checked(self, predictor: Predictor) -> Predictor:
-        def batched(query_x: Tensor) -> Tensor:
-            self.check_examples(query_x, "query_x")
-            return predictor(query_x)
-        return batched
+    @staticmethod
+    def _guarded(fn, what: str, x: Tensor):
+        # Whatever the checks above cannot know (a hand-built model's input size, say): the layer's
+        # own error, named with the input's shape.
+        def run(*args):
+            try:
+                return fn(*args)
+            except RuntimeError as e:
+                raise MetamapError(f"{what} failed on inputs of shape {tuple(x.shape)} ({e}); check that the "
+                                   "inputs have the shape, channels and type the model was built for") from e
+        return run
 
-    def check_examples(self, x: Tensor, what: str, single: bool | None = None) -> None:
+    def check_examples(self, x: Tensor, what: str, single: bool | None = None, example: tuple | None = None) -> None:
+        """``x`` is ``[examples, *example]`` (``single``), ``[tasks, examples, *example]`` (not
+        ``single``) or either (``None``), of finite floats shaped like ``example`` (default: the
+        learner's ``example_shape``), on the learner's device and in its dtype."""
         allowed = {True: (self.example_dims + 1,), False: (self.example_dims + 2,),
                    None: (self.example_dims + 1, self.example_dims + 2)}[single]
         if x.dim() not in allowed:
             raise MetamapError(
                 f"{what} has shape {tuple(x.shape)}; expected [examples, *example] (one task) or "
                 f"[tasks, examples, *example] (a batch) with a {self.example_dims}-dimensional example")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if not x.is_floating_point():
+            hint = ("prepare image files with learner.spec.to_input(learner.spec.load_many(paths))"
+                    if getattr(self, "spec", None) is not None else "convert it with x.float()")
+            raise MetamapError(f"{what} is {x.dtype}, but the model takes floating-point inputs; {hint}")
+        self._check_example_shape(x, what, example)
+        param = next(self.parameters(), None)
+        if param is not None and (x.dtype != param.dtype or x.device != param.device):
+            raise MetamapError(f"{what} is {x.dtype} on {x.device}, but the model's weights are {param.dtype} on "
+                               f"{param.device}; convert with x.to(dtype={param.dtype}, device='{param.device}')")
+        if not bool(torch.isfinite(x).all()):
             raise MetamapError(f"{what} contains NaN or infinite values; clean the inputs first")
+
+    def _check_example_shape(self, x: Tensor, what: str, example: tuple | None) -> None:
+        got = tuple(x.shape[x.dim() - self.example_dims:])
+        if example is not None and got != example:
+            raise MetamapError(f"{what} holds examples of shape {got} but the support set's are {example}; "
+                               "give queries prepared like the support set")
+        want = self.example_shape
+        if want is not None and got != tuple(want):
+            kind = ("channels x height x width" if len(want) == 3 else "features") + f" {tuple(want)}"
+            fix = ("prepare image files with learner.spec (it resizes and converts them as in training)"
+                   if getattr(self, "spec", None) is not None else "resize or convert the inputs to that shape")
+            raise MetamapError(f"{what} holds examples of shape {got}, but this learner was built for {kind}; {fix}")
+
+    def check_labels(self, support_y: Tensor, ways) -> tuple[Tensor, int]:
+        """Support labels ``[T, S]`` and the number of ways, checked: class labels ``0..ways-1``
+        covering every class of each task, or finite real-valued targets for regression."""
+        regression = not self.kind.classes if self.kind is not None else support_y.is_floating_point()
+        if regression:
+            if not support_y.is_floating_point():
+                raise MetamapError(f"support_y is {support_y.dtype}; this learner regresses real-valued targets: "
+                                   "convert them with y.float()")
+            if not bool(torch.isfinite(support_y).all()):
+                raise MetamapError("support_y contains NaN or infinite values; clean the targets first")
+            return support_y, 0
+        if support_y.is_floating_point() or support_y.is_complex() or support_y.dtype == torch.bool:
+            raise MetamapError(f"support_y is {support_y.dtype}, but a classifier takes whole-number class "
+                               "labels 0..N-1 (e.g. torch.tensor([0, 0, 1, 1]), or y.long())")
+        support_y = support_y.long()
+        low, high = int(support_y.min()), int(support_y.max())
+        if low < 0:
+            raise MetamapError(f"support_y holds the label {low}; class labels are 0..N-1, renumber them")
+        try:
+            ways = high + 1 if ways is None else operator.index(ways)
+        except TypeError:
+            raise MetamapError(f"ways must be a whole number, not {ways!r}") from None
+        if ways < 2:
+            raise MetamapError(f"a task needs at least two classes, not {ways} (ways = {ways}); give support "
+                               "examples of two or more classes")
+        if high >= ways:
+            raise MetamapError(f"support_y holds the label {high}, but a {ways}-way task has labels 0..{ways - 1}")
+        present = torch.zeros(support_y.shape[0], ways, dtype=torch.bool).scatter_(1, support_y.cpu(), True)
+        if not bool(present.all()):
+            raise MetamapError(f"adapt: support labels must cover every class 0..{ways - 1} of each task "
+                               "(at least one example per class)")
+        return support_y, ways
 
     def upgrade_state(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
         """A checkpoint's tensors under today's names (see ``renamed_state``)."""
+        own = self.state_dict()
+
         def renamed(key: str) -> str:
             for old, new in self.renamed_state.items():
-                if key.startswith(old):
+                if key not in own and key.startswith(old):
                     return new + key[len(old):]
             return key
         return {renamed(k): v for k, v in weights.items()}
@@ -232,8 +316,9 @@ class EncodingLearner(MetaLearner):
         return not any(batch_dependent(m) for m in self.encoder.modules())
 
 
-def embed_tasks(encoder: nn.Module, x: Tensor) -> Tensor:
-    """Run ``encoder`` over ``x [T, S, *example]`` -> ``[T, S, features]``.
+def embed_tasks(encoder: nn.Module, x: Tensor, keep_shape: bool = False) -> Tensor:
+    """Run ``encoder`` over ``x [T, S, *example]`` -> ``[T, S, features]`` (``keep_shape``: the
+    encoder's output shape per example, e.g. feature maps ``[T, S, C, H, W]``).
 
     In training mode each task goes through the encoder on its own, so BatchNorm statistics
     are per task: a task's result does not depend on the other tasks of the meta-batch, nor on
@@ -242,5 +327,8 @@ def embed_tasks(encoder: nn.Module, x: Tensor) -> Tensor:
     """
     t, s = x.shape[:2]
     if encoder.training and t > 1:
-        return torch.stack([encoder(task) for task in x.unbind(0)]).reshape(t, s, -1)
-    return encoder(x.flatten(0, 1)).reshape(t, s, -1)
+        z = torch.stack([encoder(task) for task in x.unbind(0)])
+    else:
+        z = encoder(x.flatten(0, 1))
+        z = z.reshape(t, s, *z.shape[1:])
+    return z if keep_shape else z.reshape(t, s, -1)

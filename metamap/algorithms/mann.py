@@ -43,7 +43,7 @@ from metamap.algorithms.base import MetaLearner, Predictor, embed_tasks
 from metamap.algorithms.seeding import content_generator, shuffled_order
 from metamap.errors import ConfigError
 from metamap.options import ARCHITECTURE, Options, option
-from metamap.registry import DataInfo, build_backbone, register_backbone, register_learner, section_options
+from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
 
 PRESENTATIONS = (1, 2, 5, 10)
@@ -224,34 +224,6 @@ def presentation_accuracy(logits: Tensor, labels: Tensor, presentation: Tensor,
     return {k: float(correct[presentation == k].float().mean()) for k in which if bool((presentation == k).any())}
 
 
-class Flatten(nn.Module):
-    """Examples as flat vectors times ``scale``: MANN's paper feeds raw pixels, with no convolutions.
-
-    The bundled Omniglot images are standardised (background -0.35, strokes 3.9), so a
-    flattened 28x28 image has a norm of about 36 against the label one-hot's 1 in the LSTM's
-    input. Measured (300 batches of 16, Adam 1e-3): with ``scale = 1`` the loss stays at ln 5,
-    the controller not even learning to use the labels; with 0.2 it does.
-    """
-
-    def __init__(self, out_features: int, scale: float = 1.0):
-        super().__init__()
-        self.out_features, self.scale = out_features, scale
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.flatten(1) * self.scale
-
-
-@dataclass(frozen=True, kw_only=True)
-class FlattenOptions(Options):
-    section = "model"
-    scale: float = option(0.2, doc="inputs are multiplied by this (see Flatten)")
-
-    @classmethod
-    def upgrade_checkpoint(cls, section: dict) -> dict:
-        # Checkpoints written before the typed options carried the conv4 keys here, unused.
-        return {k: v for k, v in section.items() if k not in ("hidden", "layers", "norm")}
-
-
 @dataclass(frozen=True, kw_only=True)
 class MANNOptions(Options):
     section = "learner"
@@ -274,11 +246,6 @@ class MANNOptions(Options):
         if self.strength != 0 and self.strength <= 1:
             self.fail(f"learner.strength ({self.strength}) must exceed 1 (beta = 1 + softplus), "
                       "or be 0 for the paper's reads without a key strength")
-
-
-@register_backbone("flatten", options=FlattenOptions)
-def _flatten(o: FlattenOptions, info: DataInfo) -> Flatten:
-    return Flatten(int(torch.tensor(info.example_shape).prod()), o.scale)
 
 
 @register_learner("mann", options=MANNOptions, family="model",

@@ -13,21 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metamap.algorithms.base import EncodingLearner, Predictor
+from metamap.algorithms.base import EncodingLearner, Predictor, embed_tasks
 from metamap.errors import ConfigError
-from metamap.nets.backbones import conv_block
+from metamap.nets.backbones import Conv4, conv_block
 from metamap.options import ARCHITECTURE, Options, option
-from metamap.registry import DataInfo, register_learner, section_options
+from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
 
 
-def relation_encoder(in_channels: int, hidden: int = 64, norm: bool = True) -> nn.Sequential:
-    """The paper's embedding module: four conv blocks, pooling only in the first two.
+def relation_encoder(in_channels: int, hidden: int = 64, norm: bool = True, image_size: int = 28) -> Conv4:
+    """The paper's embedding module: four conv blocks, pooling only in the first two -- the
+    ``conv4`` backbone with ``unpooled = 2, feature_maps = true``.
 
     It keeps feature maps (``[B, hidden, H/4, W/4]``) for the relation module to compare.
     """
-    return nn.Sequential(conv_block(in_channels, hidden, norm), conv_block(hidden, hidden, norm),
-                         conv_block(hidden, hidden, norm, pool=False), conv_block(hidden, hidden, norm, pool=False))
+    return Conv4(in_channels, hidden, 4, image_size, norm, unpooled=2, feature_maps=True)
 
 
 class RelationModule(nn.Module):
@@ -63,9 +63,9 @@ class RelationModule(nn.Module):
 
 
 def embed_maps(encoder: nn.Module, x: Tensor) -> Tensor:
-    """``x [T, S, *example]`` -> feature maps ``[T, S, *map_shape]``."""
-    z = encoder(x.flatten(0, 1))
-    return z.reshape(*x.shape[:2], *z.shape[1:])
+    """``x [T, S, *example]`` -> feature maps ``[T, S, *map_shape]``, one task at a time in
+    training (batch statistics per task, as :func:`embed_tasks`)."""
+    return embed_tasks(encoder, x, keep_shape=True)
 
 
 def class_sums(maps: Tensor, labels: Tensor, ways: int) -> Tensor:
@@ -77,6 +77,8 @@ def class_sums(maps: Tensor, labels: Tensor, ways: int) -> Tensor:
 class RelationNetwork(EncodingLearner):
     name = "relation"
     family = "metric"
+    # Checkpoints written before the encoder came from the backbone registry (a bare Sequential).
+    renamed_state = {"encoder.": "encoder.features."}
 
     def __init__(self, encoder: nn.Module, relation: nn.Module, example_dims: int):
         super().__init__(example_dims)
@@ -87,12 +89,19 @@ class RelationNetwork(EncodingLearner):
 
     def adapt_encoded(self, support_z: Tensor, support_y: Tensor, ways: int) -> Predictor:
         classes = class_sums(support_z, support_y, ways)
-        return lambda query_z: self.relation(classes, query_z)
+        return lambda query_z: self.relate(classes, query_z)
+
+    def relate(self, classes: Tensor, queries: Tensor) -> Tensor:
+        """The relation module on ``[T, N, *map]`` and ``[T, Q, *map]`` -> ``[T, Q, N]``; in training
+        one task at a time, so that its batch norm sees each task's pairs alone."""
+        if self.relation.training and classes.shape[0] > 1:
+            return torch.cat([self.relation(c, q) for c, q in zip(classes.split(1), queries.split(1))])
+        return self.relation(classes, queries)
 
     def meta_loss(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         s = tasks.support_x.shape[1]
         maps = self.encode(torch.cat([tasks.support_x, tasks.query_x], 1))
-        scores = self.relation(class_sums(maps[:, :s], tasks.support_y, tasks.ways), maps[:, s:])
+        scores = self.relate(class_sums(maps[:, :s], tasks.support_y, tasks.ways), maps[:, s:])
         loss = F.mse_loss(scores, F.one_hot(tasks.query_y, tasks.ways).to(scores.dtype))
         return loss, self.task_metrics(scores.detach(), tasks.query_y)
 
@@ -104,14 +113,18 @@ class RelationOptions(Options):
 
 
 @register_learner("relation", options=RelationOptions, family="metric",
+                  defaults={"model": {"unpooled": 2, "feature_maps": True}},
                   summary="Relation Networks, learned relation module, MSE objective (Sung et al. 2018)")
 def _build(config: dict, info: DataInfo) -> RelationNetwork:
     o: RelationOptions = section_options(config, "learner")
-    if config["model"]["backbone"] != "conv4" or len(info.example_shape) != 3:
-        raise ConfigError("relation networks compare feature maps: use image data and model.backbone = \"conv4\"")
-    model = section_options(config, "model")
-    if model.layers != 4:
-        raise ConfigError("relation networks use the paper's 4-block embedding; leave model.layers at 4")
-    c, h, _ = info.example_shape
-    encoder = relation_encoder(c, model.hidden, model.norm)
-    return RelationNetwork(encoder, RelationModule(model.hidden, h // 4, o.hidden), example_dims=3)
+    if len(info.example_shape) != 3:
+        raise ConfigError("relation networks compare feature maps: use image data and a backbone that returns "
+                          "them (model.backbone = \"conv4\" with model.feature_maps = true)")
+    encoder = build_backbone(config, info)
+    shape = getattr(encoder, "out_shape", None)
+    if not getattr(encoder, "feature_maps", False) or shape is None or len(shape) != 3:
+        raise ConfigError(f"relation networks compare feature maps, but model.backbone = "
+                          f"{config['model']['backbone']!r} returns flat features; use model.backbone = \"conv4\" "
+                          "with model.feature_maps = true (the paper: model.unpooled = 2)")
+    channels, side, _ = shape
+    return RelationNetwork(encoder, RelationModule(channels, side, o.hidden), example_dims=3)

@@ -33,6 +33,7 @@ import torch
 
 from metamap.data.dataset import ClassDataset
 from metamap.data.images import ImageSpec
+from metamap.data.memory import images_array
 from metamap.data.sources import ClassDataSource
 from metamap.errors import ConfigError, DataError
 from metamap.options import ARCHITECTURE, DATA, Options, option
@@ -196,8 +197,10 @@ def make_split(data: Cifar100, classes: list[int], spec: ImageSpec, description:
     keep = keep[np.argsort(relabel[data.fine[keep]], kind="stable")]  # grouped by class, data order within
     images = data.images[keep]
     if spec.size != 32:
-        images = np.stack([spec.prepare(Image.fromarray(im.transpose(1, 2, 0))) for im in images]) \
-            if len(images) else np.zeros((0, *spec.shape), dtype=np.uint8)
+        resized = images_array(len(images), spec.shape, description)
+        for i, im in enumerate(images):
+            resized[i] = spec.prepare(Image.fromarray(im.transpose(1, 2, 0)))
+        images = resized
     return ClassDataset(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(relabel[data.fine[keep]]),
                         [data.fine_names[c] for c in classes], spec, description)
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from metamap.data.images import ImageSpec
+from metamap.errors import DataError
 
 
 @dataclass
@@ -73,3 +74,17 @@ class ClassDataset:
         return ClassDataset(self.data[index_t], torch.from_numpy(relabel[self.labels.numpy()[index]]),
                             [self.class_names[c] for c in classes], self.spec,
                             self.description if description is None else description)
+
+
+def check_disjoint(parts: dict[str, list[str]], where: str, fix: str) -> None:
+    """Refuse a class split that puts one class in several parts (or twice in one): "test" accuracy
+    would then be measured on training classes."""
+    owners: dict[str, list[str]] = {}
+    for part, names in parts.items():
+        for name in names:
+            owners.setdefault(name, []).append(part)
+    shared = {name: owner for name, owner in owners.items() if len(owner) > 1}
+    if shared:
+        listed = "; ".join(f"{name} in {' and '.join(owner)}" for name, owner in list(shared.items())[:5])
+        raise DataError(f"{where} puts {len(shared)} class(es) in more than one split ({listed}"
+                        f"{' ...' if len(shared) > 5 else ''}): test classes must never be training classes; {fix}")

@@ -23,8 +23,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from metamap.data.dataset import ClassDataset
-from metamap.data.images import ImageSpec, list_images
+from metamap.data.dataset import ClassDataset, check_disjoint
+from metamap.data.images import MAX_PIXELS, ImageSpec, list_images
+from metamap.data.memory import check_fits, image_bytes
 from metamap.data.paths import atomic_write, user_cache_dir
 from metamap.data.sources import ClassDataSource
 from metamap.errors import ConfigError, DataError
@@ -72,9 +73,11 @@ def load_or_make_split(root: Path, names: list[str], fractions, seed: int, given
     if path.exists():
         try:
             split = json.loads(path.read_text())["classes"]
-            assert all(isinstance(split[s], list) for s in SPLIT_NAMES)
+            assert all(isinstance(split[s], list) and all(isinstance(c, str) for c in split[s]) for s in SPLIT_NAMES)
         except (OSError, ValueError, KeyError, TypeError, AssertionError):
             raise DataError(f"split file {path} is damaged; delete it to draw a new split") from None
+        check_disjoint({s: split[s] for s in SPLIT_NAMES}, f"split file {path}",
+                       "give each class one list, or delete the file to draw a new split")
         listed = {c for s in SPLIT_NAMES for c in split[s]}
         new = sorted(set(names) - listed)
         if new:
@@ -110,21 +113,43 @@ def read_split(classes: dict[str, list[Path]], names: list[str], spec: ImageSpec
     return ClassDataset(data, torch.tensor(labels, dtype=torch.long), kept, spec, description)
 
 
+def channel_statistics(data: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (sample) standard deviation of uint8 images ``[n, C, H, W]`` scaled to
+    [0, 1], in float64, a chunk of images at a time (a float64 copy of all of them would need
+    8 times their memory)."""
+    n, c = data.shape[0], data.shape[1]
+    if n == 0:
+        return (0.0,) * c, (1.0,) * c
+    count = n * data[0, 0].numel()
+    total = sum(data[i:i + chunk].to(torch.float64).sum((0, 2, 3)) for i in range(0, n, chunk)) / 255.0
+    mean = total / count
+    if count < 2 or n < 2:
+        return tuple(float(m) for m in mean), (1.0,) * c
+    squares = sum(((data[i:i + chunk].to(torch.float64) / 255.0 - mean.view(1, c, 1, 1)) ** 2).sum((0, 2, 3))
+                  for i in range(0, n, chunk))
+    std = (squares / (count - 1)).sqrt()
+    return tuple(float(m) for m in mean), tuple(max(float(s), 1e-3) for s in std)
+
+
 @lru_cache(maxsize=4)
 def load_folder(path: str, image_size: int, channels: int, invert: bool, resample: str,
                 fractions: tuple, split_seed: int, on_bad_file: str, split_file: str = "") -> dict[str, ClassDataset]:
     if on_bad_file not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_file must be 'error' or 'skip', not {on_bad_file!r}")
+    side = MAX_PIXELS ** 0.5
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= side:
+        raise ConfigError(f"data.image_size must be a whole number from 1 to {side:.0f}, not {image_size!r}")
     root = Path(path).expanduser()
     classes = scan(root)
     split = load_or_make_split(root, list(classes), fractions, split_seed, split_file)
     raw = ImageSpec(image_size, channels, invert, resample, (0.0,) * channels, (1.0,) * channels)
+    count = sum(len(classes[c]) for s in SPLIT_NAMES for c in split[s])
+    check_fits(image_bytes(count, raw.shape), f"image folder {root}: {count:,} images at data.image_size = "
+               f"{image_size} x {channels} channel(s)", "choose a smaller data.image_size")
     out = {s: read_split(classes, split[s], raw, on_bad_file, f"image folder {root}, {s} classes ({len(split[s])})")
            for s in ("train", "val", "test")}
     # Normalise with the training images' own statistics, then use that spec everywhere (predict too).
-    x = out["train"].data.to(torch.float64) / 255.0
-    mean = tuple(float(m) for m in x.mean((0, 2, 3))) if len(x) else (0.0,) * channels
-    std = tuple(max(float(s), 1e-3) for s in x.std((0, 2, 3))) if len(x) > 1 else (1.0,) * channels
+    mean, std = channel_statistics(out["train"].data)
     spec = ImageSpec(image_size, channels, invert, resample, mean, std)
     for ds in out.values():
         ds.spec = spec

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from metamap.errors import DataError
 
@@ -46,6 +46,8 @@ class ImageSpec:
             raise ValueError(f"ImageSpec.channels must be 1 (grey) or 3 (RGB), not {self.channels}")
         if self.size < 1:
             raise ValueError(f"ImageSpec.size must be positive, not {self.size}")
+        if self.size * self.size > MAX_PIXELS:
+            raise ValueError(f"ImageSpec.size {self.size} makes images of more than {MAX_PIXELS:,} pixels")
         if self.resample not in _RESAMPLE:
             raise ValueError(f"ImageSpec.resample must be one of {sorted(_RESAMPLE)}, not {self.resample!r}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
@@ -70,17 +72,15 @@ class ImageSpec:
     # -- raw image -> uint8 ------------------------------------------------------------
     def prepare(self, image: Image.Image) -> np.ndarray:
         """A PIL image of any size and mode -> ``uint8`` array ``[channels, size, size]``."""
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
             # Transparent pixels are composited onto white, as a viewer would show them.
-            rgba = image.convert("RGBA")
+            rgba = image.convert("RGBA") if image.mode != "La" else image.convert("LA").convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, rgba)
         elif image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            # 16-bit and float images: rescale their range to 8 bits instead of clipping.
-            arr = np.asarray(image, dtype=np.float64)
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-            image = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+            image = _rescaled_to_8_bits(image)
+        elif image.mode == "LAB":
+            image = _lab_to_rgb(image)       # then to grey like any colour image (Pillow has no LAB -> L)
         image = image.convert("L" if self.channels == 1 else "RGB")
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), _RESAMPLE[self.resample])
@@ -105,7 +105,11 @@ class ImageSpec:
                     raise DataError(f"{path}: {im.width}x{im.height} pixels is larger than the "
                                     f"{MAX_PIXELS:,}-pixel limit; shrink the image first")
                 im.load()
-                return self.prepare(im)
+                upright = _upright(im)
+                try:
+                    return self.prepare(upright)
+                except BadPixels as e:
+                    raise DataError(f"{path}: {e}") from None
         except DataError:
             raise
         except Image.DecompressionBombError:
@@ -114,8 +118,9 @@ class ImageSpec:
         except FileNotFoundError:
             raise DataError(f"{path}: no such file") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"{path}: cannot read this image ({e.__class__.__name__}: {e}); "
-                            "it is corrupt or not an image - remove or replace it") from None
+            raise DataError(f"{path}: cannot read this image ({e.__class__.__name__}: {e}); it is corrupt, not "
+                            "an image, or of a kind Pillow cannot decode - remove or replace it (e.g. by a PNG)"
+                            ) from None
 
     def load_many(self, paths) -> torch.Tensor:
         """Several image files -> ``uint8`` tensor ``[n, channels, size, size]``."""
@@ -130,6 +135,39 @@ class ImageSpec:
         mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         return (x.to(torch.float32) / 255.0 - mean) / std
+
+
+class BadPixels(DataError):
+    """An image that decodes but whose pixel values cannot be shown (NaN or infinite)."""
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: photos often carry an EXIF orientation."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:            # a damaged EXIF block is metadata only: the pixels stand as stored
+        return image
+
+
+def _rescaled_to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float images: their range rescaled to 8 bits instead of clipped."""
+    arr = np.asarray(image, dtype=np.float64)
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise BadPixels(f"{bad} of its {arr.size} pixels are NaN or infinite (a {image.mode} image); no grey "
+                        "value stands for them - fix or remove those pixels, or remove the image")
+    lo, hi = float(arr.min()), float(arr.max())
+    arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+    return Image.fromarray(arr.round().astype(np.uint8), mode="L")
+
+
+def _lab_to_rgb(image: Image.Image) -> Image.Image:
+    try:
+        return image.convert("RGB")
+    except ValueError:            # older Pillow: through a colour profile
+        from PIL import ImageCms
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        return ImageCms.applyTransform(image, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -44,8 +44,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from metamap.data.dataset import ClassDataset
+from metamap.data.dataset import ClassDataset, check_disjoint
 from metamap.data.images import ImageSpec
+from metamap.data.memory import images_array
 from metamap.data.paths import atomic_write, user_cache_dir
 from metamap.data.sources import ClassDataSource
 from metamap.errors import ConfigError, DataError
@@ -118,7 +119,7 @@ def hwc_to_spec(images: np.ndarray, spec: ImageSpec, where: str) -> np.ndarray:
     n, h, w, _ = images.shape
     if spec.channels == 3 and h == w == spec.size and not spec.invert:
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    out = np.empty((n, *spec.shape), dtype=np.uint8)
+    out = images_array(n, spec.shape, where)
     for i in tqdm(range(n), desc=f"resizing {Path(where).name}", unit="img", leave=False, disable=None):
         out[i] = spec.prepare(Image.fromarray(images[i]))
     return out
@@ -274,7 +275,7 @@ def csv_arrays(root: Path, spec: ImageSpec, rows: dict[str, list[tuple[str, str]
                             f"{', '.join(missing[:3])}; the csv layout needs every listed JPEG in images/")
         names = _class_order(label for _, label in rows[part])
         index = {c: i for i, c in enumerate(names)}
-        images = np.empty((len(rows[part]), *spec.shape), dtype=np.uint8)
+        images = images_array(len(rows[part]), spec.shape, f"mini-ImageNet {part}")
         for i, (filename, _) in enumerate(tqdm(rows[part], desc=f"decoding mini-ImageNet {part}", unit="img",
                                                leave=False, disable=None)):
             images[i] = spec.load(images_dir / filename)
@@ -338,6 +339,8 @@ def load_miniimagenet(path: str | os.PathLike, image_size: int = 84, format: str
         sources = fingerprint(files.values())
     else:
         rows = {p: read_csv(root / f"{p}.csv") for p in PARTS}
+        check_disjoint({p: _class_order(lab for _, lab in rows[p]) for p in PARTS}, f"the split files of {root}",
+                       "give each class one of train.csv, val.csv and test.csv")
         if split == "ravi":  # check classes before the long decode
             check_published({p: _class_order(lab for _, lab in rows[p]) for p in PARTS},
                             splits.published("miniimagenet-ravi"), "mini-ImageNet (Ravi)", str(root))
@@ -345,6 +348,8 @@ def load_miniimagenet(path: str | os.PathLike, image_size: int = 84, format: str
         sources = {**fingerprint([root / f"{p}.csv" for p in PARTS] + [root / "images"]),
                    "rows": {p: len(rows[p]) for p in PARTS}}
     arrays = cached_arrays(root, f"miniimagenet-{fmt}", spec, sources, build, cache)
+    check_disjoint({p: arrays[p].names for p in PARTS}, f"the mini-ImageNet files of {root}",
+                   "use files whose splits hold different classes")
     if split == "ravi" and fmt == "pickle":
         check_published({p: arrays[p].names for p in PARTS}, splits.published("miniimagenet-ravi"),
                         "mini-ImageNet (Ravi)", str(root))

@@ -66,6 +66,7 @@ from metamap.data.dataset import ClassDataset
 from metamap.data.download import download as _download
 from metamap.data.download import file_digest
 from metamap.data.images import MAX_PIXELS, ImageSpec
+from metamap.data.memory import check_fits, image_bytes
 from metamap.data.paths import atomic_write, data_root, user_cache_dir
 from metamap.errors import ConfigError, DataError
 
@@ -539,5 +540,10 @@ def load_omniglot(split: str = "lake", image_size: int = BUNDLED_SIZE, rotations
         raise ConfigError(f"data.split must be one of {', '.join(SPLITS)}, not {split!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 4 <= image_size <= 512:
         raise ConfigError(f"data.image_size must be a whole number from 4 to 512, not {image_size!r}")
+    # The decoded sets (32,460 drawings) and the splits gathered from them (with rotations: at most
+    # 4 x as many again) are in memory at once; known before the first image is decoded.
+    drawings = 20 * sum(chars for _, chars in EXPECTED_COUNTS.values())
+    check_fits(image_bytes(5 * drawings, (1, image_size, image_size)), f"Omniglot at data.image_size = {image_size}",
+               "choose a smaller data.image_size (28 is bundled; 84 and 105 are common)")
     sets = load_omniglot_sets(image_size, root, download, progress, base_url)
     return make_splits(sets, split, rotations, omniglot_spec(image_size))

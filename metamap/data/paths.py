@@ -15,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from metamap.errors import OutputError
+
 ENV_DATA_ROOT = "METAMAP_DATA"
 FILE_MODE = 0o644
 
@@ -80,3 +82,60 @@ def atomic_write(path: str | os.PathLike):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write` for text."""
+    with atomic_write(path) as f:
+        f.write(text.encode())
+
+
+def _probe(folder: Path, what: str) -> None:
+    # os.access says yes to root on a read-only mount; creating a file is the real test.
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".metamap-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OutputError(f"{what}: cannot write in {folder} ({e.strerror or e}); choose a writable "
+                          "location") from None
+
+
+def _is(test, path: Path, what: str) -> bool:
+    try:
+        return test(path)
+    except OSError as e:            # a name too long, a loop of links...
+        raise OutputError(f"{what} {path}: {e.strerror or e}; choose another location") from None
+
+
+def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create folder ``path`` (and its parents) and check that files can be written in it."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if _is(Path.exists, parent, what) and not _is(Path.is_dir, parent, what):
+            raise OutputError(f"{what} {path}: {parent} is a file, not a folder; choose another location")
+        if parent.exists():
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{what} {path}: cannot create the folder ({e.strerror or e}); choose a "
+                          "writable location") from None
+    _probe(path, f"{what} {path}")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Before any work: the file ``path`` can be written (replaced, if it exists)."""
+    path = Path(path)
+    if _is(Path.is_dir, path, what):
+        raise OutputError(f"{what} {path} is a folder; give a file name (e.g. {path / 'out'}{path.suffix})")
+    folder = path.parent
+    if not _is(Path.is_dir, folder, what):
+        raise OutputError(f"{what} {path}: the folder {folder} does not exist; create it first "
+                          f"(mkdir -p {folder}) or choose another path")
+    if len(path.name.encode()) > 255 or _is(Path.exists, path, what) and not _is(Path.is_file, path, what):
+        raise OutputError(f"{what} {path}: the name is too long, or it exists and is not a regular file (a "
+                          "device, a socket...); choose another path")
+    _probe(folder, f"{what} {path}")
+    return path

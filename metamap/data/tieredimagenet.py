@@ -35,6 +35,7 @@ import numpy as np
 
 from metamap.data.dataset import ClassDataset
 from metamap.data.images import MAX_PIXELS, ImageSpec
+from metamap.data.memory import images_array
 from metamap.data.miniimagenet import (
     PARTS,
     SplitArrays,
@@ -163,7 +164,7 @@ def read_images(path: Path, spec: ImageSpec) -> np.ndarray:
     items = safe_pickle.load(path)
     if not isinstance(items, (list, tuple, np.ndarray)):
         raise DataError(f"{path}: expected a list of PNG images, found {type(items).__name__}")
-    out = np.empty((len(items), *spec.shape), dtype=np.uint8)
+    out = images_array(len(items), spec.shape, str(path))
     for i, item in enumerate(tqdm(items, desc=f"decoding {path.name}", unit="img", leave=False, disable=None)):
         out[i] = decode_png(item, spec, str(path))
     return out

@@ -98,36 +98,3 @@ class RegressionSampler:
     def params_of(self, ids) -> torch.Tensor:
         """``[len(ids), 2]`` parameters of the evaluation tasks :meth:`episodes` returns."""
         return torch.tensor(np.stack([self._task(int(e), 0)[2] for e in ids]))
-
-
-def plot_tasks(learner, sampler: RegressionSampler, path, ids=(0, 1, 2, 3), steps=(1, 10)) -> None:
-    """PNG of a few test tasks: the true function, the support points, and the learner's
-    predictions before adaptation and after each number of inner steps in ``steps``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sampler.episodes(list(ids))
-    params = sampler.params_of(list(ids))
-    grid = torch.linspace(*sampler.x_range, 200)
-    query = grid.reshape(1, -1, 1).expand(len(ids), -1, -1)
-    was = learner.training
-    learner.eval()
-    try:
-        trajectory = learner.adapt_trajectory(tasks.support_x, tasks.support_y, max(steps))
-        curves = {k: trajectory[k](query)[..., 0] for k in (0, *steps)}
-    finally:
-        learner.train(was)
-    fig, axes = plt.subplots(1, len(ids), figsize=(4 * len(ids), 3.2), squeeze=False)
-    for i, ax in enumerate(axes[0]):
-        ax.plot(grid, sampler.function(params[i], grid), color="black", lw=2, label="ground truth")
-        for k, style in zip((0, *steps), (":", "--", "-", "-.")):
-            label = "before adaptation" if k == 0 else f"after {k} step{'s' if k > 1 else ''}"
-            ax.plot(grid, curves[k][i], style, label=label)
-        ax.scatter(tasks.support_x[i, :, 0], tasks.support_y[i], color="red", zorder=3,
-                   label=f"{sampler.shots} support points")
-        ax.set_title(", ".join(f"{n} {float(v):.2f}" for n, v in zip(sampler.param_names, params[i])))
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

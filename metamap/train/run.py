@@ -1,7 +1,9 @@
 """From a resolved config to a trained, evaluated checkpoint: what ``metamap train``/``eval`` do."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 import warnings
 from dataclasses import asdict
@@ -10,15 +12,20 @@ from pathlib import Path
 import torch
 
 from metamap import config as configlib
-from metamap.errors import CheckpointError, ConfigError, EpisodeError
+from metamap.data.memory import check_fits
+from metamap.data.paths import check_writable_dir, write_text
+from metamap.errors import CheckpointError, ConfigError, EpisodeError, OutputError
 from metamap.registry import DataInfo, build_learner, data_source
+from metamap.report import plot_curves, write_report
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult, evaluate
-from metamap.train.plots import plot_curves
 from metamap.train.precision import resolve_precision
 from metamap.train import test_time
 from metamap.train.runtime import pick_device, set_threads, tune_allocator
 from metamap.train.trainer import Trainer
+
+
+LOCK = ".lock"
 
 
 def info_to_dict(info: DataInfo) -> dict:
@@ -55,8 +62,83 @@ def build(config: dict, seed_offset: int = 0):
     return source, info, learner
 
 
+def trainer_share(tasks_per_batch: int, world_size: int) -> int:
+    return -(-tasks_per_batch // world_size)
+
+
+def check_step_memory(learner, info: DataInfo, config: dict, tasks: int) -> None:
+    """Refuse, before training, a meta-batch pass that cannot fit: the output of the first
+    convolution, with the batch norm and ReLU outputs kept beside it for the backward pass, is
+    a lower bound of what one pass over image tasks holds."""
+    conv = next((m for m in learner.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if conv is None or len(info.example_shape) != 3:
+        return
+    chunk = config["train"]["chunk_tasks"]
+    chunk = learner.preferred_chunk() if chunk == "auto" else chunk
+    ep = config["episode"]
+    examples = min(chunk or tasks, tasks) * ep["ways"] * (ep["shots"] + ep["queries"])
+    c, h, w = info.example_shape
+    per_example = 3 * conv.out_channels * (h // conv.stride[0]) * (w // conv.stride[1]) * 4
+    check_fits(per_example * examples, f"one training pass over {examples} images of {c}x{h}x{w} "
+               f"({min(chunk or tasks, tasks)} task(s) of {ep['ways']} ways x {ep['shots'] + ep['queries']} examples)",
+               "choose a smaller data.image_size, fewer ways or queries per episode, or a smaller train.chunk_tasks")
+
+
 def default_run_dir(config: dict) -> Path:
-    return Path("runs") / f"{config['learner']['name']}-{config['data']['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path("runs") / f"{config['learner']['name']}-{config['data']['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run, n = base, 1
+    while run.exists():          # two runs started in the same second
+        n += 1
+        run = base.with_name(f"{base.name}-{n}")
+    return run
+
+
+def open_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """Check ``run_dir`` before any work: a new run needs a new or empty folder (never one holding an
+    earlier run); a resumed one needs a checkpoint, which a killed save may have left aside
+    (put back here). Returns the checkpoint to resume from."""
+    if not resume:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise OutputError(f"--run-dir {run_dir} is a file, not a folder; choose another --run-dir")
+        held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+        if held:
+            hint = (f"resume it with --resume {run_dir}, " if any(n in held for n in ("last", "best"))
+                    or any(n.startswith((".last.", ".best.")) for n in held) else "")
+            raise CheckpointError(
+                f"{run_dir} already holds {'a run' if 'metrics.jsonl' in held or 'config.toml' in held else 'files'} "
+                f"({', '.join(held[:4])}{' ...' if len(held) > 4 else ''}); {hint}choose another --run-dir, or "
+                "delete it to start again")
+        check_writable_dir(run_dir, "--run-dir")
+        return None
+    if not run_dir.is_dir():
+        raise CheckpointError(f"cannot resume {run_dir}: no such run folder")
+    for name in ("last", "best"):
+        checkpoint.recover(run_dir / name)
+    return checkpoint.resume_source(run_dir)
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path):
+    """Hold ``RUN/.lock`` while training, so that two processes never write one run folder."""
+    try:
+        import fcntl
+    except ImportError:           # not POSIX: no lock
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise CheckpointError(f"{run_dir} is in use by another metamap process (pid {owner}); wait for it "
+                                  "to finish or stop it, or choose another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def test_samplers(config: dict, source, split: str = "test") -> list:
@@ -106,7 +188,8 @@ def finetune_for(learner, config: dict, source, sampler, split: str):
         raise ConfigError("automatic test-time fine-tuning picks its learning rate and steps on the validation "
                           "classes of labelled image data while testing on the test classes; give them instead "
                           "(eval.finetune_lr, eval.finetune_steps)")
-    val, evaluated = source.dataset(config, "val"), source.dataset(config, split)
+    tune = getattr(source, "tuning_split", lambda _: "val")(config)
+    val, evaluated = source.dataset(config, tune), source.dataset(config, split)
     shared = sorted(set(val.class_names) & set(evaluated.class_names))
     if shared:
         raise ConfigError(f"the validation classes share {len(shared)} class(es) with the test classes "
@@ -114,7 +197,7 @@ def finetune_for(learner, config: dict, source, sampler, split: str):
                           "classes; give eval.finetune_lr and eval.finetune_steps")
     ways = getattr(sampler, "ways", 0)
     try:
-        chooser = source.sampler(config, "val", ways, sampler.shots, sampler.queries, 1,
+        chooser = source.sampler(config, tune, ways, sampler.shots, sampler.queries, 1,
                                  e["seed"] + SELECTION_SEED_OFFSET)
     except EpisodeError as err:
         raise ConfigError(f"automatic test-time fine-tuning needs {ways}-way {sampler.shots}-shot episodes of the "
@@ -136,10 +219,32 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
     """Meta-train as ``config`` says (or resume ``resume``), then test the best checkpoint."""
     device = setup_runtime(config)
     run_dir = Path(resume) if resume else Path(run_dir) if run_dir else default_run_dir(config)
-    if not resume and (run_dir / "last").exists():
-        raise CheckpointError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
-                              "or choose another --run-dir")
+    if rank != 0:
+        if world_size > 1:
+            import torch.distributed as dist
+            dist.barrier()          # rank 0 has checked the run folder (and put back a checkpoint) first
+        return _train(config, run_dir, checkpoint.resume_source(run_dir) if resume else None, device, progress,
+                      run_test, echo, rank, world_size)
+    if not resume:
+        open_run_dir(run_dir, resume=False)
+    with hold_run_dir(run_dir):
+        start = open_run_dir(run_dir, resume=True) if resume else None
+        if start is not None:       # before the data are loaded
+            from metamap.train.trainer import check_same_run
+            check_same_run(checkpoint.read_meta(start)[1], config, start)
+        if world_size > 1:
+            import torch.distributed as dist
+            dist.barrier()
+        return _train(config, run_dir, start, device, progress, run_test, echo, rank, world_size)
+
+
+def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bool, run_test: bool, echo,
+           rank: int, world_size: int) -> dict:
     source, info, learner = build(config)
+    if config["eval"]["protocol"] == "bscd-fsl" and not getattr(source, "held_out", lambda _: "")(config):
+        raise ConfigError("the BSCD-FSL protocol tests on a domain never meta-trained on: train on the source "
+                          "domain(s), then `metamap eval --checkpoint RUN --data TARGET --set eval.protocol=bscd-fsl` "
+                          "(or hold the target out of a mixture: data.name = 'mixture', data.holdout = TARGET)")
     memory_format = memory_format_for(config, info)
     learner.to(device)
     if memory_format is not None:
@@ -148,6 +253,7 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
     train_sampler = source.sampler(config, "train", ep["ways"], ep["shots"], ep["queries"],
                                    ep["tasks_per_batch"], config["seed"])
     samplers = test_samplers(config, source) if run_test else []   # a bad eval request fails now, not after training
+    check_step_memory(learner, info, config, trainer_share(train_sampler.tasks_per_batch, world_size))
     validate = make_validation(learner, config, source, device, memory_format, rank, world_size)
     meta = {"learner": config["learner"]["name"], "config": config, "data_info": info_to_dict(info)}
     callbacks = []
@@ -157,12 +263,11 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
     trainer = Trainer(learner, train_sampler, config, run_dir, meta, validate=validate, device=device,
                       memory_format=memory_format, progress=progress, callbacks=callbacks, rank=rank,
                       world_size=world_size)
+    if start is not None:
+        trainer.resume(start)
+        echo(f"resuming {run_dir} from {start.name}/ at step {trainer.step} of {config['train']['steps']}")
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(configlib.dumps(config))
-    if resume:
-        trainer.resume(run_dir / "last")
-        echo(f"resuming {run_dir} at step {trainer.step} of {config['train']['steps']}")
+        write_text(run_dir / "config.toml", configlib.dumps(config))
     echo(f"precision: {trainer.precision} ({trainer.precision_reason})")
     echo(f"meta-training {config['learner']['name']} on {info.description or config['data']['name']}: "
          f"{train_sampler.describe()}, {train_sampler.tasks_per_batch} task(s) per batch, "
@@ -185,10 +290,11 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
         echo(f"best checkpoint: {best} (step {best_meta['step']})")
         echo(report(results, config, source))
     if rank == 0:
-        (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        write_text(run_dir / "results.json", json.dumps(summary, indent=2))
         if config["train"]["report"]:
-            from metamap.report import write_report
-            echo(f"report: {write_report(run_dir, episodes=run_test)}")
+            # The figure of test tasks uses the best checkpoint, loaded afresh on the CPU.
+            best = checkpoint.load_learner(run_dir / "best").learner if run_test else None
+            echo(f"report: {write_report(run_dir, best, info.spec, config)}")
         else:
             curves = plot_curves(run_dir)
             if curves:
@@ -231,7 +337,14 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str 
     from metamap.data.convert import ConvertedSource
     from metamap.train.checkpoint import load_learner
     path, meta = checkpoint.read_meta(path)
+    checkpoint.check_rebuild(meta, path)
     config = configlib.resolve(overrides=list(overrides), base=checkpoint_base(meta["config"], overrides))
+    for section, key in (("learner", "name"), ("model", "backbone")):
+        if config[section][key] != meta["config"][section][key]:
+            raise ConfigError(
+                f"{path} holds a {section}.{key} = {meta['config'][section][key]!r} model; eval cannot make it "
+                f"a {config[section][key]!r} one. Drop the {section}.{key} override, or evaluate a checkpoint "
+                f"trained as {config[section][key]!r}")
     device = setup_runtime(config)
     loaded = load_learner(path, device=str(device))
     learner = loaded.learner

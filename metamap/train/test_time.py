@@ -30,9 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metamap.errors import ConfigError
-
-AUGMENTATIONS = ("flip", "color", "translation")
+from metamap.config import FINETUNE_AUGMENTATIONS as AUGMENTATIONS
+from metamap.config import check_finetune, finetune_enabled
 
 
 def augment(x: Tensor, generator: torch.Generator, kinds=AUGMENTATIONS, prob: float = 0.9) -> Tensor:
@@ -192,38 +191,8 @@ def select(learner, sampler, episodes: int, lrs, steps_grid, base: FineTuning, c
                      {f"lr={lr:g},steps={s}": round(v, 6) for (lr, s), v in sorted(scores.items())})
 
 
-# -- configuration: the eval.finetune* keys (defaults in metamap/config.py) ----------------------------
-def enabled(e: dict) -> bool:
-    v = e.get("finetune", False)
-    if v in (True, "on", "auto"):
-        return True
-    if v in (False, "off", None):
-        return False
-    raise ConfigError(f"eval.finetune must be true or false (or 'auto' / 'off'), not {v!r}")
-
-
-def check(e: dict) -> None:
-    """Validate the ``eval.finetune*`` keys (called by config.validate)."""
-    enabled(e)
-    lr, steps = e["finetune_lr"], e["finetune_steps"]
-    if lr != "auto" and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0):
-        raise ConfigError(f"eval.finetune_lr must be 'auto' or a number >= 0, not {lr!r}")
-    if steps != "auto" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
-        raise ConfigError(f"eval.finetune_steps must be 'auto' or a whole number >= 0, not {steps!r}")
-    for key, lo in (("finetune_lrs", 0.0), ("finetune_steps_grid", 1)):
-        v = e[key]
-        if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < lo
-                                                   for x in v):
-            raise ConfigError(f"eval.{key} must be a non-empty list of numbers >= {lo}, not {v!r}")
-    if not isinstance(e["finetune_episodes"], int) or e["finetune_episodes"] < 1:
-        raise ConfigError(f"eval.finetune_episodes must be a whole number >= 1, not {e['finetune_episodes']!r}")
-    bad = [a for a in e["finetune_augment"] if a not in AUGMENTATIONS] \
-        if isinstance(e["finetune_augment"], list) else [e["finetune_augment"]]
-    if bad:
-        raise ConfigError(f"eval.finetune_augment: unknown {bad}; choose from {', '.join(AUGMENTATIONS)}")
-    p = e["finetune_aug_prob"]
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
-        raise ConfigError(f"eval.finetune_aug_prob must be a number from 0 to 1, not {p!r}")
+# -- configuration: the eval.finetune* keys (defaults and validation in metamap/config.py) ---------
+enabled, check = finetune_enabled, check_finetune
 
 
 def base_settings(e: dict) -> FineTuning:

@@ -21,7 +21,9 @@ from torch import Tensor
 
 from metamap.algorithms.base import MetaGradient, MetaLearner
 from metamap.config import OptimOptions
-from metamap.errors import DivergenceError, MetamapError
+from metamap.data.paths import atomic_write
+from metamap.errors import CheckpointError, DivergenceError, MetamapError
+from metamap.metrics_log import read_log
 from metamap.tasks.batch import TaskBatch
 from metamap.tasks.sampler import TaskSampler
 from metamap.train import checkpoint
@@ -70,6 +72,23 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, momentum=o.momentum, nesterov=o.nesterov, **kw)
 
 
+# What a checkpoint cannot be resumed as: another model, data set or optimizer.
+SAME_RUN_KEYS = (("learner", "name"), ("model", "backbone"), ("data", "name"), ("optim", "name"))
+
+
+def check_same_run(meta: dict, config: dict, path: Path) -> None:
+    """Refuse to resume the checkpoint described by ``meta`` under a ``config`` of another kind."""
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        saved = {"learner": {"name": meta.get("learner", config["learner"]["name"])}}
+    for section, key in SAME_RUN_KEYS:
+        was, now = saved.get(section, {}).get(key), config.get(section, {}).get(key)
+        if was is not None and was != now:
+            raise CheckpointError(
+                f"{path} was trained with {section}.{key} = {was!r}; it cannot be resumed with "
+                f"{section}.{key} = {now!r}. Resume without changing it, or start a new run (another --run-dir)")
+
+
 class Trainer:
     """Meta-trains ``learner`` on ``sampler`` for ``config['train']['steps']`` meta-batches.
 
@@ -102,6 +121,8 @@ class Trainer:
         self.step = 0
         self.best: dict | None = None          # {"step", "metric", "mean", "higher_is_better"}
         self.bad_steps = 0
+        self.saved_step: int | None = None     # step of the latest checkpoint in RUN/last
+        self.reference_norm: float | None = None   # weight norm at step 0 (for train.max_weight_growth)
         self._stop_signal: int | None = None
 
     # -- state ---------------------------------------------------------------------------------
@@ -110,30 +131,64 @@ class Trainer:
         return self.rank == 0
 
     def checkpoint_meta(self) -> dict:
-        return {**self.meta, "step": self.step, "best": self.best, "bad_steps": self.bad_steps}
+        return {**self.meta, "step": self.step, "best": self.best, "bad_steps": self.bad_steps,
+                "reference_norm": self.reference_norm}
 
     def save(self, name: str) -> Path:
-        return checkpoint.save(self.run_dir / name, self.learner, self.checkpoint_meta(), self.optimizer)
+        path = checkpoint.save(self.run_dir / name, self.learner, self.checkpoint_meta(), self.optimizer)
+        if name == "last":
+            self.saved_step = self.step
+        return path
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint written by :meth:`save`: weights, optimizer, RNG, counters."""
         path, meta = checkpoint.read_meta(path)
+        self._check_same_run(meta, path)
         checkpoint.load_state(self.learner, checkpoint.read_tensors(path, checkpoint.WEIGHTS, meta), path)
         training = checkpoint.read_tensors(path, checkpoint.TRAINING, meta)
         if "optimizer" in meta:
-            self.optimizer.load_state_dict(checkpoint.unflatten_optimizer(training, meta["optimizer"]))
+            self._load_optimizer(training, meta["optimizer"], path)
         if "rng.torch" in training:
-            torch.set_rng_state(training["rng.torch"])
+            try:
+                torch.set_rng_state(training["rng.torch"])
+            except (RuntimeError, TypeError) as e:
+                raise CheckpointError(f"{path}: its random number generator state is unusable ({e})") from None
         self.step, self.best, self.bad_steps = meta["step"], meta.get("best"), meta.get("bad_steps", 0)
+        self.saved_step = self.step
+        norm = meta.get("reference_norm")
+        self.reference_norm = float(norm) if isinstance(norm, (int, float)) and math.isfinite(norm) else None
         self._truncate_log()
+
+    def _check_same_run(self, meta: dict, path: Path) -> None:
+        check_same_run(meta, self.config, path)
+
+    def _load_optimizer(self, training: dict, meta: dict, path: Path) -> None:
+        # The config's hyper-parameters hold after a resume (config.toml says what the run uses); the
+        # checkpoint brings the moments and step counts.
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        state = checkpoint.unflatten_optimizer(training, meta, path)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for idx, entries in state["state"].items():
+            wrong = [k for k, v in entries.items() if torch.is_tensor(v) and v.dim() > 0
+                     and 0 <= idx < len(params) and v.shape != params[idx].shape]
+            if not 0 <= idx < len(params) or wrong:
+                raise CheckpointError(f"{path}: its optimizer state does not fit this model (parameter {idx}); "
+                                      "it was made for another configuration")
+        try:
+            self.optimizer.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer ({e}); resume "
+                                  "with the optimizer settings it was trained with") from None
+        for group, h in zip(self.optimizer.param_groups, hyper):
+            group.update(h)
 
     def _truncate_log(self) -> None:
         # Records past the checkpoint were made by the run that died; the resumed run redoes them.
         log = self.run_dir / "metrics.jsonl"
         if self.is_main and log.exists():
-            keep = [line for line in log.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
-            log.write_text("".join(line + "\n" for line in keep))
+            keep = [line for line, record in read_log(log) if record["step"] <= self.step]
+            with atomic_write(log) as f:
+                f.write("".join(line + "\n" for line in keep).encode())
 
     def log(self, record: dict) -> None:
         if self.is_main:
@@ -189,6 +244,8 @@ class Trainer:
     def train_step(self) -> dict | None:
         """One meta-batch. Returns its log record, or ``None`` if it was skipped as non-finite."""
         index = self.step
+        if self.reference_norm is None:
+            self.reference_norm = self.weight_norm()
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * lr_factor(index, self.train_cfg["steps"], self.config["schedule"], base)
         self.learner.train()
@@ -198,7 +255,7 @@ class Trainer:
         # Running statistics change in the forward pass; a skipped batch must not leave them changed.
         buffers = [b.clone() for b in self.learner.buffers()]
         loss, metrics = self._forward_backward(batch)
-        ok = self._all_ok(bool(torch.isfinite(loss)))
+        ok = self._all_ok(bool(torch.isfinite(loss)) and self._buffers_finite())
         if ok:
             self._all_reduce_gradients(batch.num_tasks)   # a NaN on any rank reaches every rank here
             if self.scaler is not None:
@@ -223,6 +280,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.learner.after_step()
+        self._check_weights(index)
         if self.world_size > 1:
             from metamap.train.distributed import average_buffers
             average_buffers(self.learner)
@@ -283,11 +341,12 @@ class Trainer:
         if better:
             self.best = {"step": self.step, "metric": result.metric, "mean": result.mean,
                          "higher_is_better": result.higher_is_better}
-            if self.is_main:
-                self.save("best")
+        # Logged first: a kill after best/ is written must not lose the record of why.
         self.log({"step": self.step, "val_" + result.metric: result.mean, "val_ci95": result.ci95,
                   "val_setting": result.setting, "val_metric": result.metric,
                   "higher_is_better": result.higher_is_better, "best": better})
+        if better and self.is_main:
+            self.save("best")
         for cb in self.callbacks:
             cb.on_validation(self, result, better)
         return result
@@ -295,6 +354,40 @@ class Trainer:
     # -- guards --------------------------------------------------------------------------------
     def _gradients_finite(self) -> bool:
         return all(bool(torch.isfinite(p.grad).all()) for p in self.learner.parameters() if p.grad is not None)
+
+    def _buffers_finite(self) -> bool:
+        # Running statistics change in the forward pass: a batch that makes them non-finite is skipped.
+        return all(bool(torch.isfinite(b).all()) for b in self.learner.buffers() if b.is_floating_point())
+
+    def weight_norm(self) -> float:
+        params = [p.detach() for p in self.learner.parameters()]
+        return float(torch.nn.utils.get_total_norm(params)) if params else 0.0
+
+    def _check_weights(self, index: int) -> None:
+        """After an update: non-finite or exploding weights stop the run at once (nothing is saved)."""
+        norm = self.weight_norm()
+        limit = self.train_cfg["max_weight_growth"]
+        reference = max(self.reference_norm, 1.0)
+        if math.isfinite(norm) and (not limit or norm <= limit * reference):
+            return
+        if math.isfinite(norm):
+            what = (f"the weights' norm grew to {norm:.3g}, {norm / reference:.3g} times its {reference:.3g} at the "
+                    f"start (limit train.max_weight_growth = {limit:g})")
+        else:
+            bad = [n for n, p in self.learner.named_parameters() if not bool(torch.isfinite(p).all())]
+            what = (f"the update made {', '.join(bad[:3]) or 'the weights'}{' ...' if len(bad) > 3 else ''} "
+                    "non-finite (NaN or infinite)")
+        raise DivergenceError(
+            f"training diverged at batch {index}: {what}, with optim.lr = {self.config['optim']['lr']:g}. "
+            f"Nothing of it was saved; {self._last_good()}")
+
+    def _last_good(self) -> str:
+        """Where the run stands after a divergence, and what to do."""
+        if self.saved_step is None:
+            return (f"no checkpoint had been written yet. Lower optim.lr or set optim.grad_clip and start "
+                    f"again (delete {self.run_dir} or choose another --run-dir).")
+        return (f"the last good checkpoint is {self.run_dir / 'last'} (step {self.saved_step}). Lower optim.lr "
+                f"or set optim.grad_clip, then resume from it: metamap train --resume {self.run_dir} --lr ...")
 
     def _all_ok(self, ok: bool) -> bool:
         # Every rank must agree to skip a step, or their weights would drift apart.
@@ -307,6 +400,7 @@ class Trainer:
 
     def _skip(self, index: int, loss: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        first = self.step == 0
         self.bad_steps += 1
         limit = self.train_cfg["max_bad_steps"]
         self.log({"step": self.step, "event": "non-finite", "batch_index": index, "loss": loss if math.isfinite(loss)
@@ -314,12 +408,17 @@ class Trainer:
         # The batch index is skipped for good (its episodes are logged above), so a run does not
         # retry the same bad batch forever.
         self.step += 1
+        if first:
+            # At its initial weights the model already gives NaN: no later batch will do better.
+            raise DivergenceError(
+                f"the first meta-batch gave a non-finite loss, gradient or running statistic (loss {loss}) at "
+                "the initial weights, before any update: a learner option or the data makes every step NaN "
+                "(check e.g. learner.inner_lr, optim.lr and the inputs). Nothing was saved.")
         if self.bad_steps > limit:
             raise DivergenceError(
-                f"training diverged: {self.bad_steps} meta-batches gave a non-finite loss or gradient "
-                f"(limit train.max_bad_steps = {limit}; the last was batch {index}). The weights were not "
-                f"updated by those batches; the last good checkpoint is in {self.run_dir}. Lower optim.lr "
-                "or set optim.grad_clip, then resume with --resume.")
+                f"training diverged: {self.bad_steps} meta-batches gave a non-finite loss, gradient or running "
+                f"statistic (limit train.max_bad_steps = {limit}; the last was batch {index}). The weights were "
+                f"not updated by those batches; {self._last_good()}")
         return None
 
     def _all_reduce_gradients(self, local_tasks: int) -> None:

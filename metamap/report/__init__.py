@@ -1,8 +1,11 @@
-"""Reports of runs: learning curves, a grid of test episodes, an HTML page; and comparisons.
+"""Reports of runs: learning curves, a figure of test tasks, an HTML page; and comparisons.
 
 ``metamap report RUN_DIR`` regenerates everything from the run folder (config, metrics log,
 results and best checkpoint); ``metamap compare RUN_DIR...`` draws several runs on one plot
-and one table.
+and one table. The figure of test tasks depends on the task kind (:data:`TEST_FIGURES`): a
+grid of episodes for image classification, true and predicted functions for regression.
+This package draws; it is handed the learner and reads the run folder, so the training code
+may call it and it never calls the training code.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from pathlib import Path
 import torch
 
 from metamap.errors import MetamapError
-from metamap.train.plots import plot_curves, read_metrics, validation_key
+from metamap.registry import data_source
+from metamap.report.curves import plot_curves, read_metrics, validation_key
+from metamap.report.regression import regression_tasks
 
 
 def _plt():
@@ -28,12 +33,9 @@ def read_results(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def episode_grid(run_dir: Path, out: Path, episodes: int = 2, ways: int = 5, queries: int = 2) -> Path | None:
+def episode_grid(learner, spec, config: dict, out: Path, episodes: int = 2, ways: int = 5,
+                 queries: int = 2) -> Path | None:
     """A few test episodes: the support images, then queries titled predicted / true class."""
-    import metamap
-    from metamap.registry import data_source
-    loaded = metamap.load(run_dir)
-    learner, spec, config = loaded.learner, loaded.spec, loaded.config
     if spec is None:
         return None
     source = data_source(config)
@@ -124,20 +126,39 @@ def results_table(summary: dict) -> str:
             f"{summary.get('train_seconds', 0) / 60:.1f} min.</p>")
 
 
-def write_report(run_dir: str | Path, episodes: bool = True) -> Path:
-    """(Re)generate ``curves.png``, ``episodes.png`` and ``report.html`` in ``run_dir``."""
+def regression_figure(learner, spec, config: dict, out: Path) -> Path:
+    """Four test tasks of a regression run (:func:`~metamap.report.regression.regression_tasks`)."""
+    sampler = data_source(config).sampler(config, "test", 0, config["episode"]["shots"], 100, 1,
+                                          config["eval"]["seed"])
+    return regression_tasks(learner, sampler, out)
+
+
+# Task kind -> figure of a few test tasks, ``(learner, spec, config, out) -> path or None``.
+TEST_FIGURES = {"classification": episode_grid, "regression": regression_figure}
+__all__ = ["compare", "plot_curves", "read_metrics", "write_report"]
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").exists():
         raise MetamapError(f"{run_dir} is not a run folder (no metrics.jsonl); give a folder made by metamap train")
+    return run_dir
+
+
+def write_report(run_dir: str | Path, learner=None, spec=None, config: dict | None = None) -> Path:
+    """(Re)generate ``curves.png``, the test-task figure (``episodes.png``, with a trained
+    ``learner``, its preprocessing ``spec`` and its ``config``) and ``report.html`` in ``run_dir``."""
+    run_dir = check_run_dir(run_dir)
     curves = plot_curves(run_dir)
-    grid = episode_grid(run_dir, run_dir / "episodes.png") if episodes else None
+    figure = None if learner is None or learner.kind is None else TEST_FIGURES.get(learner.kind.name)
+    grid = figure(learner, spec, config, run_dir / "episodes.png") if figure else None
     config_text = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else ""
     images = [p for p in (curves, grid) if p]
     page = PAGE.format(
         title=html.escape(f"metamap run {run_dir.name}"), n_images=len(images),
         results=results_table(read_results(run_dir)),
         curves=f'<img src="{curves.name}" alt="learning curves">' if curves else "<p>No steps logged.</p>",
-        episodes=f'<img src="{grid.name}" alt="test episodes">' if grid else "<p>Not an image data set.</p>",
+        episodes=f'<img src="{grid.name}" alt="test tasks">' if grid else "<p>No figure of test tasks.</p>",
         config=html.escape(config_text))
     out = run_dir / "report.html"
     out.write_text(page)

@@ -1,15 +1,13 @@
 """Learning curves of a run, from its metrics.jsonl, as a PNG."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from metamap.metrics_log import read_records
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_records(Path(run_dir) / "metrics.jsonl")
 
 
 # Keys of a training record that are not metrics of the task kind.

@@ -1,0 +1,96 @@
+"""Data that cannot be used as asked is refused before work starts: too large for memory, or a split
+that puts the same class in training and test."""
+import json
+import shutil
+
+import pytest
+
+from metamap.cli import main
+from metamap.data import memory
+from metamap.data.folder import load_folder
+from metamap.errors import DataError
+
+GB = 1000 ** 3
+
+
+@pytest.fixture
+def machine_with(monkeypatch):
+    """Pretend that ``n`` bytes of memory are left (the estimate is what is tested, not this machine)."""
+    def set_left(n):
+        monkeypatch.setattr(memory, "available_bytes", lambda: n)
+    return set_left
+
+
+def test_available_memory_is_read_from_the_system():
+    left = memory.available_bytes()
+    assert left is None or 0 < left < 1 << 60
+    assert memory.human(42_467_328_000) == "42.5 GB" and memory.human(999) == "999 bytes"
+
+
+def test_a_huge_omniglot_image_size_is_refused_with_the_estimate_before_decoding(machine_with, monkeypatch, capsys):
+    machine_with(16 * GB)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoding started")
+    monkeypatch.setattr("metamap.data.omniglot.load_omniglot_sets", no_decoding)
+    assert main(["train", "--set", "data.image_size=512", "--steps", "1", "-q", "--no-test"]) == 2
+    err = capsys.readouterr().err
+    # 5 x 32,460 drawings x 512 x 512 bytes = 42.5 GB
+    assert "Omniglot at data.image_size = 512" in err and "needs about 42.5 GB" in err
+    assert "16.0 GB available" in err and "choose a smaller data.image_size" in err
+    assert main(["train", "--set", "data.image_size=100000", "-q"]) == 2
+    assert "data.image_size must be a whole number from 4 to 512" in capsys.readouterr().err
+
+
+def test_a_folder_too_large_for_memory_is_refused_before_reading(image_folder, machine_with, monkeypatch):
+    machine_with(100_000_000)
+    monkeypatch.setattr("metamap.data.images.ImageSpec.load", lambda *a: pytest.fail("an image was read"))
+    load_folder.cache_clear()
+    # 60 images x 1 x 2000 x 2000 = 240 MB > 80 % of 100 MB
+    with pytest.raises(DataError, match=r"60 images at data.image_size = 2000 x 1 channel\(s\) needs about 240.0 MB"):
+        load_folder(str(image_folder), 2000, 1, False, "lanczos", (0.5, 0.2, 0.3), 0, "error")
+    with pytest.raises(Exception, match="data.image_size must be a whole number from 1 to 8000"):
+        load_folder(str(image_folder), 100000, 1, False, "lanczos", (0.5, 0.2, 0.3), 0, "error")
+
+
+def test_a_training_pass_too_large_for_memory_is_refused_before_training(image_folder, tmp_path, machine_with,
+                                                                        capsys):
+    machine_with(1 * GB)
+    code = main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--set", "data.image_size=1000",
+                 "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--queries", "2", "--set", "model.hidden=8",
+                 "--steps", "1", "-q", "--no-test", "--run-dir", str(tmp_path / "run2")])
+    err = capsys.readouterr().err
+    # 1 task x 3 ways x 3 examples x (3 outputs x 8 channels x 1000 x 1000 x 4 bytes) = 864 MB > 80 % of 1 GB
+    assert code == 2 and "one training pass over 9 images of 1x1000x1000" in err and "needs about 864.0 MB" in err
+    assert not (tmp_path / "run2" / "metrics.jsonl").exists()
+
+
+@pytest.fixture
+def folder(image_folder, tmp_path):
+    return shutil.copytree(image_folder, tmp_path / "data")
+
+
+def test_a_split_file_with_a_class_in_train_and_test_is_refused(folder, capsys):
+    split = {"train": ["class00", "class01", "class02", "class03", "class04", "class05"],
+             "val": ["class06", "class07"], "test": ["class08", "class09", "class05"]}
+    (folder / "metamap-split.json").write_text(json.dumps({"classes": split}))
+    load_folder.cache_clear()
+    assert main(["train", "--data", "folder", "--set", f"data.path={folder}", "--steps", "1", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "puts 1 class(es) in more than one split (class05 in train and test)" in err
+    assert "test classes must never be training classes" in err
+    split["test"] = ["class08", "class09", "class09"]                   # twice in one list: as damaged
+    (folder / "metamap-split.json").write_text(json.dumps({"classes": split}))
+    load_folder.cache_clear()
+    with pytest.raises(DataError, match="class09 in test and test"):
+        load_folder(str(folder), 8, 1, False, "lanczos", (0.5, 0.2, 0.3), 0, "error")
+
+
+def test_mini_imagenet_split_files_with_shared_classes_are_refused(tmp_path):
+    from metamap.data.miniimagenet import load_miniimagenet
+    (tmp_path / "images").mkdir()
+    for part, labels in (("train", ["n01", "n02"]), ("val", ["n03"]), ("test", ["n04", "n01"])):
+        rows = "".join(f"{part}{i}.jpg,{label}\n" for i, label in enumerate(labels))
+        (tmp_path / f"{part}.csv").write_text("filename,label\n" + rows)
+    with pytest.raises(DataError, match=r"puts 1 class\(es\) in more than one split \(n01 in train and test\)"):
+        load_miniimagenet(tmp_path, split="files", cache=False)

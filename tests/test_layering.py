@@ -1,0 +1,105 @@
+"""The package's layers: no import cycles between its parts, and each layer imports only below it.
+
+Every ``import`` statement counts, also those inside functions (a lazy import is still a
+dependency). The registry finds plug-ins by package name (``PLUGIN_PACKAGES``), which is not an
+import of their code.
+"""
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import metamap
+
+ROOT = Path(metamap.__file__).parent
+
+
+def part_of(module: str) -> str:
+    """``metamap.train.trainer`` -> ``metamap.train``; top-level modules stand for themselves."""
+    return ".".join(module.split(".")[:2])
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, dict[str, list[str]]]:
+    """part -> {imported part: [importing modules]} over every metamap module."""
+    graph: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for path in ROOT.rglob("*.py"):
+        name = module_name(path)
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if (target == "metamap" or target.startswith("metamap.")) and part_of(target) != part_of(name):
+                    graph[part_of(name)][part_of(target)].append(name)
+    return graph
+
+
+def cycles(graph) -> list[list[str]]:
+    """Strongly connected components with more than one part (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_between_the_parts_of_the_package():
+    graph = import_graph()
+    found = cycles(graph)
+    detail = [f"{a} -> {b} ({', '.join(sorted(set(graph[a][b])))})"
+              for c in found for a in c for b in graph[a] if b in c]
+    assert not found, "import cycles:\n" + "\n".join(detail)
+
+
+def test_each_layer_imports_only_what_lies_below_it():
+    graph = import_graph()
+    forbidden = {
+        "metamap.tasks": {"metamap.data", "metamap.algorithms", "metamap.train", "metamap.report"},
+        "metamap.nets": {"metamap.algorithms", "metamap.train", "metamap.data", "metamap.report"},
+        "metamap.data": {"metamap.algorithms", "metamap.train", "metamap.report"},
+        "metamap.report": {"metamap.train", "metamap"},
+        "metamap.registry": {"metamap.algorithms", "metamap.nets", "metamap.data", "metamap.tasks", "metamap.rl"},
+    }
+    wrong = [f"{a} imports {b} ({', '.join(sorted(set(graph[a][b])))})"
+             for a, banned in forbidden.items() for b in graph.get(a, {}) if b in banned]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_graph_sees_lazy_imports():
+    # A check of the analysis itself: the command line imports the report inside a function.
+    assert "metamap.report" in import_graph()["metamap.cli"]

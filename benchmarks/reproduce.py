@@ -124,14 +124,22 @@ class BudgetRun:
             raise KeyboardInterrupt
         self._signal = signum
 
-    def test(self) -> tuple[list, float, int]:
+    def test(self, overrides: list[str] = ()) -> tuple[list, float, int]:
+        """Test the best checkpoint; ``overrides`` (``learner.KEY=VALUE``) rebuild the learner
+        with other adaptation settings around the same weights."""
         from metamap.train import checkpoint
-        from metamap.train.run import test, test_samplers
+        from metamap.train.run import build, test, test_samplers
         best = checkpoint.resolve_path(self.run_dir / "best")
         path, meta = checkpoint.read_meta(best)
-        checkpoint.load_state(self.learner, checkpoint.read_tensors(path, checkpoint.WEIGHTS, meta), path)
+        config, learner = self.config, self.learner
+        if overrides:
+            config = configlib.resolve(overrides=list(overrides), base=self.config)
+            learner = build(config)[2]
+            if self.memory_format is not None:
+                learner.to(memory_format=self.memory_format)
+        checkpoint.load_state(learner, checkpoint.read_tensors(path, checkpoint.WEIGHTS, meta), path)
         t0 = time.process_time()
-        results = test(self.learner, self.config, test_samplers(self.config, self.source), self.device,
+        results = test(learner, config, test_samplers(config, self.source), self.device,
                        self.memory_format, progress=sys.stderr.isatty())
         return results, time.process_time() - t0, meta["step"]
 
@@ -160,6 +168,37 @@ def plot(result: dict, out: Path) -> Path:
     ax.set(xlabel="training CPU-minutes (1 thread)", ylabel="accuracy (%)", title=result["name"])
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def curve_of(results_dir: Path, name: str) -> list[dict]:
+    """A run's validation curve: from NAME.json when it finished, else from its last/ checkpoint."""
+    done = results_dir / f"{name}.json"
+    if done.is_file():
+        return json.loads(done.read_text())["curve"]
+    from metamap.train import checkpoint
+    return checkpoint.read_meta(results_dir / name / "last")[1]["reproduce"]["curve"]
+
+
+def compare(results_dir: Path, names: list[str], out: Path) -> Path:
+    """Validation accuracy of several runs against the number of training images seen (equal work for
+    metric learners whose episodes differ in size), and against CPU-minutes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name in names:
+        curve = curve_of(results_dir, name)[1:]
+        for ax, key in zip(axes, ("images", "cpu_minutes")):
+            ax.plot([p[key] for p in curve], [100 * p["val_accuracy"] for p in curve], marker="o", ms=3, label=name)
+    axes[0].set(xlabel="training images seen", ylabel="validation accuracy (%)", xscale="log")
+    axes[1].set(xlabel="training CPU-minutes (1 thread)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -203,9 +242,17 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="continue NAME/last (same config, same budget unless given)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--table", action="store_true", help="print the table of all results and exit")
+    p.add_argument("--compare", nargs="+", metavar="NAME",
+                   help="plot these runs' validation curves against images seen and CPU-minutes and exit")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="also test the best checkpoint with these learner overrides (adaptation only), "
+                        "e.g. non-transductive:learner.transductive=false")
     args = p.parse_args()
     if args.table:
         print(table(args.results))
+        return
+    if args.compare:
+        print(compare(args.results, args.compare, args.results / ("compare-" + "-".join(args.compare) + ".png")))
         return
     if not args.config:
         p.error("a config is needed (or --table)")
@@ -228,6 +275,14 @@ def main() -> None:
     if not run.fit():
         sys.exit(1)
     results, test_cpu, best_step = run.test()
+    variants = {}
+    for spec in args.variant:
+        label, _, sets = spec.partition(":")
+        extra, cpu, _ = run.test(sets.split(","))
+        variants[label] = {"overrides": sets.split(","), "test": [r.to_dict() for r in extra],
+                           "test_cpu_minutes": round(cpu / 60, 2)}
+        for r in extra:
+            print(f"  [{label}] {r.summary()}", flush=True)
     s = run.state
     result = {
         "name": name, "config_file": str(config_path), "command": " ".join(["python", *sys.argv]),
@@ -236,7 +291,8 @@ def main() -> None:
         "test_cpu_minutes": round(test_cpu / 60, 2), "steps": run.trainer.step,
         "images_per_batch": run.images, "images_seen": run.trainer.step * run.images, "best_step": best_step,
         "val_setting": f"{s['curve'][-1]['val_setting']}, {cfg['train']['val_episodes']} episodes",
-        "curve": s["curve"], "test": [r.to_dict() for r in results], "targets": targets_of(config_path),
+        "curve": s["curve"], "test": [r.to_dict() for r in results], "variants": variants,
+        "targets": targets_of(config_path),
         "threads": args.threads, "machine": machine_facts(), "date": time.strftime("%Y-%m-%d %H:%M"),
         "config": cfg,
     }

@@ -117,6 +117,16 @@ def cmd_report(args) -> int:
              "cheetah-direction": "half-cheetah, forward/backward"}[args.family]
     png = plot_adaptation(results, folder / "returns.png", title, paper=PAPER.get(args.family))
     print(ci_table(results, "k"))
+    print()
+    print("| method | iterations | train CPU-min | wall s / iteration | env steps/s (sampling) | paper (0/1/2/3 steps) |")
+    print("|---|---|---|---|---|---|")
+    for method in results:
+        d = json.loads((folder / f"{method}.json").read_text())
+        paper = PAPER.get(args.family, {}).get(method)
+        it = d.get("median_iteration_wall_s")
+        sps = d.get("median_env_steps_per_s")
+        print(f"| {method} | {d['steps']} | {d['train_cpu_minutes']:.1f} | {'' if it is None else f'{it:.1f}'} | "
+              f"{'' if sps is None else f'{sps:,.0f}'} | {'' if paper is None else ' / '.join(map(str, paper))} |")
     print(f"plot: {png}")
     if args.family == "navigation2d":
         goals = np.array([[0.3, 0.35], [-0.4, 0.1], [0.1, -0.45], [-0.25, -0.3]])
@@ -125,6 +135,30 @@ def cmd_report(args) -> int:
                 learner = load_learner(run_dir(args.family, method)).learner
                 out = plot_navigation(learner.meta, goals, folder / f"paths-{method}.png", label=method)
                 print(f"trajectories: {out}")
+    return 0
+
+
+def cmd_paired(args) -> int:
+    """Paired difference ``return_b - return_a`` over the same test tasks (mean ± 95 % CI): the
+    evaluator reports each metric's CI over tasks; their difference on the same tasks is tighter."""
+    import torch
+
+    from metamap.rl.tasks import RLSource
+    from metamap.train.evaluate import confidence_interval
+    folder = run_dir(args.family, args.method)
+    loaded = load_learner(folder)
+    learner, config = loaded.learner, loaded.config
+    sampler = RLSource().sampler(config, "test", 1, 1, 1, 1, config["eval"]["seed"])   # as metamap eval
+    episodes = config["eval"]["episodes"]
+    diffs = []
+    for start in range(0, episodes, 50):
+        scores = learner.score_tasks(sampler.episodes(range(start, min(start + 50, episodes))))
+        diffs.append(scores[args.b] - scores[args.a])
+    mean, ci, _ = confidence_interval(torch.cat(diffs))
+    out = {"method": args.method, "difference": f"{args.b} - {args.a}", "mean": mean, "ci95": ci,
+           "tasks": episodes}
+    (folder.parent / f"{args.method}-paired-{args.b}-{args.a}.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(out))
     return 0
 
 
@@ -142,8 +176,13 @@ def main(argv=None) -> int:
     t.add_argument("--no-eval", action="store_true", help="train only (a segment of a run continued later)")
     r = sub.add_parser("report")
     r.add_argument("--family", default="navigation2d")
+    q = sub.add_parser("paired", help="paired difference of two metrics on the same test tasks")
+    q.add_argument("method", choices=METHODS)
+    q.add_argument("--family", default="navigation2d")
+    q.add_argument("--a", default="return_0")
+    q.add_argument("--b", default="return_1")
     args = p.parse_args(argv)
-    return cmd_train(args) if args.command == "train" else cmd_report(args)
+    return {"train": cmd_train, "report": cmd_report, "paired": cmd_paired}[args.command](args)
 
 
 if __name__ == "__main__":

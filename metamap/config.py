@@ -68,7 +68,7 @@ class OptimOptions(Options):
             self.fail("optim.nesterov = true needs optim.momentum > 0")
 
 
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "linear")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,11 +76,11 @@ class ScheduleOptions(Options):
     """Learning-rate schedule, a pure function of the step (see :mod:`metamap.train.schedule`)."""
 
     section = "schedule"
-    name: Literal["constant", "step", "cosine"] = option("step", role=TRAINING)
+    name: Literal["constant", "step", "cosine", "linear"] = option("step", role=TRAINING)
     step_size: int = option(500, low=1, role=TRAINING, doc="name = step: steps between decays")
     gamma: float = option(0.5, low=0, high=1, low_open=True, role=TRAINING, doc="name = step: factor per decay")
     warmup: int = option(0, low=0, role=TRAINING, doc="steps of linear warm-up first")
-    min_lr: float = option(0.0, low=0, role=TRAINING, doc="name = cosine: the final learning rate")
+    min_lr: float = option(0.0, low=0, role=TRAINING, doc="name = cosine or linear: the final learning rate")
 
 
 @dataclass(frozen=True, kw_only=True)

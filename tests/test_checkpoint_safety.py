@@ -98,6 +98,15 @@ def test_a_run_killed_before_its_first_checkpoint_is_never_silently_reused(image
     assert (run / "metrics.jsonl").read_text() == log                    # nothing appended
     assert main(["train", "--resume", str(run), "-q"]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+    # The first write of last/ cut half-way (best/ written just before): resumed from best/, the
+    # incomplete staging folder never taken and removed.
+    torn = tmp_path / "torn"
+    with_val = folder_config(image_folder, steps=4, **{**SWEEP, "train.val_every": 2})
+    with kill_points.inject(2, True, name="last", step=2), pytest.raises(kill_points.Killed):
+        train(with_val, torn, run_test=False, **QUIET)
+    assert staging(torn) and checkpoint.locate(torn / "last") is None and (torn / "best").is_dir()
+    train(with_val, resume=torn, run_test=False, **QUIET)
+    assert staging(torn) == [] and checkpoint.read_meta(torn / "last")[1]["step"] == 4
     # An empty folder is fine; so is a new one.
     (tmp_path / "empty").mkdir()
     train(config, tmp_path / "empty", run_test=False, **QUIET)

@@ -27,18 +27,21 @@ def test_available_memory_is_read_from_the_system():
     assert memory.human(42_467_328_000) == "42.5 GB" and memory.human(999) == "999 bytes"
 
 
-def test_a_huge_omniglot_image_size_is_refused_with_the_estimate_before_decoding(machine_with, monkeypatch, capsys):
+def test_a_huge_omniglot_image_size_is_refused_with_the_estimate_before_decoding(machine_with, monkeypatch, capsys,
+                                                                                 tmp_path):
     machine_with(16 * GB)
 
     def no_decoding(*a, **k):
         raise AssertionError("decoding started")
     monkeypatch.setattr("metamap.data.omniglot.load_omniglot_sets", no_decoding)
-    assert main(["train", "--set", "data.image_size=512", "--steps", "1", "-q", "--no-test"]) == 2
+    assert main(["train", "--set", "data.image_size=512", "--steps", "1", "-q", "--no-test", "--run-dir",
+                 str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()            # refused before anything was written: no folder left
     err = capsys.readouterr().err
     # 5 x 32,460 drawings x 512 x 512 bytes = 42.5 GB
     assert "Omniglot at data.image_size = 512" in err and "needs about 42.5 GB" in err
     assert "16.0 GB available" in err and "choose a smaller data.image_size" in err
-    assert main(["train", "--set", "data.image_size=100000", "-q"]) == 2
+    assert main(["train", "--set", "data.image_size=100000", "-q", "--run-dir", str(tmp_path / "r2")]) == 2
     assert "data.image_size must be a whole number from 4 to 512" in capsys.readouterr().err
 
 
@@ -75,7 +78,8 @@ def test_a_split_file_with_a_class_in_train_and_test_is_refused(folder, capsys):
              "val": ["class06", "class07"], "test": ["class08", "class09", "class05"]}
     (folder / "metamap-split.json").write_text(json.dumps({"classes": split}))
     load_folder.cache_clear()
-    assert main(["train", "--data", "folder", "--set", f"data.path={folder}", "--steps", "1", "-q"]) == 2
+    assert main(["train", "--data", "folder", "--set", f"data.path={folder}", "--steps", "1", "-q", "--run-dir",
+                 str(folder.parent / "run")]) == 2
     err = capsys.readouterr().err
     assert "puts 1 class(es) in more than one split (class05 in train and test)" in err
     assert "test classes must never be training classes" in err
@@ -94,3 +98,14 @@ def test_mini_imagenet_split_files_with_shared_classes_are_refused(tmp_path):
         (tmp_path / f"{part}.csv").write_text("filename,label\n" + rows)
     with pytest.raises(DataError, match=r"puts 1 class\(es\) in more than one split \(n01 in train and test\)"):
         load_miniimagenet(tmp_path, split="files", cache=False)
+
+
+def test_a_model_too_large_for_memory_is_refused_before_its_weights_exist(image_folder, tmp_path, capsys,
+                                                                          machine_with):
+    machine_with(16 * GB)
+    code = main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--set", "model.hidden=100000",
+                 "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--steps", "1", "-q", "--no-test",
+                 "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    # Conv-4 with 100,000 channels: 3 x 100,000^2 x 9 weights in its last three convolutions alone
+    assert code == 2 and "the protonet learner (270,002,900,004 weights" in err and "needs about 4.3 TB" in err

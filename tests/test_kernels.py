@@ -3,6 +3,7 @@ where a single backward pass follows, and a clean fallback when it cannot be com
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,27 @@ def test_processes_building_at_once_take_turns(tmp_path):
     assert all(p.exitcode == 0 for p in procs)
     (a0, a1), (b0, b1) = sorted(tuple(map(float, line.split())) for line in log.read_text().splitlines())
     assert a1 <= b0
+
+
+def test_a_killed_builds_leftover_baton_does_not_hang_the_next_build(tmp_path, monkeypatch):
+    """PyTorch waits forever while its `lock` file exists; a build killed mid-way leaves one. Under
+    metamap's exclusive lock it is stale and removed. The source is compiled from a copy at a path
+    that does not depend on the checkout, so two checkouts do not rebuild the shared cache in turn."""
+    import torch.utils.cpp_extension as ext
+    build_dir = tmp_path / "metamap_conv_pool_x"
+    build_dir.mkdir()
+    (build_dir / "lock").touch()
+    seen = {}
+
+    def fake_load(name, sources, build_directory=None, **kwargs):
+        seen.update(baton=(Path(build_directory) / "lock").exists(), sources=sources, dir=build_directory)
+        return "module"
+    monkeypatch.setattr(ext, "load", fake_load)
+    monkeypatch.setattr(kernels, "_build_dir", lambda name, verbose: build_dir)
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", None)
+    assert kernels.build() == "module"
+    assert seen["baton"] is False and seen["dir"] == str(build_dir)
+    (source,) = seen["sources"]
+    assert Path(source).parent.parent == tmp_path
+    assert Path(source).read_bytes() == kernels._SOURCE.read_bytes()

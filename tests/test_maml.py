@@ -338,7 +338,7 @@ def test_each_inner_optimizer_step_by_hand():
     # Adam with momentum, two steps, bias-corrected, by hand.
     adam = Adam(0.01, beta1=0.9, beta2=0.99, eps=1e-8)
     state = adam.init({"w": w0})
-    assert len(state) == 2 and all(float(s.abs().sum()) == 0 for s in state)
+    assert len(state) == 3 and all(float(s.abs().sum()) == 0 for s in state)      # m, v, step count
     d, state = adam.step({"w": w0}, {"w": g1}, state, 0)
     e, state = adam.step(d, {"w": g2}, state, 1)
     m1, v1 = 0.1 * g1, 0.01 * g1 ** 2
@@ -348,6 +348,7 @@ def test_each_inner_optimizer_step_by_hand():
     torch.testing.assert_close(d["w"], x1, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(e["w"], x2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state[0], m2)
+    assert int(state[2]) == 2
     # An unreached weight (no gradient) is left alone, and so is its state.
     f, same = adam.step({"w": w0}, {"w": None}, state, 2)
     assert f["w"] is w0 and same[1] is state[1]
@@ -644,3 +645,35 @@ def test_inner_mini_batches_apply_in_training_and_inner_batch_eval_at_evaluation
                                rtol=0, atol=0)
     mini.train(), full.train()
     assert rel_err(library_meta_grad(mini, tasks), library_meta_grad(full, tasks)) > 1e-3
+
+
+def test_adam_state_carried_across_tasks_as_in_reptiles_code():
+    """With inner_state = carried, task 2's inner Adam continues from the moments and step count
+    task 1 ended with (one task per chunk: the sequential recipe); evaluation starts from them and
+    leaves them alone; the buffers are part of the learner's state (checkpoints)."""
+    lr, b2, eps = 0.01, 0.999, 1e-8
+    learner, tasks = quadratic(steps=2, lr=lr, cls=Reptile, inner_optimizer="adam", inner_state="carried")
+    theta = learner.model.head.weight.detach()[0].clone()
+    opt = learner.inner_optimizer
+    assert {"count", "v__head__weight", "m__head__weight"} <= {k.split(".")[-1] for k in learner.state_dict()}
+    v, count, expected = torch.zeros(4), 0, []
+    for t in range(2):                         # by hand: two tasks one after the other
+        phi = theta.clone()
+        for _ in range(2):
+            g = grad_mse(phi, tasks.support_x[t], tasks.support_y[t])
+            v, count = b2 * v + (1 - b2) * g * g, count + 1
+            phi = phi - lr * g / ((v / (1 - b2 ** count)).sqrt() + eps)
+        expected.append(theta - phi)
+    learner.train()
+    for t in range(2):
+        learner.zero_grad(set_to_none=True)
+        learner.meta_backward(tasks.task(t), MetaGradient())
+        torch.testing.assert_close(learner.model.head.weight.grad[0], expected[t], rtol=1e-12, atol=1e-12)
+    assert int(opt.count) == 4
+    torch.testing.assert_close(opt.v__head__weight[0], v, rtol=1e-12, atol=1e-15)
+    saved = {k: b.clone() for k, b in opt.named_buffers()}
+    learner.eval()
+    learner.adapt_tasks(tasks.support_x, tasks.support_y, 0)(tasks.query_x)
+    assert all(torch.equal(saved[k], b) for k, b in opt.named_buffers())
+    with pytest.raises(ConfigError, match="needs learner.inner_optimizer"):
+        quadratic(cls=Reptile, inner_state="carried")

@@ -117,3 +117,20 @@ def test_a_failed_predict_leaves_an_earlier_output_whole(run, folders, tmp_path)
     assert main(["predict", "-c", str(run), "--support", str(support), "--query", str(query), "--out", str(out)]) == 2
     assert out.read_text() == "earlier results\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".p.csv")] == []
+
+
+def test_resuming_a_run_on_a_read_only_mount_says_so(run, tmp_path, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("needs a read-only mount (root only here)")
+    view = tmp_path / "view"
+    view.mkdir()
+    if subprocess.run(["mount", "--bind", str(run), str(view)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        assert main(["train", "--resume", str(view), "--steps", "2", "-q", "--no-test"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot write in the run folder" in err and "resume that copy" in err and "Traceback" not in err
+    finally:
+        subprocess.run(["umount", str(view)], capture_output=True)

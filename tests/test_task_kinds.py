@@ -138,6 +138,7 @@ def test_kinds_have_directions_and_bare_tensors_infer_theirs():
     assert REGRESSION.primary.name == "mse" and not REGRESSION.primary.higher_is_better
     assert REGRESSION.primary.better(0.1, 0.2) and CLASSIFICATION.primary.better(0.9, 0.8)
     assert infer_kind(torch.tensor([0, 1])) is CLASSIFICATION and infer_kind(torch.tensor([0.5])) is REGRESSION
+    assert task_kind("classification") == CLASSIFICATION != REGRESSION
     logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])            # [T=1, N=2, ways=2]
     labels = torch.tensor([[0, 0]])
     torch.testing.assert_close(CLASSIFICATION.scores(logits, labels)["accuracy"], torch.tensor([0.5]))

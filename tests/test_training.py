@@ -206,7 +206,11 @@ def test_trainer_applies_reptiles_parameter_difference_with_sgd(image_folder, tm
     from metamap.train.run import build
     from metamap.train.trainer import Trainer
     config = folder_config(image_folder, steps=1, **{"learner.name": "'reptile'", "optim.name": "'sgd'",
-                                                     "optim.lr": 0.5, "schedule.name": "'constant'",
+                                                     "optim.lr": 0.5, "schedule.name": "'constant'", "episode.shots": 1,
+                                                     # plain SGD inner steps: Adam would turn the rounding
+                                                     # noise of the biases batch norm cancels into +-lr steps
+                                                     "learner.inner_optimizer": "'sgd'", "learner.inner_lr": 0.1,
+                                                     "learner.inner_batch": 0,
                                                      "train.chunk_tasks": 1, "train.val_every": 0})
     source, _, learner = build(config)
     ep = config["episode"]

@@ -23,6 +23,9 @@ Batch norm inside the inner loop (``bn``): ``"transductive"`` (default, as the r
 normalises each task's support and query sets with their own batch statistics, at training
 and at test time; ``"running"`` does so in meta-training while tracking running statistics
 (from the query sets), and normalises with those running statistics at evaluation.
+``transductive = false`` (with ``bn = "transductive"``) is Reptile's non-transductive
+evaluation: each query is classified in a batch made of the support set and that query alone,
+so no query's statistics reach another's prediction.
 """
 from __future__ import annotations
 
@@ -80,11 +83,12 @@ class GradientLearner(MetaLearner):
                  inner_steps: int = 1, inner_steps_eval: int = 1, inner_lr: float = 0.4,
                  first_order: bool = False, step_sizes: str = "fixed", inner_optimizer: str = "sgd",
                  inner_beta1: float = 0.0, inner_beta2: float = 0.999, inner_eps: float = 1e-8,
-                 inner_batch: int = 0, inner_batch_eval: int = 0, adapt: str | list = "all", freeze: list | tuple = (),
+                 inner_state: str = "reset", inner_batch: int = 0, inner_batch_eval: int = 0,
+                 adapt: str | list = "all", freeze: list | tuple = (),
                  bn: str = "transductive", multi_step_loss: bool = False, msl_anneal_steps: int = 0,
                  backend: str = "fast", channels_last: bool = True, fuse_bn_pool: bool = True,
                  fold_bn: bool = True, cpp_kernels: bool = True, grad_checkpoint: bool = False, seed: int = 0,
-                 zero_head: bool = False):
+                 zero_head: bool = False, transductive: bool = True):
         super().__init__(example_dims)
         for what, v in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval),
                         ("inner_batch", inner_batch), ("inner_batch_eval", inner_batch_eval)):
@@ -100,7 +104,9 @@ class GradientLearner(MetaLearner):
         self.inner_batch, self.inner_batch_eval = inner_batch, inner_batch_eval
         if not isinstance(zero_head, bool):
             raise ConfigError(f"learner.zero_head must be true or false, not {zero_head!r}")
-        self.zero_head = zero_head
+        if not isinstance(transductive, bool):
+            raise ConfigError(f"learner.transductive must be true or false, not {transductive!r}")
+        self.zero_head, self.transductive = zero_head, transductive
         if zero_head:
             self._zero_head()
         self.split = ParameterSplit.declare(self.model, adapt, freeze)
@@ -110,7 +116,7 @@ class GradientLearner(MetaLearner):
             self.model.get_parameter(n).requires_grad_(False)
         shapes = {n: self.model.get_parameter(n).shape for n in self.split.adapted}
         self.inner_optimizer = build_inner_optimizer(inner_optimizer, step_sizes, inner_lr, shapes, inner_steps,
-                                                     inner_beta1, inner_beta2, inner_eps)
+                                                     inner_beta1, inner_beta2, inner_eps, inner_state)
         # Outer steps taken so far: drives the multi-step-loss annealing and survives checkpoints.
         self.register_buffer("outer_steps", torch.zeros((), dtype=torch.long))
         # When the body does not adapt (ANIL), its features are computed once per task batch, as
@@ -137,8 +143,11 @@ class GradientLearner(MetaLearner):
         batch = self.inner_batch if training else self.inner_batch_eval
         if batch and steps:
             batches = minibatch_indices(support_x, batch, steps, self.seed)
+        # Meta-training adaptations hand their final optimizer state on (Adam carried across tasks).
+        done = (lambda state: self.inner_optimizer.commit(self.adapt_names, state)) if training else None
         loop = dict(optimizer=self.inner_optimizer, differentiable=differentiable, second_order=not self.first_order,
-                    recompute=self.grad_checkpoint, loss=self.task_kind(support_y).loss, batches=batches)
+                    recompute=self.grad_checkpoint, loss=self.task_kind(support_y).loss, batches=batches,
+                    on_done=done)
         if self.body_adapts:
             def fwd(p, x, record=None):
                 return self.full(p, x, training, record)
@@ -168,11 +177,25 @@ class GradientLearner(MetaLearner):
         history, fwd = self._adapt(support_x, support_y, self.steps() if steps is None else steps,
                                    differentiable)
         final = history[-1]
+        if not (self.transductive or self.training) and self.bn == "transductive":
+            return lambda query_x: self._query_with_support(fwd, final, support_x, query_x)
 
         def predict(query_x: Tensor) -> Tensor:
             with torch.set_grad_enabled(differentiable):
                 return fwd(final, query_x)
         return predict
+
+    def _query_with_support(self, fwd, params: dict[str, Tensor], support_x: Tensor, query_x: Tensor) -> Tensor:
+        """Non-transductive predictions ``[T, Q, ...]``: query ``j`` of task ``t`` runs in the batch
+        ``support_x[t] + [query_x[t, j]]`` (as T*Q tasks of S+1 examples) and keeps its own output."""
+        t, q = query_x.shape[:2]
+        support = support_x.unsqueeze(1).expand(t, q, *support_x.shape[1:])
+        batch = torch.cat([support, query_x.unsqueeze(2)], 2).flatten(0, 1)            # [T*Q, S+1, ...]
+        per_task = {n: v.repeat_interleave(q, 0) if v.dim() == self.model.get_parameter(n).dim() + 1 else v
+                    for n, v in params.items()}
+        with torch.no_grad():
+            out = fwd(per_task, batch)[:, -1]
+        return out.reshape(t, q, *out.shape[1:])
 
     def finetune_loss(self, support_x: Tensor, support_y: Tensor, pseudo_x: Tensor, ways: int,
                       state: object) -> Tensor:
@@ -308,6 +331,9 @@ class GradientOptions(Options):
     inner_beta1: float = option(0.0, low=0, high=1, high_open=True, role=ADAPTATION, doc="inner Adam's beta1")
     inner_beta2: float = option(0.999, low=0, high=1, high_open=True, role=ADAPTATION, doc="inner Adam's beta2")
     inner_eps: float = option(1e-8, low=0, low_open=True, role=ADAPTATION, doc="inner Adam's epsilon")
+    # Carried state lives in buffers of the learner (checkpointed), so it belongs to the model.
+    inner_state: Literal["reset", "carried"] = option(
+        "reset", role=ARCHITECTURE, doc="inner Adam's state: reset for every task, or carried across tasks (Reptile's code)")
     inner_batch: int = option(0, low=0, role=TRAINING,
                               doc="support examples per inner step in meta-training; 0 = the whole support set")
     inner_batch_eval: int = option(0, low=0, role=ADAPTATION,
@@ -315,8 +341,9 @@ class GradientOptions(Options):
     adapt: str | list[str] = option(
         "all", role=ARCHITECTURE, doc="which parameters adapt: all, head, or a list of name prefixes")
     freeze: list[str] = option([], role=ARCHITECTURE, doc="name prefixes of parameters neither adapted nor learned")
+    # The same weights and buffers in both modes, so evaluation may switch (metamap eval --set learner.bn=...).
     bn: Literal["transductive", "running"] = option(
-        "transductive", role=ARCHITECTURE, doc="batch statistics per task, or running statistics at test time")
+        "transductive", role=ADAPTATION, doc="batch statistics per task, or running statistics at test time")
     multi_step_loss: bool = option(False, role=TRAINING, doc="MAML++ query loss after every inner step")
     msl_anneal_steps: int = option(0, low=0, role=TRAINING, doc="outer steps over which that loss anneals")
     backend: Literal["fast", "reference"] = option(
@@ -328,6 +355,8 @@ class GradientOptions(Options):
     grad_checkpoint: bool = option(False, role=RUNTIME, doc="recompute inner-step activations in the backward")
     zero_head: bool = option(False, role=TRAINING,
                              doc="zero the head before every outer step (Kao et al. 2022; see the module docstring)")
+    transductive: bool = option(True, role=ADAPTATION,
+                                doc="false: each query is normalised with the support set alone (Reptile's evaluation)")
 
     @classmethod
     def upgrade(cls, section: dict) -> dict:
@@ -350,6 +379,9 @@ class GradientOptions(Options):
         if self.inner_optimizer == "adam" and self.step_sizes != "fixed":
             self.fail(f"learner.step_sizes = {self.step_sizes!r} learns SGD step sizes; with "
                       "learner.inner_optimizer = \"adam\" leave step_sizes at \"fixed\"")
+        if self.inner_state == "carried" and self.inner_optimizer != "adam":
+            self.fail("learner.inner_state = \"carried\" keeps Adam's moments across tasks; "
+                      "it needs learner.inner_optimizer = \"adam\" (SGD has no state)")
 
 # Finn et al. (2017), Omniglot 5-way: meta-batch 32, Adam 1e-3, inner step size 0.4, one inner
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults
@@ -368,11 +400,12 @@ def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) ->
     return cls(body, head, len(info.example_shape), ways=ways, seed=config["seed"], **o.to_dict())
 
 
-def _register(name: str, summary: str, cls=GradientLearner, **learner_defaults):
+def _register(name: str, summary: str, cls=GradientLearner, sections: dict | None = None, **learner_defaults):
     options = GradientOptions.with_defaults(f"{name.capitalize()}Options", **learner_defaults) \
         if learner_defaults else GradientOptions
+    defaults = {**DEFAULTS, **(sections or {})}
 
-    @register_learner(name, options=options, defaults=DEFAULTS, family="optimization", summary=summary)
+    @register_learner(name, options=options, defaults=defaults, family="optimization", summary=summary)
     def _build(config: dict, info: DataInfo):
         learner = build_gradient_learner(config, info, cls)
         learner.name = name
@@ -385,5 +418,13 @@ _register("maml", "MAML, second order (Finn et al. 2017); first_order, step_size
 _register("fomaml", "first-order MAML (Finn et al. 2017)", first_order=True)
 _register("anil", "ANIL: only the head adapts (Raghu et al. 2020)", adapt="head")
 _register("metasgd", "Meta-SGD: learned per-weight step sizes (Li et al. 2017)", step_sizes="per_element")
-_register("reptile", "Reptile (Nichol et al. 2018); optim.name = 'sgd' gives the classic outer update",
-          Reptile, inner_steps=5, inner_steps_eval=10, inner_lr=0.1)
+# Reptile's Omniglot 5-way recipe (Nichol et al. 2018, their code's flags): training tasks of 10
+# shots per class, 5 Adam inner steps (lr 1e-3, beta1 0) on mini-batches of 10, meta-batch 5, an
+# SGD outer step of size 1 annealed linearly to 0; 50 inner steps at evaluation on mini-batches
+# of 5. Training tasks need no query set; one query per class only feeds the training metrics.
+REPTILE = {"episode": {"ways": 5, "shots": 10, "queries": 1, "tasks_per_batch": 5},
+           "optim": {"name": "sgd", "lr": 1.0}, "schedule": {"name": "linear", "min_lr": 0.0},
+           "eval": {"ways": [5], "shots": [1]}}
+_register("reptile", "Reptile (Nichol et al. 2018) with its paper's recipe: Adam inner steps on mini-batches, "
+          "outer SGD step annealed 1 -> 0", Reptile, sections=REPTILE, inner_steps=5, inner_steps_eval=50,
+          inner_optimizer="adam", inner_lr=1e-3, inner_beta1=0.0, inner_batch=10, inner_batch_eval=5)

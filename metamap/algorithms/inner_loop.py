@@ -51,7 +51,8 @@ def inner_loop(forward: Callable[[dict[str, Tensor], Tensor], Tensor], theta: di
                adapt: list[str], x: Tensor, y: Tensor, steps: int, optimizer: InnerOptimizer,
                differentiable: bool, second_order: bool, recompute: bool = False,
                loss: Callable[[Tensor, Tensor], Tensor] = task_losses,
-               batches: Tensor | None = None) -> list[dict[str, Tensor]]:
+               batches: Tensor | None = None,
+               on_done: Callable[[tuple[Tensor, ...]], None] | None = None) -> list[dict[str, Tensor]]:
     """Adapt ``theta`` to each task of ``(x [T, S, ...], y [T, S])`` in ``steps`` inner steps.
 
     Returns the parameter dicts after ``0..steps`` steps: entries named in ``adapt`` are
@@ -60,7 +61,8 @@ def inner_loop(forward: Callable[[dict[str, Tensor], Tensor], Tensor], theta: di
     ``optimizer`` turns each step's gradients into new weights (plain SGD, learned step sizes,
     Adam: :mod:`metamap.algorithms.inner_opt`); ``loss`` maps ``(outputs, targets)`` to per-task
     losses ``[T]`` (the task kind's adaptation loss); ``batches [steps, T, B]``, if given, are the
-    support positions each step uses (inner mini-batches), else every step uses all of them.
+    support positions each step uses (inner mini-batches), else every step uses all of them;
+    ``on_done``, if given, receives the optimizer's final state (to carry it to the next tasks).
 
     ``differentiable``: keep the graph from ``theta`` (and learned step sizes) to the adapted
     weights, for a meta-gradient; ``second_order``: also differentiate through the inner
@@ -117,6 +119,8 @@ def inner_loop(forward: Callable[[dict[str, Tensor], Tensor], Tensor], theta: di
             fast = {**fast, **dict(zip(adapt, out[:len(adapt)]))}
             state = tuple(out[len(adapt):])
             history.append(fast)
+    if on_done is not None:
+        on_done(state)
     return history
 
 

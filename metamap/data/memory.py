@@ -70,3 +70,20 @@ def images_array(count: int, shape: tuple[int, ...], what: str):
     check_fits(image_bytes(count, shape), f"{what} ({count:,} images of {'x'.join(map(str, shape))})",
                "choose a smaller data.image_size")
     return np.empty((count, *shape), dtype=np.uint8)
+
+
+def check_model_fits(build, what: str) -> None:
+    """Refuse a model whose weights cannot fit, before they are allocated: ``build()`` runs once on
+    PyTorch's meta device (shapes only, no memory) to count them. Training holds each weight about
+    four times (the weight, its gradient, two optimizer moments)."""
+    import torch
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            model = build()
+        tensors = [*model.parameters(), *model.buffers()]
+    except Exception:       # a builder that computes with its tensors cannot run on the meta device: no estimate
+        return
+    count = sum(t.numel() for t in tensors)
+    check_fits(4 * sum(t.numel() * t.element_size() for t in tensors),
+               f"{what} ({count:,} weights, each held as weight, gradient and two optimizer moments)",
+               "choose smaller sizes (e.g. model.hidden)")

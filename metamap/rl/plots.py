@@ -75,9 +75,10 @@ def plot_navigation(meta, goals: np.ndarray, path: str | Path, steps: int = 3, s
             params = adapt_step(meta.policy, params, episodes, meta.advantages(episodes), lr, False)
     fig, axes = plt.subplots(1, len(goals), figsize=(3.2 * len(goals), 3.4), squeeze=False)
     for i, ax in enumerate(axes[0]):
-        for k, shade in zip(range(steps + 1), np.linspace(0.35, 1.0, steps + 1)):
-            name = "pre-update" if k == 0 else f"{k} step{'s' if k > 1 else ''}"
-            ax.plot(paths[k][i, :, 0], paths[k][i, :, 1], color=plt.cm.Blues(shade), lw=1.5, label=name)
+        ax.plot(paths[0][i, :, 0], paths[0][i, :, 1], "--", color="tab:orange", lw=1.8, label="pre-update")
+        for k, shade in zip(range(1, steps + 1), np.linspace(0.45, 1.0, steps)):
+            ax.plot(paths[k][i, :, 0], paths[k][i, :, 1], color=plt.cm.Blues(shade), lw=1.5,
+                    label=f"{k} step{'s' if k > 1 else ''}")
         ax.plot(*goals[i], marker="*", color="red", ms=14, ls="", label="goal")
         ax.plot(0, 0, marker="o", color="grey", ms=5, ls="")
         ax.set(xlim=(-0.6, 0.6), ylim=(-0.6, 0.6), aspect="equal", title=f"{label}: goal {i + 1}")

@@ -96,6 +96,13 @@ class TaskKind:
     def __repr__(self) -> str:
         return f"<task kind {self.name!r}>"
 
+    # Kinds hold no state: two objects of one kind are the same kind.
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.name == other.name
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.name))
+
 
 @register_task_kind("classification")
 class Classification(TaskKind):

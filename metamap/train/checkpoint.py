@@ -189,16 +189,14 @@ def recover(path: str | Path) -> Path | None:
     Only for a folder no running process writes to (the trainer holds the run folder's lock)."""
     path = Path(path)
     found = locate(path)
-    if found is None:
-        return None
-    if found != path:
+    if found is not None and found != path:
         if path.exists():      # an empty or foreign folder where the checkpoint belongs: keep it aside
             _rename(path, path.with_name(f".{path.name}.unknown-{os.getpid()}-{int(time.time())}"))
         _rename(found, path)
         _fsync(path.parent)
-    for folder in _leftovers(path):
+    for folder in _leftovers(path):      # what is left is older or incomplete
         _remove(folder)
-    return path
+    return path if found is not None else None
 
 
 def resume_source(run_dir: str | Path) -> Path:
@@ -420,6 +418,7 @@ def load_learner(path: str | Path, device: str = "cpu", learner=None) -> LoadedL
     (for learners built in Python around one's own modules, which no config can rebuild).
     """
     from metamap.config import resolve
+    from metamap.data.memory import check_model_fits
     from metamap.errors import MetamapError
     from metamap.registry import build_learner
 
@@ -434,6 +433,7 @@ def load_learner(path: str | Path, device: str = "cpu", learner=None) -> LoadedL
     try:
         config = resolve(base=meta["config"])      # older checkpoints: missing keys take today's defaults
         if learner is None:
+            check_model_fits(lambda: build_learner(config, info), f"the learner of {path}")
             learner = build_learner(config, info)
     except MetamapError as e:
         raise CheckpointError(f"{path}: cannot rebuild its learner from {META}: {e}") from None

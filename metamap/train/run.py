@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict
@@ -12,12 +13,12 @@ from pathlib import Path
 import torch
 
 from metamap import config as configlib
-from metamap.data.memory import check_fits
+from metamap.data.memory import check_fits, check_model_fits
 from metamap.data.paths import check_writable_dir, write_text
 from metamap.errors import CheckpointError, ConfigError, EpisodeError, OutputError
 from metamap.registry import DataInfo, build_learner, data_source
 from metamap.report import plot_curves, write_report
-from metamap.train import checkpoint
+from metamap.train import checkpoint, eval_overrides
 from metamap.train.evaluate import EvalResult, evaluate
 from metamap.train.precision import resolve_precision
 from metamap.train import test_time
@@ -56,6 +57,7 @@ def build(config: dict, seed_offset: int = 0):
     """The data source, its info and a freshly initialised learner (weights from ``config['seed']``)."""
     source = data_source(config)
     info = source.info(config)
+    check_model_fits(lambda: build_learner(config, info), f"the {config['learner']['name']} learner")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"] + seed_offset)
         learner = build_learner(config, info)
@@ -125,8 +127,12 @@ def hold_run_dir(run_dir: Path):
     except ImportError:           # not POSIX: no lock
         yield
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OutputError(f"cannot write in the run folder {run_dir} ({e.strerror or e}); training writes its "
+                          "checkpoints there: copy the run to a writable place and resume that copy") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -225,17 +231,24 @@ def train(config: dict, run_dir: str | Path | None = None, resume: str | Path | 
             dist.barrier()          # rank 0 has checked the run folder (and put back a checkpoint) first
         return _train(config, run_dir, checkpoint.resume_source(run_dir) if resume else None, device, progress,
                       run_test, echo, rank, world_size)
+    created = not resume and not run_dir.exists()
     if not resume:
         open_run_dir(run_dir, resume=False)
-    with hold_run_dir(run_dir):
-        start = open_run_dir(run_dir, resume=True) if resume else None
-        if start is not None:       # before the data are loaded
-            from metamap.train.trainer import check_same_run
-            check_same_run(checkpoint.read_meta(start)[1], config, start)
-        if world_size > 1:
-            import torch.distributed as dist
-            dist.barrier()
-        return _train(config, run_dir, start, device, progress, run_test, echo, rank, world_size)
+    try:
+        with hold_run_dir(run_dir):
+            start = open_run_dir(run_dir, resume=True) if resume else None
+            if start is not None:       # before the data are loaded
+                from metamap.train.trainer import check_same_run
+                check_same_run(checkpoint.read_meta(start)[1], config, start)
+            if world_size > 1:
+                import torch.distributed as dist
+                dist.barrier()
+            return _train(config, run_dir, start, device, progress, run_test, echo, rank, world_size)
+    except BaseException:
+        # A run refused before it wrote anything leaves no empty folder behind.
+        if created and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bool, run_test: bool, echo,
@@ -348,6 +361,14 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str 
     device = setup_runtime(config)
     loaded = load_learner(path, device=str(device))
     learner = loaded.learner
+    adaptation = eval_overrides.check(loaded.config, config, overrides)
+    if adaptation:
+        # The same weights in a learner built with the new adaptation settings.
+        rebuilt = build_learner(config, loaded.info)
+        checkpoint.load_state(rebuilt, learner.state_dict(), path)
+        learner = rebuilt.to(device).eval()
+        echo("adaptation overrides: " + ", ".join(f"learner.{k} = {new!r} (trained with {old!r})"
+                                                  for k, (old, new) in adaptation.items()))
     source = data_source(config)
     trained_on = meta["config"]["data"]["name"]
     if loaded.spec is not None and hasattr(source, "dataset"):

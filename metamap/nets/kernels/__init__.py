@@ -57,9 +57,12 @@ def build(verbose: bool = False):
             try:
                 from torch.utils.cpp_extension import load as compile_and_load
                 name, flags = extension_name()
-                with _file_lock(_lock_path(name, verbose)):
-                    _module = compile_and_load(name, [str(_SOURCE)], extra_cflags=flags,
-                                               extra_ldflags=["-fopenmp"], verbose=verbose)
+                build_dir = _build_dir(name, verbose)
+                with _file_lock(build_dir.parent / f"{name}.metamap-lock"):
+                    _clear_stale_baton(build_dir)
+                    _module = compile_and_load(name, [str(_stable_source(build_dir.parent, name))],
+                                               extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                               build_directory=str(build_dir), verbose=verbose)
             except Exception as e:  # any build failure means: use the PyTorch layers
                 _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 warnings.warn(
@@ -74,14 +77,39 @@ def failure() -> str | None:
     return _failed
 
 
-def _lock_path(name: str, verbose: bool) -> Path:
-    """A lock file beside PyTorch's build folder for ``name`` (in the temporary folder if unknown)."""
+def _build_dir(name: str, verbose: bool) -> Path:
+    """PyTorch's build folder for ``name`` (in the temporary folder if PyTorch cannot say)."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
-        return Path(_get_build_directory(name, verbose)).parent / f"{name}.metamap-lock"
+        path = Path(_get_build_directory(name, verbose))
     except (ImportError, OSError, TypeError):
         import tempfile
-        return Path(tempfile.gettempdir()) / f"{name}.metamap-lock"
+        path = Path(tempfile.gettempdir()) / "metamap_torch_extensions" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _clear_stale_baton(build_dir: Path) -> None:
+    # PyTorch marks a build in progress with a `lock` file and waits, forever, while it exists. A
+    # build that was killed (a timeout, Ctrl-C) leaves it behind. Callers hold metamap's exclusive
+    # lock for this extension, so no other build of it is running: any such file is stale.
+    with contextlib.suppress(FileNotFoundError):
+        (build_dir / "lock").unlink()
+
+
+def _stable_source(folder: Path, name: str) -> Path:
+    """A copy of the kernel's source at a path that does not depend on where metamap is installed.
+
+    The build rules name the source file, so two installs (two checkouts, a venv and a clone)
+    compiling from their own paths would each rebuild the shared cached extension in turn."""
+    src = folder / f"{name}.src" / _SOURCE.name
+    text = _SOURCE.read_bytes()
+    if not src.is_file() or src.read_bytes() != text:
+        src.parent.mkdir(parents=True, exist_ok=True)
+        tmp = src.with_name(f".{src.name}.{os.getpid()}")
+        tmp.write_bytes(text)
+        os.replace(tmp, src)
+    return src
 
 
 @contextlib.contextmanager

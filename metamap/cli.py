@@ -126,6 +126,12 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from metamap.export import export_classifier      # checks --out before any work
+    print(export_classifier(args.checkpoint, args.support, args.out).summary())
+    return 0
+
+
 def cmd_report(args) -> int:
     import metamap
     from metamap.report import check_run_dir, write_report
@@ -201,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps not given on (P>M>F's recipe)")
     r.add_argument("--finetune-seed", type=int, default=0, help="seed of the fine-tuning's augmentation")
     r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="write a standalone ONNX classifier for the classes of a support folder")
+    x.add_argument("--checkpoint", "-c", required=True, help="checkpoint folder or run folder")
+    x.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
+    x.add_argument("--out", required=True, help="ONNX file to write, e.g. classifier.onnx")
+    x.set_defaults(func=cmd_export)
 
     rep = sub.add_parser("report", help="(re)generate a run's curves, test-episode grid and HTML report")
     rep.add_argument("run_dir")

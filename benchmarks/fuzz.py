@@ -50,6 +50,20 @@ from metamap.errors import ConfigError, DataError, MetamapError
 BUG_REPORTS = 20           # tracebacks printed per section (all are counted)
 
 
+COLUMNS = ("inputs", "clean errors", "correct results", "tracebacks", "silent accepts")
+
+
+def column(outcome: str) -> str:
+    """Which of the reported columns an outcome counts in ('' = not an input: nothing was tried)."""
+    if outcome == "BUG":
+        return "tracebacks"
+    if outcome == "SILENT":
+        return "silent accepts"
+    if outcome.startswith("format cannot"):
+        return ""
+    return "clean errors" if outcome.startswith("refused") or outcome.endswith("Error") else "correct results"
+
+
 class Section:
     """Counts outcomes; prints the first BUG and SILENT reports."""
 
@@ -69,9 +83,19 @@ class Section:
     def failed(self) -> bool:
         return bool(self.counts["BUG"] or self.counts["SILENT"])
 
+    def columns(self) -> dict[str, int]:
+        out = dict.fromkeys(COLUMNS, 0)
+        for outcome, count in self.counts.items():
+            if column(outcome):
+                out[column(outcome)] += count
+                out["inputs"] += count
+        return out
+
     def summary(self) -> str:
-        total = sum(self.counts.values())
-        return f"{self.name}: {total} inputs -> {dict(sorted(self.counts.items()))}"
+        return f"{self.name}: {self.columns()} <- {dict(sorted(self.counts.items()))}"
+
+    def row(self) -> str:
+        return f"| {self.name} | " + " | ".join(f"{v:,}" for v in self.columns().values()) + " |"
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -219,7 +243,8 @@ HOSTILE = ["abc", '""', "-1", "0", "1", "2", "0.5", "-5", "1e30", "nan", "inf", 
 
 
 def base_overrides(folder: Path, learner: str) -> list[str]:
-    out = ["data.name='folder'", f"data.path='{folder}'", "data.fractions=[0.5, 0.2, 0.3]", "model.hidden=8",
+    out = ["data.name='folder'", f"data.path='{folder}'", "data.fractions=[0.5, 0.2, 0.3]",
+           *(["model.hidden=8"] if learner != "mann" else []),         # MANN's flatten backbone has no width
            f"learner.name='{learner}'", "episode.ways=3", "episode.shots=1", "episode.queries=2",
            "episode.tasks_per_batch=2", "eval.ways=[3]", "eval.shots=[1]", "eval.queries=2", "eval.episodes=2",
            "train.threads=1", "train.val_episodes=2", "train.tune_allocator=false"]
@@ -590,9 +615,10 @@ def fuzz_adapt(n: int, seed: int) -> Section:
             with torch.set_grad_enabled(learner.adapts_with_gradients):
                 out = learner.adapt(x, y, ways)(q)
         except MetamapError:
-            section.add("refused (clean)" if not valid else "refused a valid input", what)
             if valid:
                 section.add("SILENT", what, "a valid input was refused: " + traceback.format_exc(limit=1))
+            else:
+                section.add("refused (clean)", what)
             continue
         except Exception:
             section.bug(what)
@@ -672,6 +698,8 @@ def main() -> None:
             section = run()
             print(section.summary(), flush=True)
             results.append(section)
+    print("\n| section | " + " | ".join(COLUMNS) + " |\n|---|" + "---:|" * len(COLUMNS))
+    print("\n".join(s.row() for s in results), flush=True)
     sys.exit(1 if any(s.failed for s in results) else 0)
 
 

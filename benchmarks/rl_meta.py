@@ -132,7 +132,7 @@ def cmd_report(args) -> int:
         goals = np.array([[0.3, 0.35], [-0.4, 0.1], [0.1, -0.45], [-0.25, -0.3]])
         for method in ("maml-trpo", "pretrained"):
             if (run_dir(args.family, method) / "best").exists():
-                learner = load_learner(run_dir(args.family, method))
+                learner = load_learner(run_dir(args.family, method)).learner
                 out = plot_navigation(learner.meta, goals, folder / f"paths-{method}.png", label=method)
                 print(f"trajectories: {out}")
     return 0
@@ -146,8 +146,8 @@ def cmd_paired(args) -> int:
     from metamap.rl.tasks import RLSource
     from metamap.train.evaluate import confidence_interval
     folder = run_dir(args.family, args.method)
-    learner = load_learner(folder)
-    config = learner.config
+    loaded = load_learner(folder)
+    learner, config = loaded.learner, loaded.config
     sampler = RLSource().sampler(config, "test", 1, 1, 1, 1, config["eval"]["seed"])   # as metamap eval
     episodes = config["eval"]["episodes"]
     diffs = []

@@ -7,15 +7,18 @@ __version__ = "0.1.0"
 __all__ = ["MetaLearner", "Predictor", "TaskBatch", "MetamapError", "load", "__version__"]
 
 
-def load(checkpoint, device: str = "cpu"):
+def load(checkpoint, device: str = "cpu", learner=None):
     """Load a trained learner from a checkpoint folder (or a run folder: its best checkpoint).
 
-    The learner comes in evaluation mode with ``learner.spec`` (the image preprocessing used in
-    training, or ``None``) and ``learner.config`` attached::
+    Returns a :class:`~metamap.train.checkpoint.LoadedLearner`: ``.learner`` (in evaluation
+    mode), ``.spec`` (the image preprocessing used in training, or ``None``), ``.config``::
 
-        learner = metamap.load("runs/protonet-omniglot/best")
-        predictor = learner.adapt(support_x, support_y)
+        model = metamap.load("runs/protonet-omniglot/best")
+        predictor = model.learner.adapt(support_x, support_y)
         logits = predictor(query_x)
+
+    ``learner``: a learner built in Python (e.g. ``metamap.MAML(my_cnn)``) to load the weights
+    into, for checkpoints of learners around one's own modules.
     """
     from metamap.train.checkpoint import load_learner
-    return load_learner(checkpoint, device=device)
+    return load_learner(checkpoint, device=device, learner=learner)

@@ -130,7 +130,7 @@ def test_variants_have_their_own_defaults_and_the_same_fields():
     maml, fomaml, reptile = (configlib.resolve(overrides=[f"learner.name={n}"])["learner"]
                              for n in ("maml", "fomaml", "reptile"))
     assert not maml["first_order"] and fomaml["first_order"]
-    assert (reptile["inner_steps"], reptile["inner_steps_eval"], reptile["inner_lr"]) == (5, 10, 0.1)
+    assert (reptile["inner_steps"], reptile["inner_steps_eval"], reptile["inner_lr"]) == (5, 50, 1e-3)   # its recipe
     assert list(maml) == list(fomaml) == list(reptile)
 
 
@@ -143,6 +143,11 @@ def test_every_field_has_a_role_and_roles_tell_adaptation_from_architecture():
     gradient = roles(plugin("learner", "maml").options)
     assert gradient["inner_steps_eval"] == ADAPTATION and gradient["step_sizes"] == ARCHITECTURE
     assert roles(plugin("learner", "finetune").options)["steps"] == ADAPTATION
+    # Same weights and buffers either way: eval may switch batch-norm modes, not the carried Adam state.
+    assert gradient["bn"] == ADAPTATION and gradient["inner_state"] == ARCHITECTURE
+    from metamap.train.eval_overrides import allowed_keys
+    assert {"inner_steps_eval", "bn", "transductive", "backend"} <= allowed_keys("maml")
+    assert not {"inner_steps", "step_sizes", "first_order", "inner_state"} & allowed_keys("maml")
     assert roles(plugin("model", "conv4").options)["hidden"] == ARCHITECTURE
 
 

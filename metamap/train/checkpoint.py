@@ -253,7 +253,10 @@ def check_meta(meta: dict, where: Path) -> None:
     need(meta.get("best") is None or isinstance(meta["best"], dict), "best", "must be a table or null")
     need(isinstance(meta.get("optimizer", {}), dict), "optimizer", "must be a table")
     need(isinstance(meta.get("learner", ""), str), "learner", "must be a learner name")
-    if "config" in meta or "data_info" in meta:
+    if meta.get("python"):       # a learner built in Python: its modules come from the caller, not the config
+        need(isinstance(meta.get("config"), dict) and isinstance(meta["config"].get("learner"), dict),
+             "config.learner", "is missing or not a table")
+    elif "config" in meta or "data_info" in meta:
         check_rebuild(meta, where)
 
 
@@ -431,7 +434,8 @@ def load_learner(path: str | Path, device: str = "cpu", learner=None) -> LoadedL
         check_rebuild(meta, path)
     info = data_info(meta) if isinstance(meta.get("data_info"), dict) else None
     try:
-        config = resolve(base=meta["config"])      # older checkpoints: missing keys take today's defaults
+        # Older checkpoints: missing keys take today's defaults. A learner built in Python keeps its own.
+        config = meta["config"] if meta.get("python") else resolve(base=meta["config"])
         if learner is None:
             check_model_fits(lambda: build_learner(config, info), f"the learner of {path}")
             learner = build_learner(config, info)

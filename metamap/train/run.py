@@ -276,7 +276,7 @@ def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bo
     callbacks = []
     if config["train"]["tensorboard"] and rank == 0:
         from metamap.train.callbacks import TensorBoardLogger
-        callbacks.append(TensorBoardLogger(run_dir))
+        callbacks.append(TensorBoardLogger(run_dir / "tensorboard"))
     trainer = Trainer(learner, train_sampler, config, run_dir, meta, validate=validate, device=device,
                       memory_format=memory_format, progress=progress, callbacks=callbacks, rank=rank,
                       world_size=world_size)

@@ -34,8 +34,11 @@ from metamap.train.schedule import lr_factor
 
 
 class Callback(Protocol):
+    """Any of these methods (see :mod:`metamap.train.callbacks`); a callback may lack some."""
+
     def on_step(self, trainer: Trainer, record: dict) -> None: ...
     def on_validation(self, trainer: Trainer, result: EvalResult, is_best: bool) -> None: ...
+    def on_fit_end(self, trainer: Trainer) -> None: ...
 
 
 class TrainingInterrupted(MetamapError):
@@ -124,6 +127,7 @@ class Trainer:
         self.saved_step: int | None = None     # step of the latest checkpoint in RUN/last
         self.reference_norm: float | None = None   # weight norm at step 0 (for train.max_weight_growth)
         self._stop_signal: int | None = None
+        self.stop_reason: str | None = None    # set by request_stop (a callback ending training early)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -195,6 +199,19 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def request_stop(self, reason: str) -> None:
+        """End training after the current step (as at the last step: checkpoints are written)."""
+        if self.world_size > 1:
+            # Every rank would have to stop at the same step; only single-process training can.
+            raise MetamapError("request_stop: stopping early works in single-process training only")
+        self.stop_reason = str(reason)
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            method = getattr(cb, hook, None)
+            if method is not None:
+                method(self, *args)
+
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict | None:
         steps = self.train_cfg["steps"]
@@ -205,7 +222,7 @@ class Trainer:
         bar.update(self.step)
         tasks_done, t0 = 0, time.perf_counter()
         try:
-            while self.step < steps:
+            while self.step < steps and self.stop_reason is None:
                 record = self.train_step()
                 tasks_done += self.sampler.tasks_per_batch
                 if record is not None:
@@ -216,13 +233,13 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", **{k: f"{v:.3f}" for k, v in record.items()
                                                                     if k in self.metric_names},
                                     tasks_s=f"{record['tasks_per_s']:.1f}", refresh=False)
-                    for cb in self.callbacks:
-                        cb.on_step(self, record)
+                    self._call("on_step", record)
                 bar.update(1)
                 every = self.train_cfg["val_every"]
                 if self.validate is not None and every and (self.step % every == 0 or self.step == steps):
                     self.run_validation()
-                if self.is_main and (self.step % self.train_cfg["checkpoint_every"] == 0 or self.step == steps):
+                end = self.step == steps or self.stop_reason is not None
+                if self.is_main and (self.step % self.train_cfg["checkpoint_every"] == 0 or end):
                     self.save("last")
                 if self._stop_signal is not None:
                     if self.is_main:
@@ -239,6 +256,7 @@ class Trainer:
         if self.is_main and (self.validate is None or not self.train_cfg["val_every"]):
             self.best = {"step": self.step, "metric": None, "mean": None}
             self.save("best")
+        self._call("on_fit_end")
         return self.best
 
     def train_step(self) -> dict | None:
@@ -347,8 +365,7 @@ class Trainer:
                   "higher_is_better": result.higher_is_better, "best": better})
         if better and self.is_main:
             self.save("best")
-        for cb in self.callbacks:
-            cb.on_validation(self, result, better)
+        self._call("on_validation", result, better)
         return result
 
     # -- guards --------------------------------------------------------------------------------

@@ -558,7 +558,8 @@ def adapt_learners():
     out = {}
     for name in ("protonet", "matching", "relation", "siamese", "finetune", "mann", "maml"):
         extra = ["learner.cpp_kernels=false", "episode.ways=3"] if name == "maml" else []
-        config = configlib.resolve(overrides=[f"learner.name='{name}'", "model.hidden=4", *extra])
+        width = [] if name == "mann" else ["model.hidden=4"]         # MANN's flatten backbone has no width
+        config = configlib.resolve(overrides=[f"learner.name='{name}'", *width, *extra])
         torch.manual_seed(0)
         info = DataInfo((1, 28, 28), spec=ImageSpec(size=28), num_train_classes=5)
         learner = build_learner(config, info).eval()

@@ -55,9 +55,9 @@ class OptimOptions(Options):
     section = "optim"
     name: Literal["adam", "adamw", "sgd"] = option("adam", role=TRAINING)
     lr: float = option(1e-3, low=0, low_open=True, high=MAX_STEP, role=TRAINING, doc="outer learning rate")
-    weight_decay: float = option(0.0, low=0, role=TRAINING)
+    weight_decay: float = option(0.0, low=0, high=MAX_STEP, role=TRAINING)
     grad_clip: float = option(0.0, low=0, role=TRAINING, doc="largest gradient norm; 0 = no clipping")
-    momentum: float = option(0.0, low=0, role=TRAINING, doc="for name = sgd")
+    momentum: float = option(0.0, low=0, high=1, role=TRAINING, doc="for name = sgd")
     nesterov: bool = option(False, role=TRAINING, doc="for name = sgd")
 
     def check(self) -> None:

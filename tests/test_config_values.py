@@ -73,6 +73,8 @@ def test_a_config_file_that_is_not_utf8_is_refused_by_the_cli(capsys, tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["optim.lr=1e30"], "optim.lr must be a number > 0 and <= 1e+06"),
+    (["optim.weight_decay=1e30"], "optim.weight_decay must be"),
+    (["optim.name='sgd'", "optim.momentum=2"], "optim.momentum must be"),
     (["learner.name='maml'", "learner.inner_lr=99999999999999999999999"], "learner.inner_lr must be"),
     (["learner.name='finetune'", "learner.lr=1e30"], "learner.lr must be"),
     (["learner.name='finetune'", "learner.head='cosine'", "learner.scale=1e30"], "learner.scale must be"),

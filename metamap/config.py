@@ -142,10 +142,10 @@ class EvalOptions(Options):
     finetune: bool | Literal["auto", "on", "off"] = option(False, role=ADAPTATION)
     finetune_lr: Literal["auto"] | float = option(
         "auto", low=0, high=MAX_STEP, role=ADAPTATION, doc="auto = picked on episodes of the validation classes")
-    finetune_steps: Literal["auto"] | int = option("auto", low=0, role=ADAPTATION)
+    finetune_steps: Literal["auto"] | int = option("auto", low=0, high=10_000, role=ADAPTATION)
     finetune_lrs: list[float] = option([0.0, 1e-4, 1e-3, 1e-2], low=0, high=MAX_STEP, nonempty=True, role=ADAPTATION,
                                        doc="candidates of finetune_lr = auto; 0 = no fine-tuning")
-    finetune_steps_grid: list[int] = option([10, 25, 50], low=1, nonempty=True, role=ADAPTATION,
+    finetune_steps_grid: list[int] = option([10, 25, 50], low=1, high=10_000, nonempty=True, role=ADAPTATION,
                                             doc="candidates of finetune_steps = auto")
     finetune_episodes: int = option(5, low=1, role=ADAPTATION, doc="labelled episodes the automatic choice uses")
     finetune_augment: list[Literal["flip", "color", "translation"]] = option(list(FINETUNE_AUGMENTATIONS),

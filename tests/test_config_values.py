@@ -74,6 +74,7 @@ def test_a_config_file_that_is_not_utf8_is_refused_by_the_cli(capsys, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["optim.lr=1e30"], "optim.lr must be a number > 0 and <= 1e+06"),
     (["optim.weight_decay=1e30"], "optim.weight_decay must be"),
+    (["learner.name='finetune'", "learner.steps=100000"], "learner.steps must be"),       # > 20 CPU-s per episode
     (["optim.name='sgd'", "optim.momentum=2"], "optim.momentum must be"),
     (["learner.name='maml'", "learner.inner_lr=99999999999999999999999"], "learner.inner_lr must be"),
     (["learner.name='finetune'", "learner.lr=1e30"], "learner.lr must be"),
@@ -82,7 +83,7 @@ def test_a_config_file_that_is_not_utf8_is_refused_by_the_cli(capsys, tmp_path):
     (["learner.name='maml'", "learner.inner_optimizer='adam'", "learner.inner_eps=1e23"], "learner.inner_eps must be"),
     (["schedule.name='cosine'", "schedule.min_lr=0.01"], "schedule.min_lr = 0.01 is above optim.lr = 0.001"),
 ])
-def test_step_sizes_that_can_only_overflow_are_refused_at_resolve(overrides, message):
+def test_values_that_only_overflow_or_stall_are_refused_at_resolve(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         configlib.resolve(overrides=overrides)
     # Up to 1e6 the divergence guard stops a run that blows up (tests/test_divergence.py uses 1e6).

@@ -201,7 +201,7 @@ class FineTuneOptions(Options):
     head: Literal["linear", "cosine"] = option("linear", role=ARCHITECTURE,
                                                doc="linear, or Baseline++'s cosine classifier")
     scale: float = option(10.0, low=0, low_open=True, high=MAX_STEP, role=ARCHITECTURE, doc="cosine head: logits = scale * cosine")
-    steps: int = option(100, low=0, high=1 << 20, role=ADAPTATION, doc="SGD steps fitting the new head")
+    steps: int = option(100, low=0, high=10_000, role=ADAPTATION, doc="SGD steps fitting the new head")
     lr: float = option(0.01, low=0, low_open=True, high=MAX_STEP, role=ADAPTATION, doc="step size of the new head")
     finetune_backbone: bool = option(False, role=ADAPTATION, doc="also fine-tune a copy of the backbone per task")
     backbone_lr: float = option(0.001, low=0, low_open=True, high=MAX_STEP, role=ADAPTATION,

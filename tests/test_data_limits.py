@@ -83,6 +83,18 @@ def test_an_inner_mini_batch_larger_than_the_support_set_counts_in_the_estimate(
     assert "learner.inner_batch" in err and "Traceback" not in err
 
 
+def test_a_meta_batch_too_large_for_memory_is_refused_without_a_convolution(image_folder, tmp_path, machine_with,
+                                                                            capsys):
+    machine_with(1 * GB)
+    code = main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--learner", "mann",
+                 "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--queries", "2",
+                 "--set", "episode.tasks_per_batch=100000", "--steps", "1", "-q", "--no-test",
+                 "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    # MANN's flatten backbone: 100,000 tasks x 9 examples x 1 x 28 x 28 x 4 bytes of inputs = 2.8 GB > 80 % of 1 GB
+    assert code == 2 and "one training pass over 900000 images of 1x28x28" in err and "2.8 GB" in err, err
+
+
 def test_an_address_space_limit_counts_as_memory_left(monkeypatch):
     import resource
     size = memory._read_int("/proc/self/status", "VmSize")

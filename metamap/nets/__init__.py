@@ -34,7 +34,7 @@ class MLPOptions(Options):
 @dataclass(frozen=True, kw_only=True)
 class FlattenOptions(Options):
     section = "model"
-    scale: float = option(0.2, low=-MAX_STEP, high=MAX_STEP, doc="inputs are multiplied by this (see Flatten)")
+    scale: float = option(0.2, low=0, low_open=True, high=MAX_STEP, doc="inputs are multiplied by this (see Flatten)")
 
     @classmethod
     def upgrade_checkpoint(cls, section: dict) -> dict:

@@ -126,6 +126,12 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from metamap.export import export_classifier      # checks --out before any work
+    print(export_classifier(args.checkpoint, args.support, args.out).summary())
+    return 0
+
+
 def cmd_report(args) -> int:
     import metamap
     from metamap.report import check_run_dir, write_report
@@ -149,14 +155,14 @@ def cmd_build_kernels(args) -> int:
     import warnings
 
     from metamap.nets import kernels
-    name, _ = kernels.extension_name()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")        # the failure is reported below, once
-        built = kernels.build(verbose=args.verbose)
-    if built is None:
+        kernels.build(verbose=args.verbose)
+    if kernels.failure() is not None:
         raise MetamapError(f"could not build the C++ kernels ({kernels.failure()}); install a C++ compiler "
                            "and `pip install ninja`, or train with learner.cpp_kernels = false (same results, slower)")
-    print(f"built the C++ kernels: {name} ({built.__file__})")
+    for stem in kernels.SOURCES:
+        print(f"built the C++ kernel {stem}: {kernels.extension_name(stem)[0]} ({kernels.build_source(stem).__file__})")
     return 0
 
 
@@ -201,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps not given on (P>M>F's recipe)")
     r.add_argument("--finetune-seed", type=int, default=0, help="seed of the fine-tuning's augmentation")
     r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="write a standalone ONNX classifier for the classes of a support folder")
+    x.add_argument("--checkpoint", "-c", required=True, help="checkpoint folder or run folder")
+    x.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
+    x.add_argument("--out", required=True, help="ONNX file to write, e.g. classifier.onnx")
+    x.set_defaults(func=cmd_export)
 
     rep = sub.add_parser("report", help="(re)generate a run's curves, test-episode grid and HTML report")
     rep.add_argument("run_dir")

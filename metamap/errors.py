@@ -31,3 +31,7 @@ class DivergenceError(MetamapError):
 
 class OutputError(MetamapError):
     """A file or folder to be written cannot be written there (checked before any work)."""
+
+
+class ExportError(MetamapError):
+    """A learner cannot be exported as asked, or the export's optional packages are missing."""

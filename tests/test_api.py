@@ -101,10 +101,12 @@ def test_every_other_learner_wraps_user_modules():
 
 
 def test_fit_trains_exactly_as_metamap_train(image_folder, tmp_path):
+    import shutil
+
     from metamap.cli import main
-    # The shared folder's split file is fixed by its first user: the fractions every test of it uses.
-    sets = ["data.name='folder'", f"data.path='{image_folder}'", "data.fractions=[0.5, 0.2, 0.3]",
-            "data.image_size=16", "model.hidden=8",
+    # A copy: the split file this run writes beside the images must not reach other tests' runs.
+    image_folder = shutil.copytree(image_folder, tmp_path / "images", ignore=shutil.ignore_patterns("metamap-split.json"))
+    sets = ["data.name='folder'", f"data.path='{image_folder}'", "data.image_size=16", "model.hidden=8",
             "episode.ways=3", "episode.shots=1", "episode.queries=2", "episode.tasks_per_batch=2",
             "train.steps=4", "train.val_every=0", "train.channels_last=false", "train.precision='fp32'",
             "train.threads=1", "schedule.step_size=2", "seed=3"]

@@ -29,6 +29,7 @@ so no query's statistics reach another's prediction.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
@@ -131,6 +132,18 @@ class GradientLearner(MetaLearner):
     def adapt_names(self) -> list[str]:
         return list(self.split.adapted)
 
+    @contextlib.contextmanager
+    def running_on(self, options: BackendOptions):
+        """Run the network on the backend ``options`` asks for, inside the block (the levers change
+        how the function is computed, not what it is: ``metamap export`` traces with them off)."""
+        saved = self.full, self.body_fn, self.head_fn
+        self.full, self.body_fn, self.head_fn = (make_backend(self.model, part, self.bn, options)
+                                                 for part in ("", "body", "head"))
+        try:
+            yield
+        finally:
+            self.full, self.body_fn, self.head_fn = saved
+
     # -- adaptation ------------------------------------------------------------------------------
     def steps(self) -> int:
         return self.inner_steps if self.training else self.inner_steps_eval
@@ -177,6 +190,10 @@ class GradientLearner(MetaLearner):
         history, fwd = self._adapt(support_x, support_y, self.steps() if steps is None else steps,
                                    differentiable)
         final = history[-1]
+        if not differentiable:
+            # Evaluation: the predictor holds plain tensors (no autograd leaves), so that it can be
+            # traced into a standalone graph (metamap export) with the adapted weights as constants.
+            final = {n: v.detach() for n, v in final.items()}
         if not (self.transductive or self.training) and self.bn == "transductive":
             return lambda query_x: self._query_with_support(fwd, final, support_x, query_x)
 

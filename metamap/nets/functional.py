@@ -53,6 +53,18 @@ def batch_norm_exact(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bi
     return y
 
 
+def grouped_batch_norm(h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Batch norm with the batch's statistics per channel of ``h [N, C, H, W]`` (``weight``/``bias [C]``).
+
+    The native kernel, except under tracing (``metamap export``): the ONNX exporter writes batch
+    statistics only for a fixed batch size, so the trace records the same function written out.
+    """
+    if not torch.jit.is_tracing():
+        return F.batch_norm(h, None, None, weight, bias, True, 0.0, eps)
+    per_channel = lambda v: None if v is None else v.reshape(1, -1, 1, 1)
+    return batch_norm_exact(h, (0, 2, 3), per_channel(weight), per_channel(bias), eps)
+
+
 @dataclass
 class Run:
     """The state of one execution: the activation ``h`` in its layout, and what every runner needs.
@@ -158,7 +170,7 @@ def _bn(op: Op, run: Run) -> None:
             run.h = F.batch_norm(h, m.running_mean.repeat(t), m.running_var.repeat(t), rep(w), rep(b),
                                  False, 0.0, m.eps)
         else:
-            run.h = F.batch_norm(h, None, None, rep(w), rep(b), True, 0.0, m.eps)
+            run.h = grouped_batch_norm(h, rep(w), rep(b), m.eps)
         return
     # flat [T*N, C, ...] or tasks [T, N, C]: view as [T, N, C, rest] and normalise per task.
     x = task_view(h, layout, t, c)
@@ -292,7 +304,7 @@ def bn_relu_pool(op: Op, run: Run) -> Tensor:
             xhat = F.batch_norm(h, m.running_mean.repeat(t), m.running_var.repeat(t), None, None,
                                 False, 0.0, m.eps)
         else:
-            xhat = F.batch_norm(h, None, None, None, None, True, 0.0, m.eps)
+            xhat = grouped_batch_norm(h, None, None, m.eps)
 
         def per_channel(v):            # [C] or per task [T, C] -> [1, T*C, 1, 1]
             return (v.reshape(-1) if v.dim() == 2 else v.repeat(t)).reshape(1, -1, 1, 1)

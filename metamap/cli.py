@@ -155,14 +155,14 @@ def cmd_build_kernels(args) -> int:
     import warnings
 
     from metamap.nets import kernels
-    name, _ = kernels.extension_name()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")        # the failure is reported below, once
-        built = kernels.build(verbose=args.verbose)
-    if built is None:
+        kernels.build(verbose=args.verbose)
+    if kernels.failure() is not None:
         raise MetamapError(f"could not build the C++ kernels ({kernels.failure()}); install a C++ compiler "
                            "and `pip install ninja`, or train with learner.cpp_kernels = false (same results, slower)")
-    print(f"built the C++ kernels: {name} ({built.__file__})")
+    for stem in kernels.SOURCES:
+        print(f"built the C++ kernel {stem}: {kernels.extension_name(stem)[0]} ({kernels.build_source(stem).__file__})")
     return 0
 
 

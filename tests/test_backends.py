@@ -14,6 +14,7 @@ from torch import nn
 
 from metamap.algorithms.base import MetaGradient
 from metamap.algorithms.gradient import GradientLearner, Reptile
+from metamap.nets import kernels
 from metamap.nets.backbones import MLP, Conv4
 from metamap.nets.backend import BackendOptions, FastBackend, ReferenceBackend, make_backend
 from metamap.nets.program import lower
@@ -144,7 +145,10 @@ def test_every_rewrite_pass_setting_computes_the_same_function(levers):
     fast, _ = compare(conv4, image_tasks(), inner_steps=2, inner_steps_eval=2, bn="running", **levers)
     kinds = fast.full.kinds()
     assert ("conv_bn" in kinds or "conv_bn_relu_pool_cpp" in kinds) == levers.get("fold_bn", True)
-    assert ("bn_relu_pool" in kinds) == levers.get("fuse_bn_pool", True)
+    fused = levers.get("fuse_bn_pool", True)
+    assert ("bn_relu_pool" in kinds or "bn_relu_pool_cpp" in kinds) == fused
+    if kernels.bn_relu_pool_loaded():
+        assert ("bn_relu_pool_cpp" in kinds) == (fused and levers.get("cpp_kernels", True))
 
 
 @pytest.mark.integration

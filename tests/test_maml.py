@@ -505,11 +505,15 @@ def test_wrong_ways_and_bad_options_give_clear_errors():
         conv_learner(inner_steps=-1)
 
 
-def test_fused_bn_relu_pool_handles_negative_gammas_exactly():
-    # Half the batch-norm scales negative: those channels must min-pool, in both layouts.
+@pytest.mark.parametrize("cpp", [False, True])
+def test_fused_bn_relu_pool_handles_negative_gammas_exactly(cpp):
+    # Half the batch-norm scales negative: those channels must min-pool, in both layouts, in the
+    # PyTorch block and in the C++ kernel (where it builds).
+    from metamap.nets import kernels
+    fused = "bn_relu_pool_cpp" if cpp and kernels.bn_relu_pool_available() else "bn_relu_pool"
     for adapt in ("all", "head"):
-        learner = conv_learner(inner_steps=2, adapt=adapt)
-        assert "bn_relu_pool" in learner.full.kinds()
+        learner = conv_learner(inner_steps=2, adapt=adapt, cpp_kernels=cpp)
+        assert fused in learner.full.kinds()
         with torch.no_grad():
             for m in learner.model.body.modules():
                 if isinstance(m, nn.BatchNorm2d):
@@ -518,9 +522,9 @@ def test_fused_bn_relu_pool_handles_negative_gammas_exactly():
         tasks = conv_tasks()
         names = None if adapt == "all" else ["head.weight", "head.bias"]
         assert rel_err(library_meta_grad(learner, tasks), unrolled_meta_grad(learner, tasks, 2, 0.4, names)) < 1e-8
-        unfused = conv_learner(inner_steps=2, adapt=adapt, fuse_bn_pool=False)
+        unfused = conv_learner(inner_steps=2, adapt=adapt, fuse_bn_pool=False, cpp_kernels=cpp)
         unfused.load_state_dict(learner.state_dict())
-        assert "bn_relu_pool" not in unfused.full.kinds()
+        assert not {"bn_relu_pool", "bn_relu_pool_cpp"} & set(unfused.full.kinds())
         assert rel_err(library_meta_grad(unfused, tasks), library_meta_grad(learner, tasks)) < 1e-8
 
 

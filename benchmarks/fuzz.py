@@ -409,7 +409,7 @@ def fuzz_checkpoints(n: int, seed: int, work: Path) -> Section:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                learner = metamap.load(last)
+                learner = metamap.load(last).learner
                 with torch.set_grad_enabled(learner.adapts_with_gradients):
                     learner.adapt(x[:3], torch.tensor([0, 1, 2]))(x[3:])
                 if i % 4 == 0:      # resume with one step: the optimizer and counters too

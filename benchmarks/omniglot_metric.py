@@ -41,8 +41,8 @@ DEFAULT = ["matching", "siamese", "finetune", "mann", "relation"]
 def mann_presentations(run_dir: Path, episodes: int = 1000, seed: int = 2024) -> dict[int, float]:
     """Accuracy at the k-th presentation (k = 1..10) over fixed 5-class x 10-instance test sequences."""
     from metamap.registry import data_source
-    learner = checkpoint.load_learner(run_dir)
-    config = learner.config
+    loaded = checkpoint.load_learner(run_dir)
+    learner, config = loaded.learner, loaded.config
     sampler = data_source(config).sampler(config, "test", 5, 1, 9, 50, seed)
     logits, labels, shown = [], [], []
     with torch.no_grad():

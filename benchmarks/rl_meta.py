@@ -205,7 +205,7 @@ def cmd_report(args) -> int:
         goals = np.array([[0.3, 0.35], [-0.4, 0.1], [0.1, -0.45], [-0.25, -0.3]])
         for method in ("maml-trpo", "pretrained"):
             if (run_dir(args.family, method) / "best").exists():
-                learner = load_learner(run_dir(args.family, method))
+                learner = load_learner(run_dir(args.family, method)).learner
                 out = plot_navigation(learner.meta, goals, folder / f"paths-{method}.png", label=method)
                 print(f"trajectories: {out}")
     return 0

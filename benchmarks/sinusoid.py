@@ -52,7 +52,7 @@ def main() -> None:
         t0 = time.perf_counter()
         summary = train(cfg, run_dir, progress=False, run_test=False, echo=lambda *a: None)
         wall = time.perf_counter() - t0
-        learner = checkpoint.load_learner(run_dir / "best")
+        learner = checkpoint.load_learner(run_dir / "best").learner
         source = data_source(cfg)
         sampler = source.sampler(cfg, "test", 1, 10, 100, 1, cfg["eval"]["seed"])
         scores = {}

@@ -136,8 +136,8 @@ def cmd_report(args) -> int:
     import metamap
     from metamap.report import check_run_dir, write_report
     run = check_run_dir(args.run_dir)
-    learner = None if args.no_episodes else metamap.load(run)
-    spec, config = (None, None) if learner is None else (learner.spec, learner.config)
+    loaded = None if args.no_episodes else metamap.load(run)
+    learner, spec, config = (None, None, None) if loaded is None else (loaded.learner, loaded.spec, loaded.config)
     print(f"wrote {write_report(run, learner, spec, config)}")
     return 0
 

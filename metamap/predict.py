@@ -58,12 +58,10 @@ def read_classes(folder: str | Path, spec) -> ClassDataset:
 
 def finetune_settings(lr=None, steps=None, seed: int = 0) -> dict:
     """The ``eval.finetune*`` keys for ``predict`` (None = chosen automatically)."""
-    from metamap.config import DEFAULTS
-    e = {k: v for k, v in DEFAULTS["eval"].items() if k.startswith("finetune")}
-    e.update(finetune=True, finetune_lr="auto" if lr is None else lr,
-             finetune_steps="auto" if steps is None else steps, seed=seed)
-    test_time.check(e)
-    return e
+    from metamap.config import EvalOptions
+    e = EvalOptions(finetune=True, finetune_lr="auto" if lr is None else lr,
+                    finetune_steps="auto" if steps is None else steps, seed=seed).to_dict()
+    return {k: v for k, v in e.items() if k.startswith("finetune") or k == "seed"}
 
 
 def choose_finetuning(learner, spec, settings: dict, support_y: Tensor, names: list[str], select=None):
@@ -103,7 +101,7 @@ def predict_folders(checkpoint, support: str | Path, query: str | Path, batch_si
     """
     import metamap
     loaded = metamap.load(checkpoint)
-    learner, spec = getattr(loaded, "learner", loaded), loaded.spec
+    learner, spec = loaded.learner, loaded.spec
     if spec is None:
         raise DataError("this checkpoint was not trained on images, so it cannot classify image folders")
     support_x, support_y, names = read_support(support, spec)

@@ -1,9 +1,16 @@
-"""Name -> builder tables for learners, backbones, data sources and task kinds.
+"""Name -> plug-in tables for learners, backbones, data sources and task kinds.
 
-A learner module registers itself with ``@register_learner("name", defaults={...})``; its
-builder gets the resolved config and a :class:`DataInfo` and returns a ``MetaLearner``.
-Every module in ``metamap.algorithms`` and ``metamap.data.sources`` is imported on first use,
-so a new algorithm is one new file.
+A plug-in registers itself with its options dataclass (:mod:`metamap.options`), the single
+source of the keys, defaults and types of its config section::
+
+    @register_learner("matching", options=MatchingOptions, family="metric", summary="...")
+    def _build(config: dict, info: DataInfo) -> MatchingNetwork: ...
+
+``defaults`` (optional) are the plug-in's preferred values for *other* sections, nested like a
+config (MAML: ``{"episode": {"tasks_per_batch": 32}}``; MANN: ``{"model": {"backbone":
+"flatten"}}``); they sit above the global defaults and below the user's file and overrides.
+Every module in ``metamap.algorithms``, ``metamap.nets``, ``metamap.data`` and
+``metamap.tasks`` is imported on first use, so a new algorithm is one new file.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from metamap.errors import ConfigError
+from metamap.options import NoOptions, Options
 
 
 @dataclass
@@ -31,50 +39,55 @@ class DataInfo:
 
 
 @dataclass
-class LearnerEntry:
-    builder: Callable[[dict, DataInfo], nn.Module]
-    defaults: dict = field(default_factory=dict)
+class Plugin:
+    """A registered learner, backbone or data source."""
+
+    kind: str                                 # "learner" | "model" | "data": its config section
+    name: str
+    build: Callable                           # learner: (config, info); backbone: (options, info); data: a class
+    options: type[Options] = NoOptions
+    defaults: dict = field(default_factory=dict)   # its values for other sections
     family: str = ""
     summary: str = ""
 
 
-_LEARNERS: dict[str, LearnerEntry] = {}
-_BACKBONES: dict[str, Callable[[dict, DataInfo], nn.Module]] = {}
-_DATA: dict[str, Any] = {}
+# The config section of each kind of plug-in, and the key in it that chooses one.
+SELECTORS = {"data": "name", "model": "backbone", "learner": "name"}
+KIND_NAMES = {"data": "data set", "model": "backbone", "learner": "learner"}
+_PLUGINS: dict[str, dict[str, Plugin]] = {kind: {} for kind in SELECTORS}
 _KINDS: dict[str, Any] = {}
-# Defaults that a plug-in brings into the config (nested like the config itself).
-_DEFAULTS: dict[tuple[str, str], dict] = {}
 _loaded = False
 # Packages whose every module is imported on first use of the tables, so that they register.
 PLUGIN_PACKAGES = ("metamap.algorithms", "metamap.nets", "metamap.data", "metamap.tasks", "metamap.rl")
 
 
-def register_learner(name: str, defaults: dict | None = None, family: str = "", summary: str = ""):
-    """``defaults`` is nested like a config and may touch any section, e.g.
-    ``{"learner": {"inner_steps": 5}, "episode": {"ways": 5, "tasks_per_batch": 32}}``;
-    it sits above the global defaults and below the user's file and overrides."""
-    def deco(builder):
-        _LEARNERS[name] = LearnerEntry(builder, defaults or {}, family, summary)
-        return builder
+def _register(kind: str, name: str, options, defaults, **extra):
+    options = options or NoOptions
+    if not (isinstance(options, type) and issubclass(options, Options)):
+        raise TypeError(f"{kind} {name!r}: options must be an Options dataclass, not {options!r}")
+    if options.section not in ("", kind):
+        raise TypeError(f"{kind} {name!r}: {options.__name__}.section is {options.section!r}, not {kind!r}")
+
+    def deco(obj):
+        _PLUGINS[kind][name] = Plugin(kind, name, obj, options, dict(defaults or {}), **extra)
+        return obj
     return deco
 
 
-def register_backbone(name: str, defaults: dict | None = None):
-    """``defaults``: the backbone's keys of the ``[model]`` section."""
-    def deco(builder):
-        _BACKBONES[name] = builder
-        _DEFAULTS[("model", name)] = {"model": dict(defaults or {})}
-        return builder
-    return deco
+def register_learner(name: str, options: type[Options] | None = None, defaults: dict | None = None,
+                     family: str = "", summary: str = ""):
+    """Register ``builder(config, info) -> MetaLearner`` with its ``[learner]`` options."""
+    return _register("learner", name, options, defaults, family=family, summary=summary)
 
 
-def register_data(name: str, defaults: dict | None = None):
-    """``defaults``: the source's keys of the ``[data]`` section."""
-    def deco(source):
-        _DATA[name] = source
-        _DEFAULTS[("data", name)] = {"data": dict(defaults or {})}
-        return source
-    return deco
+def register_backbone(name: str, options: type[Options] | None = None, defaults: dict | None = None):
+    """Register ``builder(options, info) -> nn.Module`` (with ``out_features``) with its ``[model]`` options."""
+    return _register("model", name, options, defaults)
+
+
+def register_data(name: str, options: type[Options] | None = None, defaults: dict | None = None):
+    """Register a data source class with its ``[data]`` options."""
+    return _register("data", name, options, defaults)
 
 
 def register_task_kind(name: str):
@@ -88,17 +101,10 @@ def register_task_kind(name: str):
 
 def task_kind(name: str):
     """The task kind a data source names in ``DataInfo.problem``."""
-    return _lookup(_KINDS, name, "task kind", "DataInfo.problem")
-
-
-def plugin_defaults(kind: str, name: str) -> dict:
-    """Config defaults that learner / data source / backbone ``name`` brings (``kind`` = learner|data|model)."""
     _load_plugins()
-    if kind == "learner":
-        return learner_defaults(name)
-    table = {"data": (_DATA, "data set", "data.name"), "model": (_BACKBONES, "backbone", "model.backbone")}[kind]
-    _lookup(*table[:1], name, *table[1:])
-    return _DEFAULTS[(kind, name)]
+    if not isinstance(name, str) or name not in _KINDS:
+        raise ConfigError(f"unknown task kind {name!r} (DataInfo.problem); choose one of: {', '.join(sorted(_KINDS))}")
+    return _KINDS[name]
 
 
 def _load_plugins() -> None:
@@ -113,44 +119,45 @@ def _load_plugins() -> None:
             importlib.import_module(f"{pkg.__name__}.{mod.name}")
 
 
-def learners() -> dict[str, LearnerEntry]:
+def plugin(kind: str, name) -> Plugin:
+    """The plug-in ``name`` of ``kind`` ("learner", "model" or "data"), or a ConfigError listing the choices."""
     _load_plugins()
-    return dict(_LEARNERS)
-
-
-def _lookup(table: dict, name: str, what: str, key: str):
-    _load_plugins()
+    table = _PLUGINS[kind]
     if not isinstance(name, str) or name not in table:
-        raise ConfigError(f"unknown {what} {name!r} ({key}); choose one of: {', '.join(sorted(table))}")
+        raise ConfigError(f"unknown {KIND_NAMES[kind]} {name!r} ({kind}.{SELECTORS[kind]}); "
+                          f"choose one of: {', '.join(sorted(table))}")
     return table[name]
 
 
-def learner_defaults(name: str) -> dict:
-    """A learner's defaults for any section (e.g. ``{"episode": {"tasks_per_batch": 32}}``)."""
-    return _lookup(_LEARNERS, name, "learner", "learner.name").defaults
+def plugins(kind: str) -> dict[str, Plugin]:
+    _load_plugins()
+    return dict(_PLUGINS[kind])
+
+
+def learners() -> dict[str, Plugin]:
+    return plugins("learner")
+
+
+def section_options(config: dict, kind: str) -> Options:
+    """The typed options of a resolved config's ``[data]``, ``[model]`` or ``[learner]`` section."""
+    key = SELECTORS[kind]
+    section = config[kind]
+    return plugin(kind, section[key]).options.from_section(
+        section, ignore=(key,), where=f"[{kind}] ({kind}.{key} = {section[key]!r})")
 
 
 def data_source(config: dict):
-    return _lookup(_DATA, config["data"]["name"], "data set", "data.name")()
+    return plugin("data", config["data"]["name"]).build()
 
 
 def build_backbone(config: dict, info: DataInfo) -> nn.Module:
-    return _lookup(_BACKBONES, config["model"]["backbone"], "backbone", "model.backbone")(config["model"], info)
+    return plugin("model", config["model"]["backbone"]).build(section_options(config, "model"), info)
 
 
 def build_learner(config: dict, info: DataInfo) -> nn.Module:
     """The learner ``config`` names, for the data ``info`` describes (and its task kind)."""
     kind = task_kind(info.problem)
-    learner = _lookup(_LEARNERS, config["learner"]["name"], "learner", "learner.name").builder(config, info)
+    learner = plugin("learner", config["learner"]["name"]).build(config, info)
     learner.kind = kind
     learner.example_shape = tuple(info.example_shape)        # for adapt()'s checks of its inputs
     return learner
-
-
-def options(section: dict, allowed: dict[str, Any], where: str) -> dict:
-    """``section``'s values for the keys in ``allowed`` (default values), refusing unknown keys."""
-    unknown = set(section) - set(allowed) - {"name", "backbone"}
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} in [{where}]; "
-                          f"known: {', '.join(sorted(allowed))}")
-    return {k: section.get(k, v) for k, v in allowed.items()}

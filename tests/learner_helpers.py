@@ -22,9 +22,14 @@ def episode(tasks=2, ways=3, shots=1, queries=2, shape=(1, 16, 16), seed=0, clas
                      torch.stack([torch.randperm(classes, generator=g)[:ways] for _ in range(tasks)]))
 
 
+def small_backbone(name: str) -> list[str]:
+    """Overrides that shrink the learner's backbone (MANN's flatten backbone has no size)."""
+    return [] if name == "mann" else ["model.hidden=8"]
+
+
 def learner(name: str, *overrides: str, shape=(1, 16, 16), classes=12, seed=0):
     """A learner built from the config, with weights from ``seed`` (as the trainer does)."""
-    config = resolve(None, [f'learner.name="{name}"', "model.hidden=8", *overrides])
+    config = resolve(None, [f'learner.name="{name}"', *small_backbone(name), *overrides])
     torch.manual_seed(seed)
     return build_learner(config, DataInfo(shape, num_train_classes=classes))
 
@@ -43,15 +48,15 @@ def image_folder(root: Path, classes=15, per_class=4, size=16, seed=0) -> Path:
 
 def cli_train_eval(tmp_path: Path, learner_name: str, *sets: str) -> tuple[Path, torch.nn.Module]:
     """Train 2 steps through ``metamap train`` on a tiny image folder, then ``eval``, ``predict``
-    and ``metamap.load`` the result."""
+    and ``metamap.load`` the result (its learner)."""
     import metamap
     from metamap.cli import main
     data = image_folder(tmp_path / "images")
     flags = ["--learner", learner_name, "--set", 'data.name="folder"', "--set", f'data.path="{data}"',
-             "--set", "data.image_size=16", "--set", "model.hidden=8", "--ways", "3", "--shots", "1",
+             "--set", "data.image_size=16", "--ways", "3", "--shots", "1",
              "--queries", "2", "--steps", "2", "--episodes", "3", "--set", "eval.ways=[3]", "--set", "eval.queries=2",
              "--set", "train.val_every=0", "--set", "train.log_every=1", "--quiet"]
-    for s in sets:
+    for s in [*small_backbone(learner_name), *sets]:
         flags += ["--set", s]
     run = tmp_path / "run"
     assert main(["train", *flags, "--run-dir", str(run)]) == 0
@@ -68,4 +73,4 @@ def cli_train_eval(tmp_path: Path, learner_name: str, *sets: str) -> tuple[Path,
     assert main(["predict", "--checkpoint", str(run), "--support", str(support), "--query", str(query),
                  "--out", str(out)]) == 0
     assert len(out.read_text().splitlines()) == 3          # header + 2 predictions
-    return run, metamap.load(run)
+    return run, metamap.load(run).learner

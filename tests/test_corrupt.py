@@ -88,5 +88,5 @@ def test_wrapping_source_keeps_classes_and_corrupts_chosen_splits():
     assert test.class_names == clean.class_names and torch.equal(test.labels, clean.labels)
     assert not torch.equal(test.data, clean.data) and "blur, severity 2" in test.description
     assert torch.equal(source.dataset(cfg, "val").data, base.dataset(base_cfg, "val").data)
-    with pytest.raises(ConfigError, match="splits"):
-        data_source(cfg).datasets({**cfg["data"], "splits": ["dev"]})
+    with pytest.raises(ConfigError, match="splits"):          # refused when the config resolves
+        configlib.resolve(base=cfg, overrides=["data.splits=['dev']"])

@@ -107,9 +107,10 @@ def test_mini_imagenet_split_files_with_shared_classes_are_refused(tmp_path):
 def test_a_model_too_large_for_memory_is_refused_before_its_weights_exist(image_folder, tmp_path, capsys,
                                                                           machine_with):
     machine_with(16 * GB)
-    code = main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--set", "model.hidden=100000",
+    code = main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--set", "model.hidden=65536",
                  "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--steps", "1", "-q", "--no-test",
                  "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    # Conv-4 with 100,000 channels: 3 x 100,000^2 x 9 weights in its last three convolutions alone
-    assert code == 2 and "the protonet learner (270,002,900,004 weights" in err and "needs about 4.3 TB" in err
+    # Conv-4 with 65,536 channels (the most model.hidden allows): 3 x 65,536^2 x 9 weights in its last
+    # three convolutions alone
+    assert code == 2 and "the protonet learner (115,966,017,540 weights" in err and "needs about 1.9 TB" in err

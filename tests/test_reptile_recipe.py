@@ -14,12 +14,12 @@ from metamap.train.schedule import lr_factor
 
 
 def test_linear_schedule_anneals_from_one_to_the_floor():
-    cfg = {"name": "linear", "min_lr": 0.0, "base_lr": 1.0}
-    assert [lr_factor(i, 4, cfg) for i in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
-    floor = {"name": "linear", "min_lr": 0.1, "base_lr": 0.5}          # down to min_lr / lr = 0.2
-    assert lr_factor(2, 4, floor) == pytest.approx(1 - 0.8 * 0.5)
-    warm = {"name": "linear", "warmup": 2, "base_lr": 1.0}
-    assert [lr_factor(i, 6, warm) for i in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    cfg = {"name": "linear", "min_lr": 0.0}
+    assert [lr_factor(i, 4, cfg, base_lr=1.0) for i in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    floor = {"name": "linear", "min_lr": 0.1}          # down to min_lr / lr = 0.2
+    assert lr_factor(2, 4, floor, base_lr=0.5) == pytest.approx(1 - 0.8 * 0.5)
+    warm = {"name": "linear", "warmup": 2}
+    assert [lr_factor(i, 6, warm, base_lr=1.0) for i in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
 
 
 def test_reptile_defaults_are_the_papers_recipe():
@@ -69,6 +69,7 @@ def test_non_transductive_evaluation_classifies_each_query_with_the_support_set_
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(900)       # about a CPU-minute: several times that in wall time on a busy machine
 def test_short_reptile_run_improves_on_its_own_untrained_evaluation(tmp_path):
     """300 meta-batches of the paper's recipe on Omniglot (a 16-channel Conv-4) lift 5-way 1-shot
     validation accuracy well above the untrained network's under the same 50-step evaluation.
@@ -84,7 +85,7 @@ def test_short_reptile_run_improves_on_its_own_untrained_evaluation(tmp_path):
     sampler = source.sampler(cfg, "val", 5, 1, 5, 1, 7)
     before = evaluate(untrained, sampler, 60, progress=False).mean
     train(cfg, tmp_path / "run", run_test=False, progress=False, echo=lambda *a: None)
-    trained = checkpoint.load_learner(tmp_path / "run" / "last")
+    trained = checkpoint.load_learner(tmp_path / "run" / "last").learner
     after = evaluate(trained, sampler, 60, progress=False).mean
     assert after > before + 0.05, (before, after)
 

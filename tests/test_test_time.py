@@ -70,7 +70,7 @@ def test_given_values_and_another_seed(run):
 
 
 def test_weights_in_memory_are_restored_and_lr_zero_is_plain(run, folder):
-    learner_ = load_learner(run)
+    learner_ = load_learner(run).learner
     config = configlib.resolve(overrides=folder_overrides(folder), base=None)
     sampler = runlib.test_samplers(config, data_source(config))[0]
     before = {k: v.clone() for k, v in learner_.state_dict().items()}
@@ -83,7 +83,7 @@ def test_weights_in_memory_are_restored_and_lr_zero_is_plain(run, folder):
 
 
 def test_selection_sees_only_validation_classes(run, folder):
-    learner_ = load_learner(run)
+    learner_ = load_learner(run).learner
     config = configlib.resolve(overrides=folder_overrides(folder) + FAST)
     source = data_source(config)
     val, test = source.dataset(config, "val"), source.dataset(config, "test")
@@ -106,14 +106,14 @@ def test_selection_sees_only_validation_classes(run, folder):
 
 
 def test_selection_refuses_shared_classes_and_needs_a_test_split(run, folder, monkeypatch):
-    learner_ = load_learner(run)
+    learner_ = load_learner(run).learner
     config = configlib.resolve(overrides=folder_overrides(folder) + FAST)
     source = data_source(config)
     sampler = runlib.test_samplers(config, source)[0]
     with pytest.raises(ConfigError, match="give them instead"):
         runlib.finetune_for(learner_, config, source, sampler, "val")
-    monkeypatch.setattr(type(source), "dataset", lambda self, cfg, split: type(source).datasets(
-        self, cfg["data"])["test"])                      # val = test: the same classes
+    monkeypatch.setattr(type(source), "dataset", lambda self, cfg, split: type(source).splits(
+        self, cfg)["test"])                              # val = test: the same classes
     with pytest.raises(ConfigError, match="share"):
         runlib.finetune_for(learner_, config, source, sampler, "test")
 

@@ -66,13 +66,17 @@ def test_resume_is_exact(image_folder, tmp_path):
 def test_checkpoint_round_trip_and_load(image_folder, tmp_path):
     train(folder_config(image_folder, steps=2), tmp_path / "run", progress=False, run_test=False,
           echo=lambda *_: None)
-    learner = metamap.load(tmp_path / "run")                      # a run folder means its best checkpoint
+    loaded = metamap.load(tmp_path / "run")                       # a run folder means its best checkpoint
+    learner = loaded.learner
     saved = weights(tmp_path / "run", "best")
     assert all(torch.equal(v, saved[k]) for k, v in learner.state_dict().items())
-    assert learner.spec.size == 28 and not learner.training
+    assert loaded.spec.size == 28 and not learner.training
+    assert loaded.path == tmp_path / "run" / "best" and loaded.config["learner"]["name"] == "protonet"
+    assert not hasattr(learner, "spec") and not hasattr(learner, "config")   # nothing glued onto the module
     x = torch.randn(6, 1, 28, 28)
     out = learner.adapt(x[:3], torch.tensor([0, 1, 2]))(x[3:])
     assert out.shape == (3, 3)
+    assert torch.equal(loaded.adapt(x[:3], torch.tensor([0, 1, 2]))(x[3:]), out)
 
 
 @pytest.mark.integration

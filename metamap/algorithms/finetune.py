@@ -9,6 +9,8 @@ classifier), optionally fine-tuning a copy of the backbone with it.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,8 @@ from torch import Tensor, nn
 
 from metamap.algorithms.base import EncodingLearner, Predictor, embed_tasks
 from metamap.errors import ConfigError, MetamapError
-from metamap.registry import DataInfo, build_backbone, options, register_learner
+from metamap.options import ADAPTATION, ARCHITECTURE, Options, option
+from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
 
 HEADS = ("linear", "cosine")
@@ -192,15 +195,27 @@ class FineTuneBaseline(EncodingLearner):
         return encoder.requires_grad_(False), head
 
 
-@register_learner("finetune", family="baseline",
+@dataclass(frozen=True, kw_only=True)
+class FineTuneOptions(Options):
+    section = "learner"
+    head: Literal["linear", "cosine"] = option("linear", role=ARCHITECTURE,
+                                               doc="linear, or Baseline++'s cosine classifier")
+    scale: float = option(10.0, low=0, low_open=True, role=ARCHITECTURE, doc="cosine head: logits = scale * cosine")
+    steps: int = option(100, low=0, high=1 << 20, role=ADAPTATION, doc="SGD steps fitting the new head")
+    lr: float = option(0.01, low=0, low_open=True, role=ADAPTATION, doc="step size of the new head")
+    finetune_backbone: bool = option(False, role=ADAPTATION, doc="also fine-tune a copy of the backbone per task")
+    backbone_lr: float = option(0.001, low=0, low_open=True, role=ADAPTATION,
+                                doc="step size of the backbone copy (finetune_backbone)")
+    cosine_norm: Literal["fixed", "learned", "per_class"] = option(
+        "fixed", role=ARCHITECTURE, doc="cosine head's scale: fixed, learned, or per class (see the module docstring)")
+
+
+@register_learner("finetune", options=FineTuneOptions, family="baseline",
                   summary="Fine-tuning baseline: pre-trained classifier, new linear or cosine (Baseline++) head")
 def _build(config: dict, info: DataInfo) -> FineTuneBaseline:
-    o = options(config["learner"], {"head": "linear", "scale": 10.0, "steps": 100, "lr": 0.01,
-                                    "finetune_backbone": False, "backbone_lr": 0.001, "cosine_norm": "fixed"},
-                "learner")
+    o: FineTuneOptions = section_options(config, "learner")
     if info.problem != "classification":
         raise ConfigError("the fine-tuning baseline is for classification data")
     encoder = build_backbone(config, info)
     return FineTuneBaseline(encoder, len(info.example_shape), encoder.out_features, info.num_train_classes,
-                            o["head"], float(o["scale"]), int(o["steps"]), float(o["lr"]),
-                            bool(o["finetune_backbone"]), float(o["backbone_lr"]), o["cosine_norm"])
+                            o.head, o.scale, o.steps, o.lr, o.finetune_backbone, o.backbone_lr, o.cosine_norm)

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +45,8 @@ from metamap.algorithms.split import ParameterSplit
 from metamap.errors import ConfigError, MetamapError
 from metamap.nets.backend import BackendOptions, make_backend
 from metamap.nets.functional import BN_MODES
-from metamap.registry import DataInfo, build_backbone, options, register_learner, task_kind
+from metamap.options import ADAPTATION, ARCHITECTURE, RUNTIME, TRAINING, Options, option
+from metamap.registry import DataInfo, build_backbone, register_learner, section_options, task_kind
 from metamap.tasks.batch import TaskBatch
 
 
@@ -328,30 +331,75 @@ class Reptile(GradientLearner):
         return loss, metrics
 
 
-# -- registration -----------------------------------------------------------------------------
-COMMON = {
-    "inner_steps": 1, "inner_steps_eval": 3, "inner_lr": 0.4, "first_order": False,
-    "step_sizes": "fixed", "inner_optimizer": "sgd", "inner_beta1": 0.0, "inner_beta2": 0.999,
-    "inner_eps": 1e-8, "inner_state": "reset", "inner_batch": 0, "inner_batch_eval": 0,
-    "adapt": "all", "freeze": [],
-    "bn": "transductive", "multi_step_loss": False,
-    "msl_anneal_steps": 0, "backend": "fast", "channels_last": True, "fuse_bn_pool": True,
-    "fold_bn": True, "cpp_kernels": True, "grad_checkpoint": False, "zero_head": False,
-    "transductive": True,
-}
+# -- options and registration -------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class GradientOptions(Options):
+    """Options of every gradient-based learner (see the module docstring)."""
 
+    section = "learner"
+    inner_steps: int = option(1, low=0, high=10_000, role=TRAINING, doc="inner steps in meta-training")
+    inner_steps_eval: int = option(3, low=0, high=10_000, role=ADAPTATION, doc="inner steps at test time")
+    inner_lr: float = option(0.4, low=0, low_open=True, role=ADAPTATION,
+                             doc="inner step size: the initial one when step sizes are learned")
+    first_order: bool = option(False, role=TRAINING, doc="first-order meta-gradients (FOMAML)")
+    step_sizes: Literal["fixed", "per_layer_per_step", "per_element"] = option(
+        "fixed", role=ARCHITECTURE, doc="fixed, learned per layer and step (MAML++), or per weight (Meta-SGD)")
+    inner_optimizer: Literal["sgd", "adam"] = option("sgd", role=ADAPTATION, doc="the inner-loop optimizer")
+    inner_beta1: float = option(0.0, low=0, high=1, high_open=True, role=ADAPTATION, doc="inner Adam's beta1")
+    inner_beta2: float = option(0.999, low=0, high=1, high_open=True, role=ADAPTATION, doc="inner Adam's beta2")
+    inner_eps: float = option(1e-8, low=0, low_open=True, role=ADAPTATION, doc="inner Adam's epsilon")
+    # Carried state lives in buffers of the learner (checkpointed), so it belongs to the model.
+    inner_state: Literal["reset", "carried"] = option(
+        "reset", role=ARCHITECTURE, doc="inner Adam's state: reset for every task, or carried across tasks (Reptile's code)")
+    inner_batch: int = option(0, low=0, role=TRAINING,
+                              doc="support examples per inner step in meta-training; 0 = the whole support set")
+    inner_batch_eval: int = option(0, low=0, role=ADAPTATION,
+                                   doc="support examples per inner step at test time; 0 = the whole support set")
+    adapt: str | list[str] = option(
+        "all", role=ARCHITECTURE, doc="which parameters adapt: all, head, or a list of name prefixes")
+    freeze: list[str] = option([], role=ARCHITECTURE, doc="name prefixes of parameters neither adapted nor learned")
+    # The same weights and buffers in both modes, so evaluation may switch (metamap eval --set learner.bn=...).
+    bn: Literal["transductive", "running"] = option(
+        "transductive", role=ADAPTATION, doc="batch statistics per task, or running statistics at test time")
+    multi_step_loss: bool = option(False, role=TRAINING, doc="MAML++ query loss after every inner step")
+    msl_anneal_steps: int = option(0, low=0, role=TRAINING, doc="outer steps over which that loss anneals")
+    backend: Literal["fast", "reference"] = option(
+        "fast", role=RUNTIME, doc="fast: lowered, rewritten batched operations; reference: functional_call per task")
+    channels_last: bool = option(True, role=RUNTIME, doc="fast backend lever")
+    fuse_bn_pool: bool = option(True, role=RUNTIME, doc="fast backend lever")
+    fold_bn: bool = option(True, role=RUNTIME, doc="fast backend lever")
+    cpp_kernels: bool = option(True, role=RUNTIME, doc="fast backend lever: the first layer in C++")
+    grad_checkpoint: bool = option(False, role=RUNTIME, doc="recompute inner-step activations in the backward")
+    zero_head: bool = option(False, role=TRAINING,
+                             doc="zero the head before every outer step (Kao et al. 2022; see the module docstring)")
+    transductive: bool = option(True, role=ADAPTATION,
+                                doc="false: each query is normalised with the support set alone (Reptile's evaluation)")
 
-def legacy_options(section: dict) -> dict:
-    """``section`` with retired keys translated: ``batched = false`` was the reference backend;
-    ``bf16`` moved to ``train.precision``."""
-    section = dict(section)
-    batched, bf16 = section.pop("batched", True), section.pop("bf16", False)
-    if batched is False:
-        section["backend"] = "reference"
-    if bf16 is not False:
-        raise ConfigError("learner.bf16 is replaced by train.precision = \"bf16\" (bfloat16 autocast for the "
-                          "whole learner, or \"auto\"); remove learner.bf16")
-    return section
+    @classmethod
+    def upgrade(cls, section: dict) -> dict:
+        """Retired keys: ``batched = false`` was the reference backend; ``bf16`` moved to ``train.precision``."""
+        section = dict(section)
+        batched, bf16 = section.pop("batched", True), section.pop("bf16", False)
+        if batched is False:
+            section["backend"] = "reference"
+        if bf16 is not False:
+            raise ConfigError("learner.bf16 is replaced by train.precision = \"bf16\" (bfloat16 autocast for the "
+                              "whole learner, or \"auto\"); remove learner.bf16")
+        return section
+
+    @classmethod
+    def upgrade_checkpoint(cls, section: dict) -> dict:
+        # A checkpoint trained with the retired learner.bf16 lever has the same weights either way.
+        return cls.upgrade({k: v for k, v in section.items() if k != "bf16"})
+
+    def check(self) -> None:
+        if self.inner_optimizer == "adam" and self.step_sizes != "fixed":
+            self.fail(f"learner.step_sizes = {self.step_sizes!r} learns SGD step sizes; with "
+                      "learner.inner_optimizer = \"adam\" leave step_sizes at \"fixed\"")
+        if self.inner_state == "carried" and self.inner_optimizer != "adam":
+            self.fail("learner.inner_state = \"carried\" keeps Adam's moments across tasks; "
+                      "it needs learner.inner_optimizer = \"adam\" (SGD has no state)")
+
 # Finn et al. (2017), Omniglot 5-way: meta-batch 32, Adam 1e-3, inner step size 0.4, one inner
 # step in training. Classification heads are built for ``episode.ways``, so evaluation defaults
 # to the same number of ways.
@@ -361,18 +409,20 @@ DEFAULTS = {"episode": EPISODE, "optim": {"lr": 1e-3}, "schedule": {"name": "con
 
 
 def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) -> GradientLearner:
-    o = options(legacy_options(config["learner"]), COMMON, "learner")
+    o: GradientOptions = section_options(config, "learner")
     body = build_backbone(config, info)
     kind = task_kind(info.problem)
     ways = config["episode"]["ways"] if kind.classes else 0
     head = nn.Linear(body.out_features, kind.output_size(ways, info.output_dim))
-    return cls(body, head, len(info.example_shape), ways=ways, seed=config["seed"], **o)
+    return cls(body, head, len(info.example_shape), ways=ways, seed=config["seed"], **o.to_dict())
 
 
 def _register(name: str, summary: str, cls=GradientLearner, sections: dict | None = None, **learner_defaults):
-    defaults = {**DEFAULTS, **(sections or {}), "learner": {**COMMON, **learner_defaults}}
+    options = GradientOptions.with_defaults(f"{name.capitalize()}Options", **learner_defaults) \
+        if learner_defaults else GradientOptions
+    defaults = {**DEFAULTS, **(sections or {})}
 
-    @register_learner(name, defaults=defaults, family="optimization", summary=summary)
+    @register_learner(name, options=options, defaults=defaults, family="optimization", summary=summary)
     def _build(config: dict, info: DataInfo):
         learner = build_gradient_learner(config, info, cls)
         learner.name = name

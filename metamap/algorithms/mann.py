@@ -33,6 +33,7 @@ equations 49 / 50 %, add vector only 60 / 77 %, strength 10 only 73 / 97 %, both
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,8 @@ from torch import Tensor, nn
 from metamap.algorithms.base import MetaLearner, Predictor, embed_tasks
 from metamap.algorithms.seeding import content_generator, shuffled_order
 from metamap.errors import ConfigError
-from metamap.registry import DataInfo, build_backbone, options, register_learner
+from metamap.options import ARCHITECTURE, Options, option
+from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
 
 PRESENTATIONS = (1, 2, 5, 10)
@@ -222,19 +224,39 @@ def presentation_accuracy(logits: Tensor, labels: Tensor, presentation: Tensor,
     return {k: float(correct[presentation == k].float().mean()) for k in which if bool((presentation == k).any())}
 
 
-@register_learner("mann", family="model",
+@dataclass(frozen=True, kw_only=True)
+class MANNOptions(Options):
+    section = "learner"
+    classes: int = option(0, low=0, high=1 << 16, role=ARCHITECTURE,
+                          doc="label outputs; 0 = the most ways of episode.ways and eval.ways")
+    hidden: int = option(200, low=1, high=1 << 16, role=ARCHITECTURE, doc="LSTM controller units")
+    slots: int = option(128, low=1, high=1 << 20, role=ARCHITECTURE, doc="memory slots")
+    width: int = option(40, low=1, high=1 << 16, role=ARCHITECTURE, doc="memory slot width")
+    heads: int = option(4, low=1, high=1 << 10, role=ARCHITECTURE, doc="read/write heads")
+    gamma: float = option(0.95, low=0, high=1, role=ARCHITECTURE, doc="usage decay")
+    strength: float = option(10.0, low=0, role=ARCHITECTURE,
+                             doc="initial key strength beta (> 1), or 0 for the paper's plain reads")
+    add_vector: bool = option(True, role=ARCHITECTURE, doc="heads write an add vector of their own")
+    least_used: Literal["per_head", "shared"] = option(
+        "per_head", role=ARCHITECTURE, doc="each head its own least-used slot, or the paper's shared ones")
+
+    def check(self) -> None:
+        if self.heads > self.slots:
+            self.fail(f"learner.heads ({self.heads}) cannot exceed learner.slots ({self.slots})")
+        if self.strength != 0 and self.strength <= 1:
+            self.fail(f"learner.strength ({self.strength}) must exceed 1 (beta = 1 + softplus), "
+                      "or be 0 for the paper's reads without a key strength")
+
+
+@register_learner("mann", options=MANNOptions, family="model",
                   defaults={"model": {"backbone": "flatten"},
                             "episode": {"ways": 5, "shots": 1, "queries": 9, "tasks_per_batch": 16},
                             "eval": {"ways": [5]}},
                   summary="Memory-augmented neural network: LSTM controller, LRU-access memory (Santoro et al. 2016)")
 def _build(config: dict, info: DataInfo) -> MemoryAugmentedNetwork:
-    o = options(config["learner"], {"classes": 0, "hidden": 200, "slots": 128, "width": 40, "heads": 4,
-                                    "gamma": 0.95, "strength": 10.0, "add_vector": True,
-                                    "least_used": "per_head"}, "learner")
-    eval_ways = config["eval"]["ways"] if isinstance(config["eval"]["ways"], list) else [config["eval"]["ways"]]
-    classes = o["classes"] or max([config["episode"]["ways"], *eval_ways])
+    o: MANNOptions = section_options(config, "learner")
+    classes = o.classes or max([config["episode"]["ways"], *config["eval"]["ways"]])
     encoder = build_backbone(config, info)
-    return MemoryAugmentedNetwork(encoder, len(info.example_shape), encoder.out_features, classes, o["hidden"],
-                                  o["slots"], o["width"], o["heads"], float(o["gamma"]), seed=config["seed"],
-                                  strength=float(o["strength"]), add_vector=bool(o["add_vector"]),
-                                  least_used=o["least_used"])
+    return MemoryAugmentedNetwork(encoder, len(info.example_shape), encoder.out_features, classes, o.hidden,
+                                  o.slots, o.width, o.heads, o.gamma, seed=config["seed"],
+                                  strength=o.strength, add_vector=o.add_vector, least_used=o.least_used)

@@ -7,12 +7,15 @@ LSTM), and each query embedding is refined by a few steps of an attention LSTM o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metamap.algorithms.base import EncodingLearner, Predictor
-from metamap.registry import DataInfo, build_backbone, options, register_learner
+from metamap.options import ARCHITECTURE, Options, option
+from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
 
 
@@ -94,10 +97,19 @@ class MatchingNetwork(EncodingLearner):
         return self.query_loss(log_probs, tasks.query_y), self.task_metrics(log_probs.detach(), tasks.query_y)
 
 
-@register_learner("matching", family="metric",
+@dataclass(frozen=True, kw_only=True)
+class MatchingOptions(Options):
+    section = "learner"
+    fce: bool = option(False, role=ARCHITECTURE, doc="full-context embeddings (LSTMs over the support set)")
+    fce_steps: int = option(5, low=0, high=1000, role=ARCHITECTURE, doc="attention LSTM steps per query (FCE)")
+    scale: float = option(1.0, low=0, low_open=True, role=ARCHITECTURE,
+                          doc="cosine similarities times this before the softmax; 1 = the paper")
+
+
+@register_learner("matching", options=MatchingOptions, family="metric",
                   summary="Matching Networks, cosine attention, optional full-context embeddings (Vinyals et al. 2016)")
 def _build(config: dict, info: DataInfo) -> MatchingNetwork:
-    o = options(config["learner"], {"fce": False, "fce_steps": 5, "scale": 1.0}, "learner")
+    o: MatchingOptions = section_options(config, "learner")
     encoder = build_backbone(config, info)
-    fce = FullContextEmbedding(encoder.out_features, o["fce_steps"]) if o["fce"] else None
-    return MatchingNetwork(encoder, example_dims=len(info.example_shape), fce=fce, scale=float(o["scale"]))
+    fce = FullContextEmbedding(encoder.out_features, o.fce_steps) if o.fce else None
+    return MatchingNetwork(encoder, example_dims=len(info.example_shape), fce=fce, scale=o.scale)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metamap.algorithms.base import EncodingLearner, Predictor
-from metamap.registry import DataInfo, build_backbone, options, register_learner
+from metamap.registry import DataInfo, build_backbone, register_learner
 from metamap.tasks.batch import TaskBatch
 
 
@@ -51,6 +51,5 @@ class PrototypicalNetwork(EncodingLearner):
 
 @register_learner("protonet", family="metric", summary="Prototypical Networks (Snell et al. 2017)")
 def _build(config: dict, info: DataInfo) -> PrototypicalNetwork:
-    options(config["learner"], {}, "learner")
     encoder = build_backbone(config, info)
     return PrototypicalNetwork(encoder, example_dims=len(info.example_shape))

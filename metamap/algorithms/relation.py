@@ -7,6 +7,8 @@ with a mean squared error, as in the paper.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,7 +16,8 @@ from torch import Tensor, nn
 from metamap.algorithms.base import EncodingLearner, Predictor, embed_tasks
 from metamap.errors import ConfigError
 from metamap.nets.backbones import Conv4, conv_block
-from metamap.registry import DataInfo, build_backbone, options, register_learner
+from metamap.options import ARCHITECTURE, Options, option
+from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
 
 
@@ -103,10 +106,17 @@ class RelationNetwork(EncodingLearner):
         return loss, self.task_metrics(scores.detach(), tasks.query_y)
 
 
-@register_learner("relation", family="metric", defaults={"model": {"unpooled": 2, "feature_maps": True}},
+@dataclass(frozen=True, kw_only=True)
+class RelationOptions(Options):
+    section = "learner"
+    hidden: int = option(8, low=1, high=1 << 20, role=ARCHITECTURE, doc="units of the relation module's hidden layer")
+
+
+@register_learner("relation", options=RelationOptions, family="metric",
+                  defaults={"model": {"unpooled": 2, "feature_maps": True}},
                   summary="Relation Networks, learned relation module, MSE objective (Sung et al. 2018)")
 def _build(config: dict, info: DataInfo) -> RelationNetwork:
-    o = options(config["learner"], {"hidden": 8}, "learner")
+    o: RelationOptions = section_options(config, "learner")
     if len(info.example_shape) != 3:
         raise ConfigError("relation networks compare feature maps: use image data and a backbone that returns "
                           "them (model.backbone = \"conv4\" with model.feature_maps = true)")
@@ -117,4 +127,4 @@ def _build(config: dict, info: DataInfo) -> RelationNetwork:
                           f"{config['model']['backbone']!r} returns flat features; use model.backbone = \"conv4\" "
                           "with model.feature_maps = true (the paper: model.unpooled = 2)")
     channels, side, _ = shape
-    return RelationNetwork(encoder, RelationModule(channels, side, o["hidden"]), example_dims=3)
+    return RelationNetwork(encoder, RelationModule(channels, side, o.hidden), example_dims=3)

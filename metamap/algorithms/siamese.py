@@ -7,6 +7,9 @@ cross-entropy. At test time a query takes the class of its most similar support 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,7 +17,8 @@ from torch import Tensor, nn
 from metamap.algorithms.base import EncodingLearner, Predictor
 from metamap.algorithms.seeding import content_generator
 from metamap.errors import ConfigError
-from metamap.registry import DataInfo, build_backbone, options, register_learner
+from metamap.options import ARCHITECTURE, TRAINING, Options, option
+from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
 
 LOSSES = ("contrastive", "bce")
@@ -117,11 +121,26 @@ class SiameseNetwork(EncodingLearner):
         return loss, self.task_metrics(outputs, tasks.query_y)
 
 
-@register_learner("siamese", family="metric",
+@dataclass(frozen=True, kw_only=True)
+class SiameseOptions(Options):
+    section = "learner"
+    loss: Literal["contrastive", "bce"] = option(
+        "contrastive", role=ARCHITECTURE, doc="contrastive on the distance, or Koch's BCE verification head")
+    margin: float = option(1.0, low=0, low_open=True, role=TRAINING, doc="contrastive loss margin")
+    pairs: int = option(256, low=2, high=1 << 20, role=TRAINING,
+                        doc="pairs per task, half same-class and half different (even)")
+
+    normalize: bool = option(False, role=ARCHITECTURE, doc="embeddings on the unit sphere")
+
+    def check(self) -> None:
+        if self.pairs % 2:
+            self.fail(f"learner.pairs must be an even number >= 2 (half same, half different), not {self.pairs}")
+
+
+@register_learner("siamese", options=SiameseOptions, family="metric",
                   summary="Siamese networks, contrastive or BCE verification loss (Koch et al. 2015)")
 def _build(config: dict, info: DataInfo) -> SiameseNetwork:
-    o = options(config["learner"], {"loss": "contrastive", "margin": 1.0, "pairs": 256, "normalize": False},
-                "learner")
+    o: SiameseOptions = section_options(config, "learner")
     encoder = build_backbone(config, info)
-    return SiameseNetwork(encoder, len(info.example_shape), encoder.out_features, o["loss"], float(o["margin"]),
-                          int(o["pairs"]), seed=config["seed"], normalize=o["normalize"])
+    return SiameseNetwork(encoder, len(info.example_shape), encoder.out_features, o.loss, o.margin, o.pairs,
+                          seed=config["seed"], normalize=o.normalize)

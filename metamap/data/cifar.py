@@ -36,7 +36,8 @@ from metamap.data.images import ImageSpec
 from metamap.data.memory import images_array
 from metamap.data.sources import ClassDataSource
 from metamap.errors import ConfigError, DataError
-from metamap.registry import options, register_data
+from metamap.options import ARCHITECTURE, DATA, Options, option
+from metamap.registry import register_data
 
 # CIFAR-100 training-set channel statistics in [0, 1] units, as commonly used.
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
@@ -47,7 +48,6 @@ MEMBERS = ("meta", "train", "test")
 # The real files are 0.2 MB-150 MB; anything far larger is not CIFAR-100.
 MAX_MEMBER_BYTES = 512 << 20
 PARTS = ("train", "val", "test")
-CIFAR_OPTIONS = {"path": "", "image_size": 32}
 
 
 @dataclass
@@ -239,15 +239,20 @@ def _cached_load(benchmark: str, path: str, image_size: int):
     return load_cifar_benchmark(benchmark, path, image_size)
 
 
-@register_data("cifarfs", defaults=CIFAR_OPTIONS)
+@dataclass(frozen=True, kw_only=True)
+class CifarOptions(Options):
+    section = "data"
+    path: str = option("", role=DATA, doc=f"{ARCHIVE}, the folder it unpacks to, or the folder holding either")
+    image_size: int = option(32, low=8, high=512, role=ARCHITECTURE)
+
+
+@register_data("cifarfs", options=CifarOptions)
 class CifarFSSource(ClassDataSource):
-    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
-        o = options(data_cfg, CIFAR_OPTIONS, "data")
-        return _cached_load("cifarfs", str(o["path"]), o["image_size"])
+    def datasets(self, o: CifarOptions) -> dict[str, ClassDataset]:
+        return _cached_load("cifarfs", o.path, o.image_size)
 
 
-@register_data("fc100", defaults=CIFAR_OPTIONS)
+@register_data("fc100", options=CifarOptions)
 class FC100Source(ClassDataSource):
-    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
-        o = options(data_cfg, CIFAR_OPTIONS, "data")
-        return _cached_load("fc100", str(o["path"]), o["image_size"])
+    def datasets(self, o: CifarOptions) -> dict[str, ClassDataset]:
+        return _cached_load("fc100", o.path, o.image_size)

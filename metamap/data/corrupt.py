@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 from metamap.data.dataset import ClassDataset
 from metamap.data.sources import SPLITS, ClassDataSource
 from metamap.errors import ConfigError
-from metamap.registry import data_source, options, plugin_defaults, register_data
+from metamap.options import ARCHITECTURE, MAX_INT, Options, option
+from metamap.registry import data_source, register_data
 
 SEVERITIES = {
     "noise": (0.08, 0.12, 0.18, 0.26, 0.38),
@@ -118,21 +121,32 @@ def corrupt_dataset(ds: ClassDataset, kind: str, severity: int, seed: int = 0) -
                         f"{ds.description} -- corrupted: {kind}, severity {severity}")
 
 
-CORRUPTED_OPTIONS = {
-    "base": {"name": "omniglot"},        # the source to corrupt, with its own options
-    "corruption": "noise",               # noise | blur | contrast | elastic | rotation
-    "severity": 3,                       # 1 (mild) .. 5 (strong)
-    "seed": 0,
-    "splits": ["train", "val", "test"],  # which splits are corrupted (the others stay clean)
-}
+@dataclass(frozen=True, kw_only=True)
+class CorruptedOptions(Options):
+    section = "data"
+    base: dict = option({"name": "omniglot"}, role=ARCHITECTURE,
+                        doc="the source to corrupt, with its own options, e.g. data.base.name = 'omniglot'")
+    corruption: Literal["noise", "blur", "contrast", "elastic", "rotation"] = option("noise", role=ARCHITECTURE)
+    severity: int = option(3, low=1, high=5, role=ARCHITECTURE, doc="1 (mild) .. 5 (strong)")
+    seed: int = option(0, low=0, high=MAX_INT, role=ARCHITECTURE)
+    splits: list[Literal["train", "val", "test"]] = option(["train", "val", "test"], role=ARCHITECTURE,
+                                                           doc="which splits are corrupted; the others stay clean")
+
+    def check(self) -> None:
+        # The wrapped source's section, checked by its own options and completed with its defaults.
+        from metamap.registry import plugin
+        name = self.base.get("name")
+        if not isinstance(name, str) or name == "corrupted":
+            self.fail("data.base must be a table naming the source to corrupt, e.g. data.base.name = 'omniglot'")
+        options = plugin("data", name).options
+        rest = options.from_section({k: v for k, v in self.base.items() if k != "name"},
+                                    where=f"data.base (data.base.name = {name!r})")
+        object.__setattr__(self, "base", {"name": name, **rest.to_dict()})
 
 
-def base_config(data_cfg: dict) -> dict:
+def base_config(o: CorruptedOptions) -> dict:
     """A config whose ``[data]`` is the wrapped source's, its defaults filled in."""
-    base = data_cfg.get("base", CORRUPTED_OPTIONS["base"])
-    if not isinstance(base, dict) or not isinstance(base.get("name"), str):
-        raise ConfigError("data.base must be a table naming the source to corrupt, e.g. data.base.name = 'omniglot'")
-    return {"data": {**plugin_defaults("data", base["name"])["data"], **base, "name": base["name"]}}
+    return {"data": dict(o.base)}
 
 
 @lru_cache(maxsize=8)
@@ -141,15 +155,11 @@ def _corrupted(base_key: str, kind: str, severity: int, seed: int, split: str) -
     return corrupt_dataset(data_source(cfg).dataset(cfg, split), kind, severity, seed)
 
 
-@register_data("corrupted", defaults=CORRUPTED_OPTIONS)
+@register_data("corrupted", options=CorruptedOptions)
 class CorruptedSource(ClassDataSource):
-    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
-        o = options(data_cfg, CORRUPTED_OPTIONS, "data")
-        if not isinstance(o["splits"], list) or any(s not in SPLITS for s in o["splits"]):
-            raise ConfigError(f"data.splits must be a list of {', '.join(SPLITS)}, not {o['splits']!r}")
-        corrupt(torch.zeros(0, 1, 1, 1, dtype=torch.uint8), o["corruption"], o["severity"])   # validates both
-        cfg = base_config(data_cfg)
+    def datasets(self, o: CorruptedOptions) -> dict[str, ClassDataset]:
+        cfg = base_config(o)
         source = data_source(cfg)
         key = json.dumps(cfg, sort_keys=True)
-        return {s: _corrupted(key, o["corruption"], o["severity"], int(o["seed"]), s)
-                if s in o["splits"] else source.dataset(cfg, s) for s in SPLITS}
+        return {s: _corrupted(key, o.corruption, o.severity, o.seed, s)
+                if s in o.splits else source.dataset(cfg, s) for s in SPLITS}

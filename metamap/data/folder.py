@@ -17,6 +17,9 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import torch
 
@@ -26,10 +29,9 @@ from metamap.data.memory import check_fits, image_bytes
 from metamap.data.paths import atomic_write, user_cache_dir
 from metamap.data.sources import ClassDataSource
 from metamap.errors import ConfigError, DataError
-from metamap.registry import options, register_data
+from metamap.options import ARCHITECTURE, DATA, MAX_INT, Options, option
+from metamap.registry import register_data
 
-FOLDER_OPTIONS = {"path": "", "image_size": 28, "channels": 1, "invert": False, "resample": "lanczos",
-                  "fractions": [0.6, 0.2, 0.2], "split_seed": 0, "split_file": "", "on_bad_file": "error"}
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -154,11 +156,30 @@ def load_folder(path: str, image_size: int, channels: int, invert: bool, resampl
     return out
 
 
-@register_data("folder", defaults=FOLDER_OPTIONS)
+@dataclass(frozen=True, kw_only=True)
+class FolderOptions(Options):
+    section = "data"
+    path: str = option("", role=DATA, doc="a folder with one sub-folder of images per class")
+    image_size: int = option(28, low=4, high=1024, role=ARCHITECTURE, doc="side of the square model inputs")
+    channels: Literal[1, 3] = option(1, role=ARCHITECTURE, doc="1 = grey, 3 = RGB")
+    invert: bool = option(False, role=ARCHITECTURE, doc="invert the grey levels (dark strokes become bright)")
+    resample: Literal["lanczos", "bilinear", "bicubic", "nearest", "box"] = option(
+        "lanczos", role=ARCHITECTURE, doc="the resize filter")
+    fractions: list[float] = option([0.6, 0.2, 0.2], low=0, length=3, role=DATA,
+                                    doc="shares of the classes for train, val and test")
+    split_seed: int = option(0, low=0, high=MAX_INT, role=DATA, doc="seed of the class split")
+    split_file: str = option("", role=DATA, doc="where the split is recorded; empty = DIR/metamap-split.json")
+    on_bad_file: Literal["error", "skip"] = option("error", role=DATA, doc="a corrupt image stops the run or is skipped")
+
+    def check(self) -> None:
+        if sum(self.fractions) <= 0:
+            self.fail(f"data.fractions must not all be 0 (train, val, test shares), not {self.fractions}")
+
+
+@register_data("folder", options=FolderOptions)
 class FolderSource(ClassDataSource):
-    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
-        o = options(data_cfg, FOLDER_OPTIONS, "data")
-        if not o["path"]:
+    def datasets(self, o: FolderOptions) -> dict[str, ClassDataset]:
+        if not o.path:
             raise ConfigError("data.name = 'folder' needs data.path: a folder with one sub-folder of images per class")
-        return load_folder(str(o["path"]), o["image_size"], o["channels"], o["invert"], o["resample"],
-                           tuple(o["fractions"]), o["split_seed"], o["on_bad_file"], o["split_file"])
+        return load_folder(o.path, o.image_size, o.channels, o.invert, o.resample, tuple(o.fractions),
+                           o.split_seed, o.on_bad_file, o.split_file)

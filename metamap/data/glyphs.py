@@ -38,7 +38,8 @@ from metamap.data.images import ImageSpec
 from metamap.data.paths import atomic_write, user_cache_dir
 from metamap.data.sources import ClassDataSource
 from metamap.errors import ConfigError, DataError
-from metamap.registry import options, register_data
+from metamap.options import ARCHITECTURE, DATA, MAX_INT, RUNTIME, Options, option
+from metamap.registry import register_data
 
 FORMAT_VERSION = 1
 FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fonts", "~/.fonts")
@@ -360,20 +361,31 @@ def make_splits(arrays: dict, parts: dict[str, list[str]], image_size: int) -> d
     return out
 
 
-GLYPH_OPTIONS = {
-    "train_scripts": TRAIN_SCRIPTS,
-    "val_scripts": VAL_SCRIPTS,
-    "test_scripts": TEST_SCRIPTS,
-    "examples": 40,                 # renderings per character (20-shot + 15 queries needs 35)
-    "image_size": 28,
-    "seed": 0,                      # fonts order, sizes, rotations, shifts; and the subset of large scripts
-    "jitter": 1.0,                  # scales rotation and shift (0 = centred, upright)
-    "min_fonts": 3,                 # fonts that must have a character for it to be a class
-    "max_per_script": 60,           # characters per script at most (0 = all)
-    "dedupe": 0.9,                  # leave out a character this correlated with an earlier one (1 = keep all)
-    "font_dirs": [],                # extra font folders, searched first
-    "cache": True,                  # keep rendered arrays in the per-user cache
-}
+@dataclass(frozen=True, kw_only=True)
+class GlyphOptions(Options):
+    section = "data"
+    train_scripts: list[str] = option(TRAIN_SCRIPTS, role=ARCHITECTURE)
+    val_scripts: list[str] = option(VAL_SCRIPTS, role=ARCHITECTURE)
+    test_scripts: list[str] = option(TEST_SCRIPTS, role=ARCHITECTURE)
+    examples: int = option(40, low=2, high=100_000, role=ARCHITECTURE,
+                           doc="renderings per character; 20-shot + 15 queries needs 35")
+    image_size: int = option(28, low=8, high=256, role=ARCHITECTURE)
+    seed: int = option(0, low=0, high=MAX_INT, role=ARCHITECTURE,
+                       doc="fonts order, sizes, rotations, shifts; and the subset of large scripts")
+    jitter: float = option(1.0, low=0, role=ARCHITECTURE, doc="scales rotation and shift; 0 = centred, upright")
+    min_fonts: int = option(3, low=1, role=ARCHITECTURE, doc="fonts that must have a character for it to be a class")
+    max_per_script: int = option(60, low=0, role=ARCHITECTURE, doc="characters per script at most; 0 = all")
+    dedupe: float = option(0.9, low=0, high=1, role=ARCHITECTURE,
+                           doc="leave out a character this correlated with an earlier one; 1 = keep all")
+    font_dirs: list[str] = option([], role=DATA, doc="extra font folders, searched first")
+    cache: bool = option(True, role=RUNTIME, doc="keep rendered arrays in the per-user cache")
+
+    def check(self) -> None:
+        _check(self.to_dict())
+
+
+# The defaults as a plain dict, for load_glyphs.
+GLYPH_OPTIONS = GlyphOptions().to_dict()
 
 
 @lru_cache(maxsize=4)
@@ -382,19 +394,18 @@ def _cached(key: str):
     return load_glyphs(o, cache=o.pop("cache"))
 
 
-@register_data("glyphs", defaults=GLYPH_OPTIONS)
+@register_data("glyphs", options=GlyphOptions)
 class GlyphSource(ClassDataSource):
-    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
-        return self.load(data_cfg)[0]
+    def datasets(self, o: GlyphOptions) -> dict[str, ClassDataset]:
+        return self.load(o)[0]
 
-    def record(self, data_cfg: dict) -> dict:
+    def record(self, o: GlyphOptions) -> dict:
         """What the data set was made from (characters, fonts with SHA-256, rendering, versions)."""
-        return self.load(data_cfg)[1]
+        return self.load(o)[1]
 
     @staticmethod
-    def load(data_cfg: dict):
-        o = options(data_cfg, GLYPH_OPTIONS, "data")
-        return _cached(json.dumps(o, sort_keys=True))
+    def load(o: GlyphOptions):
+        return _cached(json.dumps(o.to_dict(), sort_keys=True))
 
 
 __all__ = ["SCRIPTS", "load_glyphs", "GlyphSource", "find_fonts", "installed_fonts"]

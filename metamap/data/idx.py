@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,7 +36,8 @@ from metamap.data.images import ImageSpec
 from metamap.data.paths import data_root
 from metamap.data.sources import ClassDataSource
 from metamap.errors import ConfigError, DataError
-from metamap.registry import options, register_data
+from metamap.options import ARCHITECTURE, DATA, MAX_INT, Options, option
+from metamap.registry import register_data
 
 # type code -> numpy dtype (big-endian)
 IDX_TYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -253,28 +255,36 @@ def load_idx_family(name: str, path: str = "", root: str = "", image_size: int =
     return out
 
 
-IDX_OPTIONS = {
-    "path": "",                       # folder of the IDX files ("" = <data root>/<name>, Debian's folder)
-    "root": "",
-    "image_size": 28,
-    "fractions": [0.0, 0.5, 0.5],     # classes for train / val / test; default: a target domain
-    "split_seed": 0,
-}
+@dataclass(frozen=True, kw_only=True)
+class IdxOptions(Options):
+    section = "data"
+    path: str = option("", role=DATA, doc="folder of the IDX files; empty = <data root>/<name>, Debian's folder")
+    root: str = option("", role=DATA, doc="the data root; empty = $METAMAP_DATA, else the per-user cache")
+    image_size: int = option(28, low=4, high=512, role=ARCHITECTURE)
+    fractions: list[float] = option([0.0, 0.5, 0.5], low=0, length=3, role=DATA,
+                                    doc="shares of the classes for train, val and test; default: a target domain")
+    split_seed: int = option(0, low=0, high=MAX_INT, role=DATA)
+
+    def check(self) -> None:
+        if sum(self.fractions) <= 0:
+            self.fail(f"data.fractions must not all be 0 (train, val, test shares), not {self.fractions}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmnistOptions(IdxOptions):
+    subset: Literal["balanced", "byclass", "bymerge", "letters", "digits", "mnist"] = option(
+        "balanced", role=ARCHITECTURE, doc="which EMNIST split")
 
 
 class IdxSource(ClassDataSource):
     name = ""
-    allowed = IDX_OPTIONS
 
-    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
-        o = options(data_cfg, self.allowed, "data")
-        return load_idx_family(self.name, str(o["path"]), str(o["root"]), o["image_size"],
-                               tuple(o["fractions"]), int(o["split_seed"]), o.get("subset", "balanced"))
+    def datasets(self, o: IdxOptions) -> dict[str, ClassDataset]:
+        return load_idx_family(self.name, o.path, o.root, o.image_size, tuple(o.fractions), o.split_seed,
+                               getattr(o, "subset", "balanced"))
 
 
 for _name in ("mnist", "fashionmnist", "kmnist"):
-    register_data(_name, defaults=IDX_OPTIONS)(type(f"{_name}Source", (IdxSource,), {"name": _name}))
+    register_data(_name, options=IdxOptions)(type(f"{_name}Source", (IdxSource,), {"name": _name}))
 
-EMNIST_OPTIONS = {**IDX_OPTIONS, "subset": "balanced"}   # balanced | byclass | bymerge | letters | digits | mnist
-register_data("emnist", defaults=EMNIST_OPTIONS)(
-    type("emnistSource", (IdxSource,), {"name": "emnist", "allowed": EMNIST_OPTIONS}))
+register_data("emnist", options=EmnistOptions)(type("emnistSource", (IdxSource,), {"name": "emnist"}))

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,7 +50,8 @@ from metamap.data.memory import images_array
 from metamap.data.paths import atomic_write, user_cache_dir
 from metamap.data.sources import ClassDataSource
 from metamap.errors import ConfigError, DataError
-from metamap.registry import options, register_data
+from metamap.options import ARCHITECTURE, DATA, RUNTIME, Options, option
+from metamap.registry import register_data
 
 PARTS = ("train", "val", "test")
 # The usual ImageNet channel statistics (torchvision's), in [0, 1] units; used for every
@@ -57,13 +59,18 @@ PARTS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-MINI_OPTIONS = {
-    "path": "",            # folder holding the csv or pickle layout (see the module docstring)
-    "image_size": 84,
-    "format": "auto",      # auto | csv | pickle
-    "split": "ravi",       # ravi: check classes against the published split | files: trust the files
-    "cache": True,         # keep decoded arrays on disk for the next run
-}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MiniImageNetOptions(Options):
+    section = "data"
+    path: str = option("", role=DATA, doc="folder holding the csv or pickle layout")
+    image_size: int = option(84, low=8, high=512, role=ARCHITECTURE)
+    format: Literal["auto", "csv", "pickle"] = option("auto", role=DATA)
+    split: Literal["ravi", "files"] = option(
+        "ravi", role=DATA, doc="ravi: check the classes against the published split; files: trust the files")
+    cache: bool = option(True, role=RUNTIME, doc="keep decoded arrays on disk for the next run")
+
 PICKLE_NAMES = {"train": ("mini-imagenet-cache-train.pkl",),
                 "val": ("mini-imagenet-cache-val.pkl", "mini-imagenet-cache-validation.pkl"),
                 "test": ("mini-imagenet-cache-test.pkl",)}
@@ -357,8 +364,7 @@ def _cached_load(path: str, image_size: int, format: str, split: str, cache: boo
     return load_miniimagenet(path, image_size, format, split, cache)
 
 
-@register_data("miniimagenet", defaults=MINI_OPTIONS)
+@register_data("miniimagenet", options=MiniImageNetOptions)
 class MiniImageNetSource(ClassDataSource):
-    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
-        o = options(data_cfg, MINI_OPTIONS, "data")
-        return _cached_load(str(o["path"]), o["image_size"], o["format"], o["split"], bool(o["cache"]))
+    def datasets(self, o: MiniImageNetOptions) -> dict[str, ClassDataset]:
+        return _cached_load(o.path, o.image_size, o.format, o.split, o.cache)

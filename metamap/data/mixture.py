@@ -24,7 +24,9 @@ held-out domain's validation classes. Without a holdout each split mixes the dom
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,7 +36,8 @@ from metamap.data.dataset import ClassDataset
 from metamap.data.images import ImageSpec
 from metamap.data.sources import SPLITS, ClassDataSource
 from metamap.errors import ConfigError, EpisodeError
-from metamap.registry import data_source, options, plugin_defaults, register_data
+from metamap.options import ARCHITECTURE, Options, option
+from metamap.registry import data_source, register_data, section_options
 from metamap.tasks.sampler import EpisodeSampler
 
 DOMAIN_TAG = 0x6D6978       # separates the domain draw from the episode's own draws
@@ -74,28 +77,38 @@ class DomainEpisodeSampler(EpisodeSampler):
         return f"{super().describe()}, one domain per episode ({share})"
 
 
-MIXTURE_OPTIONS = {
-    "domains": [{"name": "omniglot"}, {"name": "glyphs"}],   # [data] tables of the mixed sources
-    "weights": [],              # per-episode domain probabilities, one per domain (normalised); [] = equal
-    "holdout": "",              # label of the domain left out of training and tested on ("" = none)
-    "image_size": 28,           # the common form of every domain's images
-    "channels": 1,
-}
+@dataclass(frozen=True, kw_only=True)
+class MixtureOptions(Options):
+    section = "data"
+    domains: list[dict] = option([{"name": "omniglot"}, {"name": "glyphs"}], role=ARCHITECTURE,
+                                 doc="[data] tables of the mixed sources, each with an optional label")
+    weights: list[float] = option([], low=0, role=ARCHITECTURE,
+                                  doc="per-episode domain probabilities, one per domain (normalised); [] = equal")
+    holdout: str = option("", role=ARCHITECTURE, doc="label of the domain left out of training and tested on")
+    image_size: int = option(28, low=4, high=512, role=ARCHITECTURE, doc="the common form of every domain's images")
+    channels: Literal[1, 3] = option(1, role=ARCHITECTURE)
+
+    def check(self) -> None:
+        # Each domain's table is checked and completed by its own source's options.
+        from metamap.registry import plugin
+        if len(self.domains) < 2 or any(not isinstance(d.get("name"), str) for d in self.domains):
+            self.fail("data.domains must list at least two [data] tables, e.g. "
+                      "[{name = 'omniglot'}, {name = 'glyphs'}]")
+        completed = []
+        for d in self.domains:
+            if d["name"] == "mixture":
+                self.fail("a mixture cannot contain another mixture")
+            body = {k: v for k, v in d.items() if k not in ("name", "label")}
+            rest = plugin("data", d["name"]).options.from_section(body, where=f"data.domains ({d['name']!r})")
+            completed.append({"name": d["name"], **({"label": d["label"]} if "label" in d else {}), **rest.to_dict()})
+        object.__setattr__(self, "domains", completed)
+        check(self.to_dict(), [label for label, _ in domain_configs(self.to_dict())])
 
 
 def domain_configs(o: dict) -> list[tuple[str, dict]]:
-    """``(label, config)`` of each domain, its source's defaults filled in."""
-    domains = o["domains"]
-    if not isinstance(domains, list) or len(domains) < 2 or \
-            any(not isinstance(d, dict) or not isinstance(d.get("name"), str) for d in domains):
-        raise ConfigError("data.domains must list at least two [data] tables, e.g. "
-                          "[{name = 'omniglot'}, {name = 'glyphs'}]")
-    out = []
-    for d in domains:
-        if d["name"] == "mixture":
-            raise ConfigError("a mixture cannot contain another mixture")
-        body = {k: v for k, v in d.items() if k != "label"}
-        out.append((str(d.get("label", d["name"])), {"data": {**plugin_defaults("data", d["name"])["data"], **body}}))
+    """``(label, config)`` of each domain (its table completed by :class:`MixtureOptions`)."""
+    out = [(str(d.get("label", d["name"])), {"data": {k: v for k, v in d.items() if k != "label"}})
+           for d in o["domains"]]
     labels = [label for label, _ in out]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"data.domains: labels must differ ({labels}); give repeated sources a `label`")
@@ -168,18 +181,17 @@ def _build(key: str):
     return out, bounds, members, w
 
 
-@register_data("mixture", defaults=MIXTURE_OPTIONS)
+@register_data("mixture", options=MixtureOptions)
 class MixtureSource(ClassDataSource):
-    def _parts(self, data_cfg: dict):
-        o = options(data_cfg, MIXTURE_OPTIONS, "data")
-        return _build(json.dumps(o, sort_keys=True))
+    def _parts(self, o: MixtureOptions):
+        return _build(json.dumps(o.to_dict(), sort_keys=True))
 
-    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
-        out = self._parts(data_cfg)[0]
+    def datasets(self, o: MixtureOptions) -> dict[str, ClassDataset]:
+        out = self._parts(o)[0]
         return {s: out[s] for s in SPLITS}
 
     def held_out(self, config: dict) -> str:
-        return options(config["data"], MIXTURE_OPTIONS, "data")["holdout"]
+        return section_options(config, "data").holdout
 
     def tuning_split(self, config: dict) -> str:
         """Where test-time fine-tuning picks its hyper-parameters: the held-out domain's val classes
@@ -187,14 +199,14 @@ class MixtureSource(ClassDataSource):
         return "tune" if self.held_out(config) else "val"
 
     def dataset(self, config: dict, split: str) -> ClassDataset:
-        out = self._parts(config["data"])[0]
+        out = self._parts(section_options(config, "data"))[0]
         if split not in out:
             raise ValueError(f"split must be one of {', '.join(out)}, not {split!r}")
         return out[split]
 
     def sampler(self, config: dict, split: str, ways: int, shots: int, queries: int,
                 tasks_per_batch: int, seed: int) -> DomainEpisodeSampler:
-        out, bounds, members, weights = self._parts(config["data"])
+        out, bounds, members, weights = self._parts(section_options(config, "data"))
         self.dataset(config, split)                      # names the splits if this one does not exist
         return DomainEpisodeSampler(out[split], bounds[split], weights[split], members[split], ways, shots,
                                     queries, tasks_per_batch, seed)

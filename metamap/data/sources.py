@@ -7,10 +7,13 @@ regression bring their own sampler.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 from metamap.data.dataset import ClassDataset
-from metamap.registry import DataInfo, options, register_data
+from metamap.options import ARCHITECTURE, DATA, Options, option
+from metamap.registry import DataInfo, register_data, section_options
 from metamap.tasks.sampler import EpisodeSampler, TaskSampler
 
 SPLITS = ("train", "val", "test")
@@ -39,20 +42,24 @@ class DataSource:
 
 
 class ClassDataSource(DataSource):
-    """Base for sources made of labelled classes: subclasses implement :meth:`datasets`."""
+    """Base for sources made of labelled classes: subclasses implement :meth:`datasets`, which
+    gets the typed options of the ``[data]`` section."""
 
-    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
+    def datasets(self, options: Options) -> dict[str, ClassDataset]:
         raise NotImplementedError
 
+    def splits(self, config: dict) -> dict[str, ClassDataset]:
+        return self.datasets(section_options(config, "data"))
+
     def info(self, config: dict) -> DataInfo:
-        train = self.datasets(config["data"])["train"]
+        train = self.splits(config)["train"]
         return DataInfo(example_shape=train.example_shape, num_train_classes=train.num_classes,
                         spec=train.spec, description=train.description)
 
     def dataset(self, config: dict, split: str) -> ClassDataset:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-        return self.datasets(config["data"])[split]
+        return self.splits(config)[split]
 
     def sampler(self, config: dict, split: str, ways: int, shots: int, queries: int,
                 tasks_per_batch: int, seed: int) -> TaskSampler:
@@ -62,24 +69,26 @@ class ClassDataSource(DataSource):
         return self.dataset(config, split).description
 
     def classes(self, config: dict, split: str) -> int | None:
-        dataset = self.datasets(config["data"]).get(split)
+        dataset = self.splits(config).get(split)
         return 0 if dataset is None else dataset.num_classes
 
 
-OMNIGLOT_OPTIONS = {
-    "split": "lake",          # lake | vinyals | vinyals-trainval (published lists)
-    "image_size": 28,
-    "rotations": True,        # rotations by 90/180/270 degrees as extra training classes
-    "root": "",               # folder of the archives; "" = $METAMAP_DATA, else the per-user cache
-    "download": True,         # fetch missing archives from the official repository
-}
+@dataclass(frozen=True, kw_only=True)
+class OmniglotOptions(Options):
+    section = "data"
+    split: Literal["lake", "vinyals", "vinyals-trainval"] = option(
+        "lake", role=ARCHITECTURE, doc="lake; vinyals or vinyals-trainval: the published lists")
+    image_size: int = option(28, low=4, high=512, role=ARCHITECTURE, doc="side of the square images")
+    rotations: bool = option(True, role=ARCHITECTURE,
+                             doc="rotations by 90/180/270 degrees as extra training classes")
+    root: str = option("", role=DATA, doc="folder of the archives; empty = $METAMAP_DATA, else the per-user cache")
+    download: bool = option(True, role=DATA, doc="fetch missing archives from the official repository")
 
 
-@register_data("omniglot", defaults=OMNIGLOT_OPTIONS)
+@register_data("omniglot", options=OmniglotOptions)
 class OmniglotSource(ClassDataSource):
-    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
-        o = options(data_cfg, OMNIGLOT_OPTIONS, "data")
-        return _omniglot(o["split"], o["image_size"], o["rotations"], o["root"], o["download"])
+    def datasets(self, o: OmniglotOptions) -> dict[str, ClassDataset]:
+        return _omniglot(o.split, o.image_size, o.rotations, o.root, o.download)
 
 
 @lru_cache(maxsize=4)

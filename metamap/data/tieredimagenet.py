@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,9 +47,18 @@ from metamap.data.miniimagenet import (
 )
 from metamap.data.sources import ClassDataSource
 from metamap.errors import ConfigError, DataError
-from metamap.registry import options, register_data
+from metamap.options import ARCHITECTURE, DATA, RUNTIME, Options, option
+from metamap.registry import register_data
 
-TIERED_OPTIONS = {"path": "", "image_size": 84, "cache": True}
+
+@dataclass(frozen=True, kw_only=True)
+class TieredImageNetOptions(Options):
+    section = "data"
+    path: str = option("", role=DATA, doc="folder holding the split files")
+    image_size: int = option(84, low=8, high=512, role=ARCHITECTURE)
+    cache: bool = option(True, role=RUNTIME, doc="keep decoded arrays on disk for the next run")
+
+
 # (classes, categories) of the released splits (Ren et al. 2018, Table 1 and the released files).
 PUBLISHED_COUNTS = {"train": (351, 20), "val": (97, 6), "test": (160, 8)}
 LABEL_KEYS = ("label_specific", "label_specific_str")
@@ -200,8 +210,7 @@ def _cached_load(path: str, image_size: int, cache: bool):
     return load_tieredimagenet(path, image_size, cache)
 
 
-@register_data("tieredimagenet", defaults=TIERED_OPTIONS)
+@register_data("tieredimagenet", options=TieredImageNetOptions)
 class TieredImageNetSource(ClassDataSource):
-    def datasets(self, data_cfg: dict) -> dict[str, ClassDataset]:
-        o = options(data_cfg, TIERED_OPTIONS, "data")
-        return _cached_load(str(o["path"]), o["image_size"], bool(o["cache"]))
+    def datasets(self, o: TieredImageNetOptions) -> dict[str, ClassDataset]:
+        return _cached_load(o.path, o.image_size, o.cache)

@@ -18,13 +18,24 @@ for the fast backend (residual sums included), so MAML-style learners run all ta
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from torch import Tensor, nn
 
 from metamap.errors import ConfigError
 from metamap.nets.program import Op, lower, lower_children
-from metamap.registry import DataInfo, options, register_backbone
+from metamap.options import Options, option
+from metamap.registry import DataInfo, register_backbone
 
-RESNET12_OPTIONS = {"widths": [64, 160, 320, 640], "slope": 0.1, "pool": "avg"}
+
+@dataclass(frozen=True, kw_only=True)
+class ResNet12Options(Options):
+    section = "model"
+    widths: list[int] = option([64, 160, 320, 640], low=1, high=65536, length=4,
+                               doc="channels of the four blocks")
+    slope: float = option(0.1, low=0, high=1, high_open=True, doc="the LeakyReLU slope")
+    pool: Literal["avg", "flatten"] = option("avg", doc="avg: one feature per channel; flatten: all of them")
 
 
 def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -114,26 +125,15 @@ class ResNet12(nn.Module):
         return None if blocks is None else blocks + [Op("mean_hw" if self.pool == "avg" else "flatten")]
 
 
-@register_backbone("resnet12", defaults=RESNET12_OPTIONS)
-def _resnet12(cfg: dict, info: DataInfo) -> ResNet12:
-    o = options(cfg, RESNET12_OPTIONS, "model")
+@register_backbone("resnet12", options=ResNet12Options)
+def _resnet12(o: ResNet12Options, info: DataInfo) -> ResNet12:
     if len(info.example_shape) != 3:
         raise ConfigError(f"model.backbone = 'resnet12' needs image data [channels, height, width], not "
                           f"examples of shape {list(info.example_shape)}")
-    widths = o["widths"]
-    if not isinstance(widths, (list, tuple)) or len(widths) != 4 or not all(
-            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
-        raise ConfigError(f"model.widths must be four whole numbers >= 1 (channels of the four blocks), "
-                          f"not {widths!r}")
-    slope = o["slope"]
-    if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not 0 <= slope < 1:
-        raise ConfigError(f"model.slope must be a number in [0, 1) (the LeakyReLU slope), not {slope!r}")
-    if o["pool"] not in ("avg", "flatten"):
-        raise ConfigError(f"model.pool must be 'avg' or 'flatten', not {o['pool']!r}")
     c, h, w = info.example_shape
     if h != w:
         raise ConfigError(f"resnet12 expects square images, not {h}x{w}")
     try:
-        return ResNet12(in_channels=c, widths=widths, slope=float(slope), pool=o["pool"], image_size=h)
+        return ResNet12(in_channels=c, widths=o.widths, slope=o.slope, pool=o.pool, image_size=h)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -21,6 +21,8 @@ return of its one set of episodes. Higher is better.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,7 +30,8 @@ from torch import Tensor
 
 from metamap.algorithms.base import MetaLearner
 from metamap.errors import ConfigError
-from metamap.registry import DataInfo, options, register_learner
+from metamap.options import ADAPTATION, ARCHITECTURE, TRAINING, Options, option
+from metamap.registry import DataInfo, register_learner, section_options
 from metamap.rl.maml import PGConfig, PolicyGradientMeta
 from metamap.rl.policies import GaussianMLPPolicy, RecurrentPolicy
 from metamap.rl.rl2 import RL2, RL2Config
@@ -167,18 +170,53 @@ class RL2Learner(RLLearner):
 
 
 # -- registration -----------------------------------------------------------------------------------
-PG_OPTIONS = {
-    "inner_steps": 1, "inner_lr": 0.1, "eval_lr_factor": 0.5, "first_order": False, "estimator": "paper",
-    "trajectories": 20, "discount": 0.99, "gae_lambda": 1.0, "normalize_advantages": True,
-    "outer": "trpo", "max_kl": 0.01, "cg_iterations": 10, "cg_damping": 1e-5, "backtrack_ratio": 0.8,
-    "max_backtracks": 15, "curvature_tasks": 1.0, "ppo_clip": 0.2, "ppo_epochs": 5,
-    "hidden": [100, 100], "activation": "relu", "adapt_at_test": True, "eval_trajectories": 40,
-}
-RL2_OPTIONS = {
-    "episodes": 2, "trajectories": 10, "discount": 0.99, "gae_lambda": 0.95, "ppo_clip": 0.2,
-    "ppo_epochs": 5, "minibatches": 4, "value_coef": 0.5, "entropy_coef": 0.0, "hidden": 64,
-    "eval_trajectories": 40,
-}
+@dataclass(frozen=True, kw_only=True)
+class PGOptions(Options):
+    """Options of the policy-gradient meta-learners (MAML-TRPO and its baselines)."""
+
+    section = "learner"
+    inner_steps: int = option(1, low=0, high=1000, role=TRAINING, doc="policy-gradient steps per task")
+    inner_lr: float = option(0.1, low=0, low_open=True, role=ADAPTATION, doc="inner step size")
+    eval_lr_factor: float = option(0.5, low=0, low_open=True, role=ADAPTATION,
+                                   doc="test-time inner step size = inner_lr times this")
+    first_order: bool = option(False, role=TRAINING)
+    estimator: Literal["paper", "lvc"] = option("paper", role=TRAINING, doc="inner gradient estimator")
+    trajectories: int = option(20, low=1, high=100_000, role=TRAINING, doc="trajectories per task and step")
+    discount: float = option(0.99, low=0, high=1, role=TRAINING)
+    gae_lambda: float = option(1.0, low=0, high=1, role=TRAINING)
+    normalize_advantages: bool = option(True, role=TRAINING)
+    outer: Literal["trpo", "ppo"] = option("trpo", role=TRAINING, doc="the outer step")
+    max_kl: float = option(0.01, low=0, low_open=True, role=TRAINING)
+    cg_iterations: int = option(10, low=1, high=10_000, role=TRAINING)
+    cg_damping: float = option(1e-5, low=0, role=TRAINING)
+    backtrack_ratio: float = option(0.8, low=0, high=1, low_open=True, high_open=True, role=TRAINING)
+    max_backtracks: int = option(15, low=0, high=10_000, role=TRAINING)
+    curvature_tasks: float = option(1.0, low=0, high=1, low_open=True, role=TRAINING,
+                                    doc="share of the tasks the curvature is estimated on")
+    ppo_clip: float = option(0.2, low=0, low_open=True, role=TRAINING)
+    ppo_epochs: int = option(5, low=1, high=10_000, role=TRAINING)
+    hidden: list[int] = option([100, 100], low=1, high=1 << 16, role=ARCHITECTURE, doc="policy hidden layers")
+    activation: Literal["relu", "tanh"] = option("relu", role=ARCHITECTURE)
+    adapt_at_test: bool = option(True, role=ADAPTATION)
+    eval_trajectories: int = option(40, low=1, high=100_000, role=ADAPTATION)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RL2Options(Options):
+    section = "learner"
+    episodes: int = option(2, low=1, high=1000, role=TRAINING, doc="episodes per trial")
+    trajectories: int = option(10, low=1, high=100_000, role=TRAINING)
+    discount: float = option(0.99, low=0, high=1, role=TRAINING)
+    gae_lambda: float = option(0.95, low=0, high=1, role=TRAINING)
+    ppo_clip: float = option(0.2, low=0, low_open=True, role=TRAINING)
+    ppo_epochs: int = option(5, low=1, high=10_000, role=TRAINING)
+    minibatches: int = option(4, low=1, high=10_000, role=TRAINING)
+    value_coef: float = option(0.5, low=0, role=TRAINING)
+    entropy_coef: float = option(0.0, low=0, role=TRAINING)
+    hidden: int = option(64, low=1, high=1 << 16, role=ARCHITECTURE, doc="GRU units")
+    eval_trajectories: int = option(40, low=1, high=100_000, role=ADAPTATION)
+
+
 # The authors' 2-D navigation run: meta-batch 20 tasks (paper; their script used 40), 100 meta-iterations.
 RL_DEFAULTS = {"episode": {"tasks_per_batch": 20},
                "train": {"steps": 100, "log_every": 1, "val_every": 0, "checkpoint_every": 5, "chunk_tasks": 0,
@@ -187,21 +225,6 @@ RL_DEFAULTS = {"episode": {"tasks_per_batch": 20},
                "eval": {"episodes": 600, "seed": 2024, "ways": [1], "shots": [1]}}
 TRPO_OPTIM = {"optim": {"name": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0},
               "schedule": {"name": "constant"}}
-
-
-def _check_pg(o: dict) -> None:
-    if o["outer"] not in ("trpo", "ppo"):
-        raise ConfigError(f"learner.outer must be trpo or ppo, not {o['outer']!r}")
-    if o["estimator"] not in ("paper", "lvc"):
-        raise ConfigError(f"learner.estimator must be paper or lvc, not {o['estimator']!r}")
-    for k in ("inner_steps",):
-        if isinstance(o[k], bool) or not isinstance(o[k], int) or o[k] < 0:
-            raise ConfigError(f"learner.{k} must be a whole number >= 0, not {o[k]!r}")
-    for k in ("trajectories", "eval_trajectories"):
-        if isinstance(o[k], bool) or not isinstance(o[k], int) or o[k] < 1:
-            raise ConfigError(f"learner.{k} must be a whole number >= 1, not {o[k]!r}")
-    if not 0 < o["curvature_tasks"] <= 1:
-        raise ConfigError(f"learner.curvature_tasks must be in (0, 1], not {o['curvature_tasks']!r}")
 
 
 def _check_rl(config: dict, info: DataInfo) -> None:
@@ -213,8 +236,7 @@ def _check_rl(config: dict, info: DataInfo) -> None:
 
 def build_pg(config: dict, info: DataInfo) -> PolicyGradientLearner:
     _check_rl(config, info)
-    o = options(config["learner"], PG_OPTIONS, "learner")
-    _check_pg(o)
+    o = section_options(config, "learner").to_dict()
     keys = set(PGConfig.__dataclass_fields__)
     cfg = PGConfig(**{k: v for k, v in o.items() if k in keys})
     return PolicyGradientLearner(family_from_config(config), cfg, o["hidden"], o["activation"],
@@ -223,7 +245,7 @@ def build_pg(config: dict, info: DataInfo) -> PolicyGradientLearner:
 
 def build_rl2(config: dict, info: DataInfo) -> RL2Learner:
     _check_rl(config, info)
-    o = options(config["learner"], RL2_OPTIONS, "learner")
+    o = section_options(config, "learner").to_dict()
     keys = set(RL2Config.__dataclass_fields__)
     cfg = RL2Config(**{k: v for k, v in o.items() if k in keys})
     return RL2Learner(family_from_config(config), cfg, o["hidden"], o["eval_trajectories"])
@@ -232,9 +254,9 @@ def build_rl2(config: dict, info: DataInfo) -> RL2Learner:
 def _register_pg(name: str, summary: str, extra: dict | None = None, **learner):
     defaults = {**RL_DEFAULTS, **TRPO_OPTIM, **(extra or {})}
     defaults = {k: dict(v) if isinstance(v, dict) else v for k, v in defaults.items()}
-    defaults["learner"] = {**PG_OPTIONS, **learner}
+    options = PGOptions.with_defaults(f"PGOptions_{name.replace('-', '_')}", **learner) if learner else PGOptions
 
-    @register_learner(name, defaults=defaults, family="reinforcement", summary=summary)
+    @register_learner(name, options=options, defaults=defaults, family="reinforcement", summary=summary)
     def _build(config: dict, info: DataInfo):
         learner = build_pg(config, info)
         learner.name = name
@@ -257,11 +279,10 @@ _register_pg("maml-promp", "MAML for RL with a ProMP-style outer step: Adam on t
 
 # RL²: 10 tasks x 10 two-episode trials per batch, Adam 3e-3 (chosen on 2-D navigation training tasks in a
 # short sweep: 1e-3 with a value head sharing the GRU barely moved in 100 batches).
-@register_learner("rl2", defaults={**RL_DEFAULTS, "optim": {"name": "adam", "lr": 3e-3},
-                                   "schedule": {"name": "constant"},
-                                   "episode": {"tasks_per_batch": 10},
-                                   "train": {**RL_DEFAULTS["train"], "steps": 150},
-                                   "learner": dict(RL2_OPTIONS)},
+@register_learner("rl2", options=RL2Options, defaults={**RL_DEFAULTS, "optim": {"name": "adam", "lr": 3e-3},
+                                                       "schedule": {"name": "constant"},
+                                                       "episode": {"tasks_per_batch": 10},
+                                                       "train": {**RL_DEFAULTS["train"], "steps": 150}},
                   family="reinforcement", summary="RL²: a GRU policy remembering a task's episodes, PPO (Duan et al. 2016)")
 def _build_rl2(config: dict, info: DataInfo):
     return build_rl2(config, info)

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from metamap.data.sources import DataSource
-from metamap.registry import DataInfo, options, register_data, register_task_kind, task_kind
+from metamap.options import ARCHITECTURE, Options, option
+from metamap.registry import DataInfo, register_data, register_task_kind, section_options, task_kind
 from metamap.rl.envs import FAMILIES, TaskFamily, make_family
 from metamap.tasks.kinds import Metric, TaskKind
 from metamap.tasks.sampler import check_positive, shard
@@ -120,12 +121,16 @@ class RLTaskSampler:
         return self.tasks([(int(e), 0) for e in ids])
 
 
-SOURCE_DEFAULTS = {"horizon": 0, "oracle": False}      # horizon 0 = the family's own (100 or 200)
+@dataclass(frozen=True, kw_only=True)
+class RLSourceOptions(Options):
+    section = "data"
+    horizon: int = option(0, low=0, high=1_000_000, role=ARCHITECTURE, doc="steps per episode; 0 = the family's own")
+    oracle: bool = option(False, role=ARCHITECTURE, doc="the task's parameters in the observation")
 
 
 def family_from_config(config: dict) -> TaskFamily:
-    o = options(config["data"], SOURCE_DEFAULTS, "data")
-    return make_family(config["data"]["name"], oracle=bool(o["oracle"]), horizon=o["horizon"] or None)
+    o: RLSourceOptions = section_options(config, "data")
+    return make_family(config["data"]["name"], oracle=o.oracle, horizon=o.horizon or None)
 
 
 class RLSource(DataSource):
@@ -149,4 +154,4 @@ class RLSource(DataSource):
 
 
 for _name in FAMILIES:
-    register_data(_name, defaults=SOURCE_DEFAULTS)(type(f"RLSource_{_name}", (RLSource,), {}))
+    register_data(_name, options=RLSourceOptions)(type(f"RLSource_{_name}", (RLSource,), {}))

@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -253,7 +253,10 @@ def check_meta(meta: dict, where: Path) -> None:
     need(meta.get("best") is None or isinstance(meta["best"], dict), "best", "must be a table or null")
     need(isinstance(meta.get("optimizer", {}), dict), "optimizer", "must be a table")
     need(isinstance(meta.get("learner", ""), str), "learner", "must be a learner name")
-    if "config" in meta or "data_info" in meta:
+    if meta.get("python"):       # a learner built in Python: its modules come from the caller, not the config
+        need(isinstance(meta.get("config"), dict) and isinstance(meta["config"].get("learner"), dict),
+             "config.learner", "is missing or not a table")
+    elif "config" in meta or "data_info" in meta:
         check_rebuild(meta, where)
 
 
@@ -369,6 +372,38 @@ def load_state(learner: torch.nn.Module, weights: dict[str, torch.Tensor], where
     learner.load_state_dict(weights)
 
 
+@dataclass
+class LoadedLearner:
+    """What :func:`metamap.load` returns: a trained learner and what it needs to be used.
+
+    ``learner``: the :class:`~metamap.MetaLearner`, in evaluation mode (``learner.adapt(support_x,
+    support_y)`` -> predictor). ``spec``: the image preprocessing of its training data (file ->
+    uint8 -> float input; ``None`` for non-image data). ``config``: the complete resolved config it
+    was trained with. ``info``: what the learner was built for (example shape, classes...).
+    ``path`` and ``meta``: the checkpoint folder and its description (step, best metric...).
+    """
+
+    learner: Any
+    spec: Any
+    config: dict
+    info: Any
+    path: Path
+    meta: dict
+
+    def adapt(self, support_x, support_y, ways: int | None = None):
+        """``learner.adapt``, with gradients enabled only for learners that adapt by gradient steps."""
+        import torch
+        with torch.set_grad_enabled(self.learner.adapts_with_gradients):
+            return self.learner.adapt(support_x, support_y, ways)
+
+    def inputs(self, files) -> Any:
+        """Image files -> model inputs ``[n, C, H, W]`` through the training preprocessing."""
+        from metamap.errors import DataError
+        if self.spec is None:
+            raise DataError("this checkpoint was not trained on images, so it has no image preprocessing")
+        return self.spec.to_input(self.spec.load_many(files))
+
+
 def data_info(meta: dict):
     """The :class:`DataInfo` recorded in a checked ``checkpoint.json``."""
     from metamap.data.images import ImageSpec
@@ -379,18 +414,31 @@ def data_info(meta: dict):
     return DataInfo(**{**info_d, "example_shape": tuple(info_d["example_shape"]), "spec": spec})
 
 
-def load_learner(path: str | Path, device: str = "cpu"):
-    """Rebuild a learner from its checkpoint (config + data info) and load its weights."""
+def load_learner(path: str | Path, device: str = "cpu", learner=None) -> LoadedLearner:
+    """Rebuild a learner from its checkpoint (its complete config and data info) and load its weights.
+
+    ``learner``: load the weights into this learner instead of building one from the config
+    (for learners built in Python around one's own modules, which no config can rebuild).
+    """
+    from metamap.config import resolve
     from metamap.data.memory import check_model_fits
     from metamap.errors import MetamapError
     from metamap.registry import build_learner
 
     path, meta = read_meta(path)
-    check_rebuild(meta, path)
-    info = data_info(meta)
+    if learner is None and meta.get("python"):
+        raise CheckpointError(f"{path} holds a learner built in Python around your own modules, which its config "
+                              "cannot rebuild; build it again and load the weights into it: "
+                              "metamap.load(path, learner=metamap.MAML(my_model, ...))")
+    if learner is None:
+        check_rebuild(meta, path)
+    info = data_info(meta) if isinstance(meta.get("data_info"), dict) else None
     try:
-        check_model_fits(lambda: build_learner(meta["config"], info), f"the learner of {path}")
-        learner = build_learner(meta["config"], info)
+        # Older checkpoints: missing keys take today's defaults. A learner built in Python keeps its own.
+        config = meta["config"] if meta.get("python") else resolve(base=meta["config"])
+        if learner is None:
+            check_model_fits(lambda: build_learner(config, info), f"the learner of {path}")
+            learner = build_learner(config, info)
     except MetamapError as e:
         raise CheckpointError(f"{path}: cannot rebuild its learner from {META}: {e}") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
@@ -399,5 +447,4 @@ def load_learner(path: str | Path, device: str = "cpu"):
                               "version of metamap") from None
     load_state(learner, read_tensors(path, WEIGHTS, meta), path)
     learner.to(device).eval()
-    learner.spec, learner.config, learner.info, learner.checkpoint_meta = info.spec, meta["config"], info, meta
-    return learner
+    return LoadedLearner(learner, None if info is None else info.spec, config, info, path, meta)

@@ -272,7 +272,7 @@ def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bo
     callbacks = []
     if config["train"]["tensorboard"] and rank == 0:
         from metamap.train.callbacks import TensorBoardLogger
-        callbacks.append(TensorBoardLogger(run_dir))
+        callbacks.append(TensorBoardLogger(run_dir / "tensorboard"))
     trainer = Trainer(learner, train_sampler, config, run_dir, meta, validate=validate, device=device,
                       memory_format=memory_format, progress=progress, callbacks=callbacks, rank=rank,
                       world_size=world_size)
@@ -304,9 +304,9 @@ def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bo
         echo(report(results, config, source))
     if rank == 0:
         write_text(run_dir / "results.json", json.dumps(summary, indent=2))
-        if config["train"].get("report", True):
+        if config["train"]["report"]:
             # The figure of test tasks uses the best checkpoint, loaded afresh on the CPU.
-            best = checkpoint.load_learner(run_dir / "best") if run_test else None
+            best = checkpoint.load_learner(run_dir / "best").learner if run_test else None
             echo(f"report: {write_report(run_dir, best, info.spec, config)}")
         else:
             curves = plot_curves(run_dir)
@@ -359,23 +359,21 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str 
                 f"a {config[section][key]!r} one. Drop the {section}.{key} override, or evaluate a checkpoint "
                 f"trained as {config[section][key]!r}")
     device = setup_runtime(config)
-    learner = load_learner(path, device=str(device))
-    adaptation = eval_overrides.check(meta["config"], config, overrides)
+    loaded = load_learner(path, device=str(device))
+    learner = loaded.learner
+    adaptation = eval_overrides.check(loaded.config, config, overrides)
     if adaptation:
         # The same weights in a learner built with the new adaptation settings.
-        rebuilt = build_learner(config, learner.info)
+        rebuilt = build_learner(config, loaded.info)
         checkpoint.load_state(rebuilt, learner.state_dict(), path)
-        rebuilt.to(device).eval()
-        for attr in ("spec", "config", "info", "checkpoint_meta"):
-            setattr(rebuilt, attr, getattr(learner, attr))
-        learner = rebuilt
+        learner = rebuilt.to(device).eval()
         echo("adaptation overrides: " + ", ".join(f"learner.{k} = {new!r} (trained with {old!r})"
                                                   for k, (old, new) in adaptation.items()))
     source = data_source(config)
     trained_on = meta["config"]["data"]["name"]
-    if learner.spec is not None and hasattr(source, "dataset"):
-        source = ConvertedSource(source, learner.spec)
-    memory_format = memory_format_for(config, learner.info)
+    if loaded.spec is not None and hasattr(source, "dataset"):
+        source = ConvertedSource(source, loaded.spec)
+    memory_format = memory_format_for(config, loaded.info)
     if memory_format is not None:
         learner.to(memory_format=memory_format)
     precision, why = resolve_precision(config["train"]["precision"], device, learner)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from metamap.algorithms.base import MetaGradient, MetaLearner
+from metamap.config import OptimOptions
 from metamap.data.paths import atomic_write
 from metamap.errors import CheckpointError, DivergenceError, MetamapError
 from metamap.metrics_log import read_log
@@ -27,14 +28,17 @@ from metamap.tasks.batch import TaskBatch
 from metamap.tasks.sampler import TaskSampler
 from metamap.train import checkpoint
 from metamap.train.evaluate import EvalResult
-from metamap.train.precision import PRECISIONS, autocast, resolve_precision
+from metamap.train.precision import autocast, resolve_precision
 from metamap.train.progress import progress_bar
 from metamap.train.schedule import lr_factor
 
 
 class Callback(Protocol):
+    """Any of these methods (see :mod:`metamap.train.callbacks`); a callback may lack some."""
+
     def on_step(self, trainer: Trainer, record: dict) -> None: ...
     def on_validation(self, trainer: Trainer, result: EvalResult, is_best: bool) -> None: ...
+    def on_fit_end(self, trainer: Trainer) -> None: ...
 
 
 class TrainingInterrupted(MetamapError):
@@ -61,15 +65,14 @@ def memory_use(device: torch.device) -> dict[str, float]:
 
 
 def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
-    name = cfg.get("name", "adam")
-    kw = {"lr": cfg["lr"], "weight_decay": cfg.get("weight_decay", 0.0)}
-    if name == "adam":
+    """The outer optimizer of an ``[optim]`` section (checked by :class:`~metamap.config.OptimOptions`)."""
+    o = OptimOptions.from_section(cfg)
+    kw = {"lr": o.lr, "weight_decay": o.weight_decay}
+    if o.name == "adam":
         return torch.optim.Adam(params, **kw)
-    if name == "adamw":
+    if o.name == "adamw":
         return torch.optim.AdamW(params, **kw)
-    if name == "sgd":
-        return torch.optim.SGD(params, momentum=cfg.get("momentum", 0.0), nesterov=cfg.get("nesterov", False), **kw)
-    raise MetamapError(f"unknown optim.name {name!r}; choose adam, adamw or sgd")
+    return torch.optim.SGD(params, momentum=o.momentum, nesterov=o.nesterov, **kw)
 
 
 # What a checkpoint cannot be resumed as: another model, data set or optimizer.
@@ -107,14 +110,11 @@ class Trainer:
         self.progress, self.callbacks, self.rank, self.world_size = progress, list(callbacks), rank, world_size
         self.optimizer = build_optimizer([p for p in learner.parameters() if p.requires_grad], config["optim"])
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        requested = self.train_cfg.get("precision", "auto")
-        if requested not in PRECISIONS:
-            raise MetamapError(f"train.precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
-        self.precision, self.precision_reason = resolve_precision(requested, self.device, learner)
+        self.precision, self.precision_reason = resolve_precision(self.train_cfg["precision"], self.device, learner)
         if self.precision == "fp16" and self.device.type != "cuda":
             raise MetamapError("train.precision = fp16 needs a CUDA device; on CPU use bf16")
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        prefetch = self.train_cfg.get("prefetch", "auto")
+        prefetch = self.train_cfg["prefetch"]
         if prefetch == "auto":
             prefetch = self.device.type == "cuda"
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="metamap-prefetch") if prefetch else None
@@ -127,6 +127,7 @@ class Trainer:
         self.saved_step: int | None = None     # step of the latest checkpoint in RUN/last
         self.reference_norm: float | None = None   # weight norm at step 0 (for train.max_weight_growth)
         self._stop_signal: int | None = None
+        self.stop_reason: str | None = None    # set by request_stop (a callback ending training early)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -198,6 +199,19 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def request_stop(self, reason: str) -> None:
+        """End training after the current step (as at the last step: checkpoints are written)."""
+        if self.world_size > 1:
+            # Every rank would have to stop at the same step; only single-process training can.
+            raise MetamapError("request_stop: stopping early works in single-process training only")
+        self.stop_reason = str(reason)
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            method = getattr(cb, hook, None)
+            if method is not None:
+                method(self, *args)
+
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict | None:
         steps = self.train_cfg["steps"]
@@ -208,7 +222,7 @@ class Trainer:
         bar.update(self.step)
         tasks_done, t0 = 0, time.perf_counter()
         try:
-            while self.step < steps:
+            while self.step < steps and self.stop_reason is None:
                 record = self.train_step()
                 tasks_done += self.sampler.tasks_per_batch
                 if record is not None:
@@ -219,13 +233,13 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", **{k: f"{v:.3f}" for k, v in record.items()
                                                                     if k in self.metric_names},
                                     tasks_s=f"{record['tasks_per_s']:.1f}", refresh=False)
-                    for cb in self.callbacks:
-                        cb.on_step(self, record)
+                    self._call("on_step", record)
                 bar.update(1)
                 every = self.train_cfg["val_every"]
                 if self.validate is not None and every and (self.step % every == 0 or self.step == steps):
                     self.run_validation()
-                if self.is_main and (self.step % self.train_cfg["checkpoint_every"] == 0 or self.step == steps):
+                end = self.step == steps or self.stop_reason is not None
+                if self.is_main and (self.step % self.train_cfg["checkpoint_every"] == 0 or end):
                     self.save("last")
                 if self._stop_signal is not None:
                     if self.is_main:
@@ -242,6 +256,7 @@ class Trainer:
         if self.is_main and (self.validate is None or not self.train_cfg["val_every"]):
             self.best = {"step": self.step, "metric": None, "mean": None}
             self.save("best")
+        self._call("on_fit_end")
         return self.best
 
     def train_step(self) -> dict | None:
@@ -250,7 +265,7 @@ class Trainer:
         if self.reference_norm is None:
             self.reference_norm = self.weight_norm()
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * lr_factor(index, self.train_cfg["steps"], {**self.config["schedule"], "base_lr": base})
+            group["lr"] = base * lr_factor(index, self.train_cfg["steps"], self.config["schedule"], base)
         self.learner.train()
         # A task kind whose support data the current learner collects (trajectories) does it here.
         batch = self.sampler.kind.collect(self._batch(index), self.learner)
@@ -274,7 +289,7 @@ class Trainer:
         if not ok:
             self._restore(buffers)
             return self._skip(index, float(loss.detach()))
-        clip = self.config["optim"].get("grad_clip", 0.0)
+        clip = self.config["optim"]["grad_clip"]
         if clip:
             torch.nn.utils.clip_grad_norm_(self.learner.parameters(), clip)
         if self.scaler is not None:
@@ -300,7 +315,7 @@ class Trainer:
         ``"auto"`` asks the learner (``preferred_chunk``); 0 is the whole meta-batch.
         """
         n = batch.num_tasks
-        chunk = self.train_cfg.get("chunk_tasks", "auto")
+        chunk = self.train_cfg["chunk_tasks"]
         size = (self.learner.preferred_chunk() if chunk == "auto" else chunk) or n
         total, metrics = torch.zeros((), dtype=torch.float64), {}
         for start in range(0, n, size):
@@ -350,8 +365,7 @@ class Trainer:
                   "higher_is_better": result.higher_is_better, "best": better})
         if better and self.is_main:
             self.save("best")
-        for cb in self.callbacks:
-            cb.on_validation(self, result, better)
+        self._call("on_validation", result, better)
         return result
 
     # -- guards --------------------------------------------------------------------------------
@@ -369,7 +383,7 @@ class Trainer:
     def _check_weights(self, index: int) -> None:
         """After an update: non-finite or exploding weights stop the run at once (nothing is saved)."""
         norm = self.weight_norm()
-        limit = self.train_cfg.get("max_weight_growth", 1e4)
+        limit = self.train_cfg["max_weight_growth"]
         reference = max(self.reference_norm, 1.0)
         if math.isfinite(norm) and (not limit or norm <= limit * reference):
             return

@@ -21,6 +21,7 @@ the learning curve. A run stopped by SIGINT/SIGTERM, or by the end of a session,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -259,8 +260,14 @@ def main() -> None:
     config_path = Path(args.config)
     name = args.name or config_path.stem
     run_dir = args.results / name
-    if not args.resume and (run_dir / "last").exists():
-        p.error(f"{run_dir} holds a run; continue it with --resume or choose another --name")
+    from metamap.errors import MetamapError
+    from metamap.train.run import hold_run_dir, open_run_dir
+    try:   # the CLI's own checks: a new run needs an empty folder, a resumed one its checkpoint
+        open_run_dir(run_dir, args.resume)
+        held = contextlib.ExitStack()
+        held.enter_context(hold_run_dir(run_dir))      # creates the folder; one writer at a time
+    except MetamapError as e:
+        p.error(str(e))
     base = None
     if args.resume:
         from metamap.train import checkpoint

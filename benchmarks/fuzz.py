@@ -35,8 +35,10 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from collections import Counter
@@ -48,6 +50,20 @@ from PIL import Image
 from metamap.errors import ConfigError, DataError, MetamapError
 
 BUG_REPORTS = 20           # tracebacks printed per section (all are counted)
+
+
+COLUMNS = ("inputs", "clean errors", "correct results", "tracebacks", "silent accepts")
+
+
+def column(outcome: str) -> str:
+    """Which of the reported columns an outcome counts in ('' = not an input: nothing was tried)."""
+    if outcome == "BUG":
+        return "tracebacks"
+    if outcome == "SILENT":
+        return "silent accepts"
+    if outcome.startswith("format cannot"):
+        return ""
+    return "clean errors" if outcome.startswith("refused") or outcome.endswith("Error") else "correct results"
 
 
 class Section:
@@ -69,9 +85,19 @@ class Section:
     def failed(self) -> bool:
         return bool(self.counts["BUG"] or self.counts["SILENT"])
 
+    def columns(self) -> dict[str, int]:
+        out = dict.fromkeys(COLUMNS, 0)
+        for outcome, count in self.counts.items():
+            if column(outcome):
+                out[column(outcome)] += count
+                out["inputs"] += count
+        return out
+
     def summary(self) -> str:
-        total = sum(self.counts.values())
-        return f"{self.name}: {total} inputs -> {dict(sorted(self.counts.items()))}"
+        return f"{self.name}: {self.columns()} <- {dict(sorted(self.counts.items()))}"
+
+    def row(self) -> str:
+        return f"| {self.name} | " + " | ".join(f"{v:,}" for v in self.columns().values()) + " |"
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -219,7 +245,8 @@ HOSTILE = ["abc", '""', "-1", "0", "1", "2", "0.5", "-5", "1e30", "nan", "inf", 
 
 
 def base_overrides(folder: Path, learner: str) -> list[str]:
-    out = ["data.name='folder'", f"data.path='{folder}'", "data.fractions=[0.5, 0.2, 0.3]", "model.hidden=8",
+    out = ["data.name='folder'", f"data.path='{folder}'", "data.fractions=[0.5, 0.2, 0.3]",
+           *(["model.hidden=8"] if learner != "mann" else []),         # MANN's flatten backbone has no width
            f"learner.name='{learner}'", "episode.ways=3", "episode.shots=1", "episode.queries=2",
            "episode.tasks_per_batch=2", "eval.ways=[3]", "eval.shots=[1]", "eval.queries=2", "eval.episodes=2",
            "train.threads=1", "train.val_episodes=2", "train.tune_allocator=false"]
@@ -266,12 +293,15 @@ def suspicious(default, value) -> str:
 
 # Keys whose values legitimately take several forms (the defaults show only one).
 UNION_KEYS = {"train.chunk_tasks": ("auto",), "train.prefetch": ("auto", True, False), "eval.ways": (),
-              "eval.shots": (), "train.precision": (), "learner.head": (), "model.hidden": ()}
+              "eval.shots": (), "train.precision": (), "learner.head": (), "model.hidden": (), "eval.finetune": (),
+              "eval.finetune_lr": (), "eval.finetune_steps": ()}
+# Limits for which any large number means "no limit" (as much as 0 or the default does).
+NO_LIMIT_KEYS = {"train.max_weight_growth", "eval.cache_mb", "optim.grad_clip"}
 
 
 def exercise(config: dict, work: Path) -> None:
     """What ``metamap train`` does with a config, at the smallest size: build, one step, one test
-    episode, a checkpoint written and loaded."""
+    episode, a checkpoint written and loaded. ``True`` if the step's loss and the test score are finite."""
     from metamap.train import checkpoint
     from metamap.train.run import build, check_step_memory, info_to_dict, test_samplers
     from metamap.train.runtime import pick_device
@@ -288,14 +318,36 @@ def exercise(config: dict, work: Path) -> None:
     trainer = Trainer(learner, sampler, config, work, meta, device=device, progress=False)
     try:
         work.mkdir(parents=True, exist_ok=True)
-        trainer.train_step()
+        record = trainer.train_step()
         from metamap.train.run import test
-        test(learner, config, samplers[:1], device, progress=False, episodes=1)
+        result = test(learner, config, samplers[:1], device, progress=False, episodes=1)[0]
         trainer.save("last")
         checkpoint.load_learner(work / "last")
+        return record is not None and math.isfinite(record["loss"]) and math.isfinite(result.mean)
     finally:
         if trainer._prefetch is not None:
             trainer._prefetch.shutdown(wait=True, cancel_futures=True)
+
+
+CPU_PER_INPUT = 20.0         # CPU-seconds one input of the values section may take (a hang is a BUG)
+
+
+class OutOfTime(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def cpu_budget(seconds: float):
+    """Raise OutOfTime in this thread once the process has used ``seconds`` more CPU time."""
+    def stop(*_):
+        raise OutOfTime
+    old = signal.signal(signal.SIGPROF, stop)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, old)
 
 
 def fuzz_values(limit: int, seed: int, work: Path, learners: list[str]) -> Section:
@@ -310,9 +362,13 @@ def fuzz_values(limit: int, seed: int, work: Path, learners: list[str]) -> Secti
         for key in leaf_keys(config):
             cases += [(learner, base, key, lookup(config, key), value) for value in HOSTILE]
     order = rng.permutation(len(cases))[:limit] if limit else range(len(cases))
+    slowest = []
     for i in order:
         learner, base, key, default, value = cases[i]
         what = f"{learner}: {key}={value}"
+        if slowest and len(slowest) % 200 == 0:
+            print(f"[values] {len(slowest)} of {len(order)} inputs", file=sys.stderr, flush=True)
+        slowest.append((time.process_time(), what))
         run = work / "run"
         shutil.rmtree(run, ignore_errors=True)
         try:
@@ -325,19 +381,29 @@ def fuzz_values(limit: int, seed: int, work: Path, learners: list[str]) -> Secti
             continue
         got = lookup(config, key)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), cpu_budget(CPU_PER_INPUT):
                 warnings.simplefilter("ignore")
-                exercise(config, run)
+                finite = exercise(config, run)
         except MetamapError:
             section.add("refused later (clean)", what)
+            continue
+        except OutOfTime:
+            section.add("BUG", what, f"more than {CPU_PER_INPUT} CPU-seconds for one input: a user waits with no word")
             continue
         except Exception:
             section.bug(what)
             continue
         finally:
             load_folder.cache_clear()
-        why = "" if got in UNION_KEYS.get(key, ()) or key in UNION_KEYS else suspicious(default, got)
+        why = "" if key in UNION_KEYS else suspicious(default, got)
+        if why == "astronomical number" and key in NO_LIMIT_KEYS:
+            why = ""
+        if not why and not finite:
+            why = "a non-finite training loss or test score"
         section.add("SILENT" if why else "ran", what, f"accepted {got!r} ({why}; default {default!r})")
+    stamps = [t for t, _ in slowest] + [time.process_time()]
+    took = sorted(((b - a, w) for (a, w), b in zip(slowest, stamps[1:])), reverse=True)[:5]
+    print("[values] most CPU: " + "; ".join(f"{w} {t:.2f} s" for t, w in took), file=sys.stderr, flush=True)
     return section
 
 
@@ -492,7 +558,8 @@ def adapt_learners():
     out = {}
     for name in ("protonet", "matching", "relation", "siamese", "finetune", "mann", "maml"):
         extra = ["learner.cpp_kernels=false", "episode.ways=3"] if name == "maml" else []
-        config = configlib.resolve(overrides=[f"learner.name='{name}'", "model.hidden=4", *extra])
+        width = [] if name == "mann" else ["model.hidden=4"]         # MANN's flatten backbone has no width
+        config = configlib.resolve(overrides=[f"learner.name='{name}'", *width, *extra])
         torch.manual_seed(0)
         info = DataInfo((1, 28, 28), spec=ImageSpec(size=28), num_train_classes=5)
         learner = build_learner(config, info).eval()
@@ -590,9 +657,10 @@ def fuzz_adapt(n: int, seed: int) -> Section:
             with torch.set_grad_enabled(learner.adapts_with_gradients):
                 out = learner.adapt(x, y, ways)(q)
         except MetamapError:
-            section.add("refused (clean)" if not valid else "refused a valid input", what)
             if valid:
                 section.add("SILENT", what, "a valid input was refused: " + traceback.format_exc(limit=1))
+            else:
+                section.add("refused (clean)", what)
             continue
         except Exception:
             section.bug(what)
@@ -672,6 +740,8 @@ def main() -> None:
             section = run()
             print(section.summary(), flush=True)
             results.append(section)
+    print("\n| section | " + " | ".join(COLUMNS) + " |\n|---|" + "---:|" * len(COLUMNS))
+    print("\n".join(s.row() for s in results), flush=True)
     sys.exit(1 if any(s.failed for s in results) else 0)
 
 

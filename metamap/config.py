@@ -23,7 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from metamap.errors import ConfigError
-from metamap.options import ADAPTATION, MAX_INT, RUNTIME, TRAINING, Options, field_names, option
+from metamap.options import ADAPTATION, MAX_INT, MAX_STEP, RUNTIME, TRAINING, Options, field_names, option
 SEED_RANGE = {"low": 0, "high": MAX_INT}
 
 
@@ -54,10 +54,10 @@ class OptimOptions(Options):
 
     section = "optim"
     name: Literal["adam", "adamw", "sgd"] = option("adam", role=TRAINING)
-    lr: float = option(1e-3, low=0, low_open=True, role=TRAINING, doc="outer learning rate")
-    weight_decay: float = option(0.0, low=0, role=TRAINING)
+    lr: float = option(1e-3, low=0, low_open=True, high=MAX_STEP, role=TRAINING, doc="outer learning rate")
+    weight_decay: float = option(0.0, low=0, high=MAX_STEP, role=TRAINING)
     grad_clip: float = option(0.0, low=0, role=TRAINING, doc="largest gradient norm; 0 = no clipping")
-    momentum: float = option(0.0, low=0, role=TRAINING, doc="for name = sgd")
+    momentum: float = option(0.0, low=0, high=1, role=TRAINING, doc="for name = sgd")
     nesterov: bool = option(False, role=TRAINING, doc="for name = sgd")
 
     def check(self) -> None:
@@ -80,7 +80,8 @@ class ScheduleOptions(Options):
     step_size: int = option(500, low=1, role=TRAINING, doc="name = step: steps between decays")
     gamma: float = option(0.5, low=0, high=1, low_open=True, role=TRAINING, doc="name = step: factor per decay")
     warmup: int = option(0, low=0, role=TRAINING, doc="steps of linear warm-up first")
-    min_lr: float = option(0.0, low=0, role=TRAINING, doc="name = cosine or linear: the final learning rate")
+    min_lr: float = option(0.0, low=0, high=MAX_STEP, role=TRAINING,
+                           doc="name = cosine or linear: the final learning rate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,11 +141,11 @@ class EvalOptions(Options):
     # Test-time fine-tuning on each episode's support set (metamap/train/test_time.py).
     finetune: bool | Literal["auto", "on", "off"] = option(False, role=ADAPTATION)
     finetune_lr: Literal["auto"] | float = option(
-        "auto", low=0, role=ADAPTATION, doc="auto = picked on episodes of the validation classes")
-    finetune_steps: Literal["auto"] | int = option("auto", low=0, role=ADAPTATION)
-    finetune_lrs: list[float] = option([0.0, 1e-4, 1e-3, 1e-2], low=0, nonempty=True, role=ADAPTATION,
+        "auto", low=0, high=MAX_STEP, role=ADAPTATION, doc="auto = picked on episodes of the validation classes")
+    finetune_steps: Literal["auto"] | int = option("auto", low=0, high=10_000, role=ADAPTATION)
+    finetune_lrs: list[float] = option([0.0, 1e-4, 1e-3, 1e-2], low=0, high=MAX_STEP, nonempty=True, role=ADAPTATION,
                                        doc="candidates of finetune_lr = auto; 0 = no fine-tuning")
-    finetune_steps_grid: list[int] = option([10, 25, 50], low=1, nonempty=True, role=ADAPTATION,
+    finetune_steps_grid: list[int] = option([10, 25, 50], low=1, high=10_000, nonempty=True, role=ADAPTATION,
                                             doc="candidates of finetune_steps = auto")
     finetune_episodes: int = option(5, low=1, role=ADAPTATION, doc="labelled episodes the automatic choice uses")
     finetune_augment: list[Literal["flip", "color", "translation"]] = option(list(FINETUNE_AUGMENTATIONS),
@@ -312,6 +313,10 @@ def complete(user: dict, base: dict | None = None) -> dict:
         values = deep_merge(values, options.upgrade({k: v for k, v in user.get(section, {}).items() if k != key}))
         checked = options.from_section(values, where=where).to_dict()
         out[section] = {key: choice[section], **checked} if key else checked
+    if out["schedule"]["min_lr"] > out["optim"]["lr"]:
+        low, lr = out["schedule"]["min_lr"], out["optim"]["lr"]
+        raise ConfigError(f"schedule.min_lr = {low!r} is above optim.lr = {lr!r}, so the schedule would raise the "
+                          "learning rate; choose schedule.min_lr <= optim.lr")
     return out
 
 

@@ -37,6 +37,9 @@ from metamap.errors import ConfigError
 ARCHITECTURE, ADAPTATION, TRAINING, RUNTIME, DATA = "architecture", "adaptation", "training", "runtime", "data"
 ROLES = (ARCHITECTURE, ADAPTATION, TRAINING, RUNTIME, DATA)
 MAX_INT = 2**63 - 1          # TOML integers are 64-bit; so are torch's and numpy's seeds
+# Step sizes and scales: beyond this a value only ever overflows (1e30 is refused when the config
+# resolves); up to it, a run that diverges is stopped by the trainer's divergence guard.
+MAX_STEP = 1e6
 
 
 def option(default: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,

@@ -51,9 +51,9 @@ def test_gradient_learners_wrap_any_module_with_the_configs_options(ctor):
 
 
 def test_option_errors_are_the_configs():
-    with pytest.raises(ConfigError, match="learner.inner_lr must be a positive number"):
+    with pytest.raises(ConfigError, match="learner.inner_lr must be a number > 0 and <= 1e\\+06"):
         metamap.MAML(cnn(3), inner_lr=0)
-    with pytest.raises(ConfigError, match="learner.inner_lr must be a positive number"):
+    with pytest.raises(ConfigError, match="learner.inner_lr must be a number > 0 and <= 1e\\+06"):
         configlib.resolve(overrides=["learner.name=maml", "learner.inner_lr=0"])
     with pytest.raises(ConfigError, match="unknown config key 'learner.inner_rate'"):
         metamap.MAML(cnn(3), inner_rate=0.1)

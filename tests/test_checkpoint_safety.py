@@ -278,6 +278,29 @@ def test_malformed_optimizer_state_is_refused_on_resume(run_copy, capsys):
     assert "optimizer state in checkpoint.json is malformed" in capsys.readouterr().err
 
 
+def test_lowering_the_version_does_not_skip_the_checksum(run_copy, capsys):
+    def downgrade(meta):
+        meta["version"] = 1
+        meta["data_info"]["spec"]["std"][0] *= 1.001
+    edit_meta(run_copy / "best", downgrade, sign=False)
+    with pytest.raises(CheckpointError, match="does not match its own checksum"):
+        metamap.load(run_copy / "best")
+
+
+def test_optimizer_state_moved_to_another_parameter_is_refused_on_resume(run_copy, capsys):
+    def swap(meta):
+        ids = meta["optimizer"]["param_groups"][0]["params"]
+        ids[0], ids[-1] = ids[-1], ids[0]             # the first weight's moments onto the last bias
+    edit_meta(run_copy / "last", swap)
+    shutil.rmtree(run_copy / "best")
+    assert main(["train", "--resume", str(run_copy), "--steps", "3", "-q", "--no-test"]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer state does not fit this model" in err and "Traceback" not in err
+    edit_meta(run_copy / "last", lambda m: m["optimizer"]["param_groups"][0]["params"].__setitem__(1, 0))
+    assert main(["train", "--resume", str(run_copy), "--steps", "3", "-q", "--no-test"]) == 2
+    assert "distinct ones" in capsys.readouterr().err
+
+
 def test_a_format_1_checkpoint_still_loads_with_a_warning(run_copy):
     def to_v1(meta):
         meta["version"] = 1

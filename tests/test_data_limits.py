@@ -70,6 +70,42 @@ def test_a_training_pass_too_large_for_memory_is_refused_before_training(image_f
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()
 
 
+def test_an_inner_mini_batch_larger_than_the_support_set_counts_in_the_estimate(image_folder, tmp_path,
+                                                                               machine_with, capsys):
+    machine_with(4 * GB)
+    code = main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--learner", "fomaml",
+                 "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--queries", "2", "--set", "model.hidden=8",
+                 "--set", "learner.inner_batch=100000", "--set", "learner.cpp_kernels=false",
+                 "--set", "episode.tasks_per_batch=1",
+                 "--steps", "1", "-q", "--no-test", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    # (100,000 dealt out + 3 x 2 queries) x (3 outputs x 8 channels x 28 x 28 x 4 bytes) = 7.5 GB > 80 % of 4 GB
+    assert code == 2 and "one training pass over 100006 images of 1x28x28" in err
+    assert "(1 task(s) of 100006 examples) needs about 7.5 GB" in err
+    assert "learner.inner_batch" in err and "Traceback" not in err
+
+
+def test_a_meta_batch_too_large_for_memory_is_refused_without_a_convolution(image_folder, tmp_path, machine_with,
+                                                                            capsys):
+    machine_with(1 * GB)
+    code = main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--learner", "mann",
+                 "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--queries", "2",
+                 "--set", "episode.tasks_per_batch=100000", "--steps", "1", "-q", "--no-test",
+                 "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    # MANN's flatten backbone: 100,000 tasks x 9 examples x 1 x 28 x 28 x 4 bytes of inputs = 2.8 GB > 80 % of 1 GB
+    assert code == 2 and "one training pass over 900000 images of 1x28x28" in err and "2.8 GB" in err, err
+
+
+def test_an_address_space_limit_counts_as_memory_left(monkeypatch):
+    import resource
+    size = memory._read_int("/proc/self/status", "VmSize")
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (size + GB, size + GB) if what == resource.RLIMIT_AS
+                        else (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    left = memory.available_bytes()
+    assert left is not None and left <= GB * 1.01       # the process grew a little since VmSize was read
+
+
 @pytest.fixture
 def folder(image_folder, tmp_path):
     return shutil.copytree(image_folder, tmp_path / "data")

@@ -22,10 +22,10 @@ OLD_CONFIGS = json.loads((Path(__file__).parent / "data" / "configs-3724a95.json
 FOLDER = ["data.name='folder'"]
 CRASHED_LATER = {
     "schedule.gamma=abc": (["schedule.gamma=abc"], "schedule.gamma must be"),
-    "optim.weight_decay=abc": (["optim.weight_decay=abc"], "optim.weight_decay must be a number >= 0"),
-    "optim.weight_decay=-1": (["optim.weight_decay=-1"], "optim.weight_decay must be a number >= 0"),
+    "optim.weight_decay=abc": (["optim.weight_decay=abc"], "optim.weight_decay must be a number from 0 to 1e+06"),
+    "optim.weight_decay=-1": (["optim.weight_decay=-1"], "optim.weight_decay must be a number from 0 to 1e+06"),
     "optim.grad_clip=abc": (["optim.grad_clip=abc"], "optim.grad_clip must be a number >= 0"),
-    "optim.momentum=abc": (["optim.name=sgd", "optim.momentum=abc"], "optim.momentum must be a number >= 0"),
+    "optim.momentum=abc": (["optim.name=sgd", "optim.momentum=abc"], "optim.momentum must be a number from 0 to 1"),
     "train.val_episodes=0": (["train.val_episodes=0"], "train.val_episodes must be a whole number >= 1"),
     "train.val_seed=-1": (["train.val_seed=-1"], "train.val_seed must be a whole number from 0 to"),
     "seed=huge": (["seed=99999999999999999999999"], "seed must be a whole number from 0 to 9223372036854775807"),

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from metamap.algorithms.base import EncodingLearner, Predictor, embed_tasks
 from metamap.errors import ConfigError, MetamapError
-from metamap.options import ADAPTATION, ARCHITECTURE, Options, option
+from metamap.options import ADAPTATION, ARCHITECTURE, MAX_STEP, Options, option
 from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
 
@@ -200,11 +200,11 @@ class FineTuneOptions(Options):
     section = "learner"
     head: Literal["linear", "cosine"] = option("linear", role=ARCHITECTURE,
                                                doc="linear, or Baseline++'s cosine classifier")
-    scale: float = option(10.0, low=0, low_open=True, role=ARCHITECTURE, doc="cosine head: logits = scale * cosine")
-    steps: int = option(100, low=0, high=1 << 20, role=ADAPTATION, doc="SGD steps fitting the new head")
-    lr: float = option(0.01, low=0, low_open=True, role=ADAPTATION, doc="step size of the new head")
+    scale: float = option(10.0, low=0, low_open=True, high=MAX_STEP, role=ARCHITECTURE, doc="cosine head: logits = scale * cosine")
+    steps: int = option(100, low=0, high=10_000, role=ADAPTATION, doc="SGD steps fitting the new head")
+    lr: float = option(0.01, low=0, low_open=True, high=MAX_STEP, role=ADAPTATION, doc="step size of the new head")
     finetune_backbone: bool = option(False, role=ADAPTATION, doc="also fine-tune a copy of the backbone per task")
-    backbone_lr: float = option(0.001, low=0, low_open=True, role=ADAPTATION,
+    backbone_lr: float = option(0.001, low=0, low_open=True, high=MAX_STEP, role=ADAPTATION,
                                 doc="step size of the backbone copy (finetune_backbone)")
     cosine_norm: Literal["fixed", "learned", "per_class"] = option(
         "fixed", role=ARCHITECTURE, doc="cosine head's scale: fixed, learned, or per class (see the module docstring)")

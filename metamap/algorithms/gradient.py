@@ -45,7 +45,7 @@ from metamap.algorithms.split import ParameterSplit
 from metamap.errors import ConfigError, MetamapError
 from metamap.nets.backend import BackendOptions, make_backend
 from metamap.nets.functional import BN_MODES
-from metamap.options import ADAPTATION, ARCHITECTURE, RUNTIME, TRAINING, Options, option
+from metamap.options import ADAPTATION, ARCHITECTURE, MAX_STEP, RUNTIME, TRAINING, Options, option
 from metamap.registry import DataInfo, build_backbone, register_learner, section_options, task_kind
 from metamap.tasks.batch import TaskBatch
 
@@ -339,7 +339,7 @@ class GradientOptions(Options):
     section = "learner"
     inner_steps: int = option(1, low=0, high=10_000, role=TRAINING, doc="inner steps in meta-training")
     inner_steps_eval: int = option(3, low=0, high=10_000, role=ADAPTATION, doc="inner steps at test time")
-    inner_lr: float = option(0.4, low=0, low_open=True, role=ADAPTATION,
+    inner_lr: float = option(0.4, low=0, low_open=True, high=MAX_STEP, role=ADAPTATION,
                              doc="inner step size: the initial one when step sizes are learned")
     first_order: bool = option(False, role=TRAINING, doc="first-order meta-gradients (FOMAML)")
     step_sizes: Literal["fixed", "per_layer_per_step", "per_element"] = option(
@@ -347,7 +347,7 @@ class GradientOptions(Options):
     inner_optimizer: Literal["sgd", "adam"] = option("sgd", role=ADAPTATION, doc="the inner-loop optimizer")
     inner_beta1: float = option(0.0, low=0, high=1, high_open=True, role=ADAPTATION, doc="inner Adam's beta1")
     inner_beta2: float = option(0.999, low=0, high=1, high_open=True, role=ADAPTATION, doc="inner Adam's beta2")
-    inner_eps: float = option(1e-8, low=0, low_open=True, role=ADAPTATION, doc="inner Adam's epsilon")
+    inner_eps: float = option(1e-8, low=0, low_open=True, high=1, role=ADAPTATION, doc="inner Adam's epsilon")
     # Carried state lives in buffers of the learner (checkpointed), so it belongs to the model.
     inner_state: Literal["reset", "carried"] = option(
         "reset", role=ARCHITECTURE, doc="inner Adam's state: reset for every task, or carried across tasks (Reptile's code)")

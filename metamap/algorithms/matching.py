@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metamap.algorithms.base import EncodingLearner, Predictor
-from metamap.options import ARCHITECTURE, Options, option
+from metamap.options import ARCHITECTURE, MAX_STEP, Options, option
 from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
 
@@ -102,7 +102,7 @@ class MatchingOptions(Options):
     section = "learner"
     fce: bool = option(False, role=ARCHITECTURE, doc="full-context embeddings (LSTMs over the support set)")
     fce_steps: int = option(5, low=0, high=1000, role=ARCHITECTURE, doc="attention LSTM steps per query (FCE)")
-    scale: float = option(1.0, low=0, low_open=True, role=ARCHITECTURE,
+    scale: float = option(1.0, low=0, low_open=True, high=MAX_STEP, role=ARCHITECTURE,
                           doc="cosine similarities times this before the softmax; 1 = the paper")
 
 

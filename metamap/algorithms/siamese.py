@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from metamap.algorithms.base import EncodingLearner, Predictor
 from metamap.algorithms.seeding import content_generator
 from metamap.errors import ConfigError
-from metamap.options import ARCHITECTURE, TRAINING, Options, option
+from metamap.options import ARCHITECTURE, MAX_STEP, TRAINING, Options, option
 from metamap.registry import DataInfo, build_backbone, register_learner, section_options
 from metamap.tasks.batch import TaskBatch
 
@@ -126,7 +126,7 @@ class SiameseOptions(Options):
     section = "learner"
     loss: Literal["contrastive", "bce"] = option(
         "contrastive", role=ARCHITECTURE, doc="contrastive on the distance, or Koch's BCE verification head")
-    margin: float = option(1.0, low=0, low_open=True, role=TRAINING, doc="contrastive loss margin")
+    margin: float = option(1.0, low=0, low_open=True, high=MAX_STEP, role=TRAINING, doc="contrastive loss margin")
     pairs: int = option(256, low=2, high=1 << 20, role=TRAINING,
                         doc="pairs per task, half same-class and half different (even)")
 

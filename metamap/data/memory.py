@@ -27,16 +27,27 @@ def _read_int(path: str, key: str | None = None) -> int | None:
 
 
 def available_bytes() -> int | None:
-    """Memory this process can still take: the system's MemAvailable, or what its cgroup's limit
-    leaves if that is less; ``None`` where neither can be read."""
+    """Memory this process can still take: the system's MemAvailable, or what its cgroup's limit or
+    its address-space limit leaves if that is less; ``None`` where none can be read."""
     found = [_read_int("/proc/meminfo", "MemAvailable")]
     for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         cap, now = _read_int(limit), _read_int(used)
         if cap is not None and now is not None and cap < 1 << 60:
             found.append(max(cap - now, 0))
+    found.append(_address_space_left())
     found = [x for x in found if x is not None]
     return min(found) if found else None
+
+
+def _address_space_left() -> int | None:
+    """What an address-space limit (``ulimit -v``, RLIMIT_AS) leaves this process, if one is set."""
+    import resource
+    cap = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if cap == resource.RLIM_INFINITY:
+        return None
+    size = _read_int("/proc/self/status", "VmSize")
+    return None if size is None else max(cap - size, 0)
 
 
 def human(n: float) -> str:

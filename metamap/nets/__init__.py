@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from metamap.errors import ConfigError
 from metamap.nets.backbones import MLP, Conv4, Flatten
-from metamap.options import Options, option
+from metamap.options import MAX_STEP, Options, option
 from metamap.registry import DataInfo, register_backbone
 
 __all__ = ["Conv4", "Flatten", "MLP"]
@@ -34,7 +34,7 @@ class MLPOptions(Options):
 @dataclass(frozen=True, kw_only=True)
 class FlattenOptions(Options):
     section = "model"
-    scale: float = option(0.2, doc="inputs are multiplied by this (see Flatten)")
+    scale: float = option(0.2, low=0, low_open=True, high=MAX_STEP, doc="inputs are multiplied by this (see Flatten)")
 
     @classmethod
     def upgrade_checkpoint(cls, section: dict) -> dict:

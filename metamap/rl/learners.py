@@ -30,7 +30,7 @@ from torch import Tensor
 
 from metamap.algorithms.base import MetaLearner
 from metamap.errors import ConfigError
-from metamap.options import ADAPTATION, ARCHITECTURE, TRAINING, Options, option
+from metamap.options import ADAPTATION, ARCHITECTURE, MAX_STEP, TRAINING, Options, option
 from metamap.registry import DataInfo, register_learner, section_options
 from metamap.rl.maml import PGConfig, PolicyGradientMeta
 from metamap.rl.policies import GaussianMLPPolicy, RecurrentPolicy
@@ -176,7 +176,7 @@ class PGOptions(Options):
 
     section = "learner"
     inner_steps: int = option(1, low=0, high=1000, role=TRAINING, doc="policy-gradient steps per task")
-    inner_lr: float = option(0.1, low=0, low_open=True, role=ADAPTATION, doc="inner step size")
+    inner_lr: float = option(0.1, low=0, low_open=True, high=MAX_STEP, role=ADAPTATION, doc="inner step size")
     eval_lr_factor: float = option(0.5, low=0, low_open=True, role=ADAPTATION,
                                    doc="test-time inner step size = inner_lr times this")
     first_order: bool = option(False, role=TRAINING)

@@ -320,12 +320,13 @@ def read_meta(path: str | Path, locate_staged: bool = True) -> tuple[Path, dict]
     if version > VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {version}, newer than this "
                               f"metamap understands ({VERSION}); upgrade metamap to load it")
-    if version >= 2:
+    # A format-1 file never carries a checksum: one that does had its version lowered by an edit.
+    if version >= 2 or SELF_SUM in meta:
         if meta.get(SELF_SUM) != meta_digest(meta):
             raise CheckpointError(f"{path / META} does not match its own checksum ({SELF_SUM}): it was edited "
                                   "or damaged after it was written; use another checkpoint (best/ or last/), or "
                                   "if the edit was intended, write the file with metamap.train.checkpoint.write_meta")
-    else:
+    if version < 2:
         warnings.warn(f"{path} was written by an older metamap (checkpoint format {version}): its settings "
                       "carry no checksum and cannot be verified; only its tensor files are checked", stacklevel=2)
     check_meta(meta, path)

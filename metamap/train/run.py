@@ -71,19 +71,24 @@ def trainer_share(tasks_per_batch: int, world_size: int) -> int:
 def check_step_memory(learner, info: DataInfo, config: dict, tasks: int) -> None:
     """Refuse, before training, a meta-batch pass that cannot fit: the output of the first
     convolution, with the batch norm and ReLU outputs kept beside it for the backward pass, is
-    a lower bound of what one pass over image tasks holds."""
+    a lower bound of what one pass over image tasks holds; without a convolution, the float32
+    inputs themselves are."""
     conv = next((m for m in learner.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    if conv is None or len(info.example_shape) != 3:
+    if len(info.example_shape) != 3:
         return
     chunk = config["train"]["chunk_tasks"]
     chunk = learner.preferred_chunk() if chunk == "auto" else chunk
     ep = config["episode"]
-    examples = min(chunk or tasks, tasks) * ep["ways"] * (ep["shots"] + ep["queries"])
+    # An inner mini-batch larger than the support set deals its examples out more than once.
+    support = max(ep["ways"] * ep["shots"], getattr(learner, "inner_batch", 0))
+    per_task = support + ep["ways"] * ep["queries"]
+    examples = min(chunk or tasks, tasks) * per_task
     c, h, w = info.example_shape
-    per_example = 3 * conv.out_channels * (h // conv.stride[0]) * (w // conv.stride[1]) * 4
+    per_example = 3 * conv.out_channels * (h // conv.stride[0]) * (w // conv.stride[1]) * 4 if conv else c * h * w * 4
     check_fits(per_example * examples, f"one training pass over {examples} images of {c}x{h}x{w} "
-               f"({min(chunk or tasks, tasks)} task(s) of {ep['ways']} ways x {ep['shots'] + ep['queries']} examples)",
-               "choose a smaller data.image_size, fewer ways or queries per episode, or a smaller train.chunk_tasks")
+               f"({min(chunk or tasks, tasks)} task(s) of {per_task} examples)",
+               "choose a smaller data.image_size, fewer ways or queries per episode, a smaller learner.inner_batch "
+               "or a smaller train.chunk_tasks")
 
 
 def default_run_dir(config: dict) -> Path:

@@ -172,10 +172,17 @@ class Trainer:
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         state = checkpoint.unflatten_optimizer(training, meta, path)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # PyTorch gives the state of the j-th id listed in the saved groups to the j-th parameter.
+        ids = [i for g in state["param_groups"]
+               for i in (g.get("params") if isinstance(g.get("params"), list) else [None])]
+        if len(ids) != len(params) or not all(type(i) is int for i in ids) or len(set(ids)) != len(ids):
+            raise CheckpointError(f"{path}: its optimizer state lists {len(ids)} parameters ({ids[:6]}...) where this "
+                                  f"model has {len(params)} distinct ones; it was made for another configuration")
+        owner = dict(zip(ids, params))
         for idx, entries in state["state"].items():
-            wrong = [k for k, v in entries.items() if torch.is_tensor(v) and v.dim() > 0
-                     and 0 <= idx < len(params) and v.shape != params[idx].shape]
-            if not 0 <= idx < len(params) or wrong:
+            wrong = idx not in owner or any(torch.is_tensor(v) and v.dim() > 0 and v.shape != owner[idx].shape
+                                            for v in entries.values())
+            if wrong:
                 raise CheckpointError(f"{path}: its optimizer state does not fit this model (parameter {idx}); "
                                       "it was made for another configuration")
         try:

@@ -63,6 +63,7 @@ def test_option_errors_are_the_configs():
         metamap.ProtoNet(nn.Identity())
 
 
+@pytest.mark.integration
 def test_frozen_weights_neither_adapt_nor_learn():
     net = cnn(3)
     net[0].requires_grad_(False)
@@ -100,6 +101,7 @@ def test_every_other_learner_wraps_user_modules():
     assert built["anil"].split.adapted == ("head.weight", "head.bias")
 
 
+@pytest.mark.integration
 def test_fit_trains_exactly_as_metamap_train(image_folder, tmp_path):
     import shutil
 
@@ -211,6 +213,7 @@ class Recorder(metamap.Callback):
         self.ends += 1
 
 
+@pytest.mark.integration
 def test_callbacks_see_the_trainers_state_and_can_stop_it(tmp_path):
     from metamap.train.checkpoint import read_meta
     x, y = tensors()
@@ -229,6 +232,7 @@ def test_callbacks_see_the_trainers_state_and_can_stop_it(tmp_path):
     assert [r["step"] for r in lines] == [1, 2, 2, 3, 4, 4, 5] and "val_accuracy" in lines[2]
 
 
+@pytest.mark.integration
 def test_tensorboard_logger_writes_scalars(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -249,6 +253,7 @@ def test_tensorboard_logger_without_the_package_says_how_to_get_it(monkeypatch, 
         metamap.TensorBoardLogger(tmp_path / "tb")
 
 
+@pytest.mark.integration
 def test_load_returns_an_object_and_learners_built_in_python_need_their_modules(tmp_path):
     x, y = tensors()
     torch.manual_seed(0)

@@ -125,7 +125,13 @@ def ids(options: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in options.items()) or "defaults"
 
 
-@pytest.mark.parametrize("options", LEARNER_OPTIONS, ids=ids)
+def sweep(cases: list[dict]) -> list:
+    """The first case stays a unit test; the rest of the sweep (whole learners, meta-gradients of
+    second order, on both backends: seconds each) runs with the integration tests."""
+    return [cases[0], *(pytest.param(c, marks=pytest.mark.integration) for c in cases[1:])]
+
+
+@pytest.mark.parametrize("options", sweep(LEARNER_OPTIONS), ids=ids)
 def test_conv4_learner_options_agree_on_both_backends(options):
     fast, ref = compare(conv4, image_tasks(), inner_steps_eval=2, **options)
     if options.get("bn") == "running":
@@ -134,7 +140,7 @@ def test_conv4_learner_options_agree_on_both_backends(options):
         assert int(bn.num_batches_tracked) == 1 and not torch.equal(bn.running_mean, torch.zeros(4))
 
 
-@pytest.mark.parametrize("levers", LEVERS, ids=ids)
+@pytest.mark.parametrize("levers", sweep(LEVERS), ids=ids)
 def test_every_rewrite_pass_setting_computes_the_same_function(levers):
     fast, _ = compare(conv4, image_tasks(), inner_steps=2, inner_steps_eval=2, bn="running", **levers)
     kinds = fast.full.kinds()
@@ -145,13 +151,14 @@ def test_every_rewrite_pass_setting_computes_the_same_function(levers):
         assert ("bn_relu_pool_cpp" in kinds) == (fused and levers.get("cpp_kernels", True))
 
 
+@pytest.mark.integration
 def test_reptile_agrees_on_both_backends():
     compare(conv4, image_tasks(), cls=Reptile, inner_steps=3, inner_lr=0.1)
 
 
-@pytest.mark.parametrize("options", [{}, {"adapt": "head"}, {"bn": "running"},
-                                     {"adapt": ["body.blocks.0.conv1", "head"], "fold_bn": False}],
-                         ids=["all", "head", "running", "mixed-layouts"])
+@pytest.mark.parametrize("options", sweep([{"adapt": "head"}, {}, {"bn": "running"},
+                                           {"adapt": ["body.blocks.0.conv1", "head"], "fold_bn": False}]),
+                         ids=["head", "all", "running", "mixed-layouts"])
 def test_resnet12_lowers_and_agrees_with_the_reference(options):
     assert lower(resnet()) is not None
     fast, _ = compare(resnet, image_tasks(channels=3, size=16), inner_steps=1, inner_steps_eval=1, **options)

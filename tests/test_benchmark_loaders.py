@@ -413,6 +413,7 @@ def test_restricted_unpickler_accepts_data_values():
 
 
 # -- end to end -------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_cli_trains_protonet_resnet12_on_cifarfs(cifar_archive, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--data", "cifarfs", "--set", f"data.path='{cifar_archive}'",
@@ -428,6 +429,7 @@ def test_cli_trains_protonet_resnet12_on_cifarfs(cifar_archive, tmp_path, capsys
     assert (run / "last").exists()
 
 
+@pytest.mark.integration
 def test_cli_names_the_missing_path(tmp_path, capsys):
     for name in ("miniimagenet", "tieredimagenet", "cifarfs", "fc100"):
         assert main(["train", "--data", name, "--steps", "1", "--run-dir", str(tmp_path / name), "-q"]) == 2

@@ -38,6 +38,7 @@ def whole_run(image_folder, tmp_path_factory):
     return run
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("point", kill_points.POINTS, ids=lambda p: kill_points.describe(*p).replace(" ", "-"))
 def test_a_kill_anywhere_in_a_checkpoint_write_resumes_bit_identical(point, whole_run, image_folder, tmp_path):
     run = tmp_path / "run"
@@ -56,6 +57,7 @@ def test_a_kill_anywhere_in_a_checkpoint_write_resumes_bit_identical(point, whol
     assert staging(run) == []                  # leftovers of the killed write are gone
 
 
+@pytest.mark.integration
 def test_between_the_renames_the_checkpoint_is_found_read_only_and_put_back_on_resume(image_folder, tmp_path):
     run = tmp_path / "run"
     config = folder_config(image_folder, steps=4, **SWEEP)
@@ -71,6 +73,7 @@ def test_between_the_renames_the_checkpoint_is_found_read_only_and_put_back_on_r
     assert staging(run) == [] and checkpoint.read_meta(run / "last")[1]["step"] == 4
 
 
+@pytest.mark.integration
 def test_a_kill_while_best_is_replaced_is_recovered_too(image_folder, tmp_path):
     run = tmp_path / "run"
     config = folder_config(image_folder, steps=4, **{**SWEEP, "train.val_every": 2})
@@ -83,6 +86,7 @@ def test_a_kill_while_best_is_replaced_is_recovered_too(image_folder, tmp_path):
     assert (run / "best" / checkpoint.META).is_file() and staging(run) == []
 
 
+@pytest.mark.integration
 def test_a_run_killed_before_its_first_checkpoint_is_never_silently_reused(image_folder, tmp_path, capsys):
     run = tmp_path / "run"
     config = folder_config(image_folder, steps=4, **SWEEP)
@@ -112,6 +116,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_never_silently_reused(image
     train(config, tmp_path / "empty", run_test=False, **QUIET)
 
 
+@pytest.mark.integration
 def test_a_second_process_cannot_write_a_run_folder_in_use(image_folder, tmp_path):
     from metamap.train.run import hold_run_dir
     run = tmp_path / "run"
@@ -120,6 +125,7 @@ def test_a_second_process_cannot_write_a_run_folder_in_use(image_folder, tmp_pat
         train(folder_config(image_folder, steps=4, **SWEEP), resume=run, run_test=False, **QUIET)
 
 
+@pytest.mark.integration
 def test_a_torn_last_line_of_the_log_is_left_out_on_resume(image_folder, tmp_path, capsys):
     run = tmp_path / "run"
     train(folder_config(image_folder, steps=2, **SWEEP), run, run_test=False, **QUIET)
@@ -182,6 +188,7 @@ def every_use_refuses(run, image_folder, tmp_path, capsys, match):
         assert re.search(match, err), (args, err)
 
 
+@pytest.mark.integration
 def test_one_changed_digit_in_checkpoint_json_is_refused(run_copy, image_folder, tmp_path, capsys):
     def std(meta):
         spec = meta["data_info"]["spec"]
@@ -191,6 +198,7 @@ def test_one_changed_digit_in_checkpoint_json_is_refused(run_copy, image_folder,
     every_use_refuses(run_copy, image_folder, tmp_path, capsys, "does not match its own checksum")
 
 
+@pytest.mark.integration
 def test_deleting_the_checksums_and_flipping_a_weight_byte_is_refused(run_copy, image_folder, tmp_path, capsys):
     edit_meta(run_copy / "last", lambda m: m.pop("sha256"), sign=False)
     w = run_copy / "last" / checkpoint.WEIGHTS
@@ -203,6 +211,7 @@ def test_deleting_the_checksums_and_flipping_a_weight_byte_is_refused(run_copy, 
     every_use_refuses(run_copy, image_folder, tmp_path, capsys, "sha256 must map")
 
 
+@pytest.mark.integration
 def test_nan_weights_with_matching_checksums_are_refused(run_copy, image_folder, tmp_path, capsys):
     last = run_copy / "last"
     w = load_file(last / checkpoint.WEIGHTS)
@@ -261,6 +270,7 @@ def test_version_as_text_is_not_called_newer(run_copy):
     assert "newer" not in str(e.value)
 
 
+@pytest.mark.integration
 def test_malformed_optimizer_state_is_refused_on_resume(run_copy, capsys):
     edit_meta(run_copy / "last", lambda m: m["optimizer"].update(scalars={"x": 1}))
     shutil.rmtree(run_copy / "best")
@@ -302,6 +312,7 @@ def test_a_format_1_checkpoint_still_loads_with_a_warning(run_copy):
 
 
 # -- another learner ---------------------------------------------------------------------------
+@pytest.mark.integration
 def test_resuming_or_evaluating_as_another_learner_is_refused(run_copy, capsys):
     config_before = (run_copy / "config.toml").read_text()
     for extra in (["--steps", "4"], []):
@@ -315,6 +326,7 @@ def test_resuming_or_evaluating_as_another_learner_is_refused(run_copy, capsys):
     assert "eval cannot make it a 'matching' one" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_resumed_optimizer_uses_the_configs_hyper_parameters(run_copy, image_folder):
     from metamap.train.run import build
     from metamap.train.trainer import Trainer

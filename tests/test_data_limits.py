@@ -27,6 +27,7 @@ def test_available_memory_is_read_from_the_system():
     assert memory.human(42_467_328_000) == "42.5 GB" and memory.human(999) == "999 bytes"
 
 
+@pytest.mark.integration
 def test_a_huge_omniglot_image_size_is_refused_with_the_estimate_before_decoding(machine_with, monkeypatch, capsys,
                                                                                  tmp_path):
     machine_with(16 * GB)
@@ -56,6 +57,7 @@ def test_a_folder_too_large_for_memory_is_refused_before_reading(image_folder, m
         load_folder(str(image_folder), 100000, 1, False, "lanczos", (0.5, 0.2, 0.3), 0, "error")
 
 
+@pytest.mark.integration
 def test_a_training_pass_too_large_for_memory_is_refused_before_training(image_folder, tmp_path, machine_with,
                                                                         capsys):
     machine_with(1 * GB)
@@ -109,6 +111,7 @@ def folder(image_folder, tmp_path):
     return shutil.copytree(image_folder, tmp_path / "data")
 
 
+@pytest.mark.integration
 def test_a_split_file_with_a_class_in_train_and_test_is_refused(folder, capsys):
     split = {"train": ["class00", "class01", "class02", "class03", "class04", "class05"],
              "val": ["class06", "class07"], "test": ["class08", "class09", "class05"]}
@@ -136,6 +139,7 @@ def test_mini_imagenet_split_files_with_shared_classes_are_refused(tmp_path):
         load_miniimagenet(tmp_path, split="files", cache=False)
 
 
+@pytest.mark.integration
 def test_a_model_too_large_for_memory_is_refused_before_its_weights_exist(image_folder, tmp_path, capsys,
                                                                           machine_with):
     machine_with(16 * GB)

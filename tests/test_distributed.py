@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from tests.test_training import folder_config
 
+pytestmark = pytest.mark.integration      # CLI runs, training runs, processes
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -12,6 +12,8 @@ from metamap.tasks.sampler import EpisodeSampler
 from metamap.train.trainer import Trainer
 from tests.test_training import folder_config
 
+pytestmark = pytest.mark.integration      # CLI runs, training runs, processes
+
 
 class Poisoned(PrototypicalNetwork):
     """Gives a NaN loss on the batches in ``bad``."""

@@ -24,6 +24,7 @@ def maml_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.integration
 def test_adaptation_overrides_take_effect(maml_run):
     lines = []
     common = ["eval.episodes=20", "train.precision=fp32"]
@@ -43,6 +44,7 @@ def test_adaptation_overrides_take_effect(maml_run):
 @pytest.mark.parametrize("override, names", [("model.hidden=16", "model.hidden"),
                                              ('learner.step_sizes="per_element"', "learner.step_sizes"),
                                              ("learner.first_order=true", "learner.first_order")])
+@pytest.mark.integration
 def test_architectural_overrides_are_refused(maml_run, override, names, capsys):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
         evaluate_checkpoint(maml_run, [override], progress=False, echo=lambda *a: None)

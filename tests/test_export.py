@@ -114,6 +114,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["protonet", "maml"])
 def test_predict_through_torch_and_onnx_gives_the_same_csv(name, folders, tmp_path, capsys):
     from metamap.cli import main
@@ -145,6 +146,7 @@ def test_refuses_what_is_not_a_plain_function_of_the_queries(folders, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.integration
 def test_output_path_and_missing_extra_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
     from metamap.cli import main
     missing = tmp_path / "no-such-checkpoint"          # would fail on loading: the checks come first

@@ -117,6 +117,7 @@ def test_deterministic_under_a_seed():
                        b.adapt(tasks.support_x, tasks.support_y)(tasks.query_x))
 
 
+@pytest.mark.integration
 def test_cli_train_eval_and_checkpoint_round_trip(tmp_path):
     _, loaded = cli_train_eval(tmp_path, "finetune", 'learner.head="cosine"', "learner.steps=5")
     assert isinstance(loaded, FineTuneBaseline) and isinstance(loaded.classifier, CosineClassifier)

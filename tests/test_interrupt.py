@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from tests import kill_points
 from tests.test_training import MACHINE_DEPENDENT
 
+pytestmark = pytest.mark.integration      # CLI runs, training runs, processes
+
 
 def train_cmd(folder, run, steps):
     return [sys.executable, "-m", "metamap", "train", "--data", "folder", "--set", f"data.path={folder}",

@@ -142,6 +142,7 @@ def test_kernel_is_built_with_the_backend_never_in_a_forward_pass(monkeypatch):
     assert len(calls) == built
 
 
+@pytest.mark.integration
 def test_build_kernels_command(capsys):
     from metamap.cli import main
     code = main(["build-kernels"])
@@ -240,6 +241,7 @@ def _hold_lock(path, log, seconds):
             f.write(f"{start} {clock.monotonic()}\n")
 
 
+@pytest.mark.integration
 def test_processes_building_at_once_take_turns(tmp_path):
     """Two processes that build on a fresh cache at the same moment (the ranks of a distributed run)
     hold the build lock one after the other, never together."""

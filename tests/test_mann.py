@@ -200,6 +200,7 @@ def test_flatten_backbone_scales_the_pixels():
     assert torch.equal(learner("mann", "model.scale=1.0", shape=(1, 2, 2)).encoder(x), x.flatten(1))
 
 
+@pytest.mark.integration
 def test_cli_train_eval_and_checkpoint_round_trip(tmp_path):
     _, loaded = cli_train_eval(tmp_path, "mann", "learner.hidden=16", "learner.slots=8", "learner.width=4",
                                "learner.heads=2", "episode.tasks_per_batch=2")

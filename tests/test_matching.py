@@ -73,6 +73,7 @@ def test_deterministic_under_a_seed():
     assert torch.equal(a.meta_loss(episode())[0], b.meta_loss(episode())[0])
 
 
+@pytest.mark.integration
 def test_cli_train_eval_and_checkpoint_round_trip(tmp_path):
     run, loaded = cli_train_eval(tmp_path, "matching", "learner.fce=true")
     assert isinstance(loaded, MatchingNetwork) and loaded.fce is not None

@@ -70,6 +70,7 @@ def test_bad_mixtures(folders):
         source.sampler(cfg, "val", 3, 1, 1, 1, 0)                        # 2 val classes per domain
 
 
+@pytest.mark.integration
 def test_training_on_a_mixture_and_bscd_fsl_needs_a_held_out_target(folders, tmp_path):
     from metamap.train.run import train
     base = ["model.hidden=8", "model.layers=3", "train.steps=2", "train.val_every=0", "train.report=false", "episode.ways=2",

@@ -7,6 +7,8 @@ import pytest
 
 from metamap.cli import main
 
+pytestmark = pytest.mark.integration      # CLI runs, training runs, processes
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 
 

@@ -51,6 +51,7 @@ def test_bad_value_is_refused_at_resolve(name):
     assert message in str(e.value) and "not " in str(e.value)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["optim.momentum=abc", "data.fractions=[nan,1,1]", "seed=huge"])
 def test_bad_value_exits_2_before_any_work(name, tmp_path, capsys):
     overrides, message = CRASHED_LATER[name]

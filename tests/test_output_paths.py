@@ -10,6 +10,8 @@ from metamap.cli import csv_cell, main
 from metamap.train.run import train
 from tests.test_training import folder_config
 
+pytestmark = pytest.mark.integration      # CLI runs, training runs, processes
+
 
 @pytest.fixture(scope="module")
 def run(image_folder, tmp_path_factory):

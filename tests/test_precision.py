@@ -60,6 +60,7 @@ def test_auto_is_the_default_and_bad_values_are_refused():
         configlib.resolve(overrides=["train.precision='half'"])
 
 
+@pytest.mark.integration
 def test_the_choice_is_printed_at_the_start(image_folder, tmp_path):
     lines = []
     train(folder_config(image_folder, steps=1), tmp_path / "run", progress=False, run_test=False,

@@ -127,6 +127,7 @@ def test_the_plot_works_for_a_learner_without_inner_steps(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.integration
 def test_a_regression_run_reports_its_test_tasks(tmp_path):
     from metamap.train.run import train
     cfg = sinusoid_config("train.steps=2", "train.val_every=0", "eval.episodes=5", "eval.ways=[1]")

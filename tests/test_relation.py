@@ -85,6 +85,7 @@ def test_needs_conv_feature_maps():
         learner("relation", shape=(5,))
 
 
+@pytest.mark.integration
 def test_cli_train_eval_and_checkpoint_round_trip(tmp_path):
     _, loaded = cli_train_eval(tmp_path, "relation")
     assert isinstance(loaded, RelationNetwork)

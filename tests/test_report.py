@@ -8,6 +8,8 @@ import pytest
 from metamap.cli import main
 from tests.test_training import folder_config
 
+pytestmark = pytest.mark.integration      # CLI runs, training runs, processes
+
 
 @pytest.fixture(scope="module")
 def two_runs(image_folder, tmp_path_factory):

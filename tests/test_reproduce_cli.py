@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration      # other processes
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "reproduce" / "reptile-omniglot-5way1shot.toml"
 

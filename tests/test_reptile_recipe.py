@@ -68,6 +68,7 @@ def test_non_transductive_evaluation_classifies_each_query_with_the_support_set_
         bn_learner(transductive="no")
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(900)       # about a CPU-minute: several times that in wall time on a busy machine
 def test_short_reptile_run_improves_on_its_own_untrained_evaluation(tmp_path):
     """300 meta-batches of the paper's recipe on Omniglot (a 16-channel Conv-4) lift 5-way 1-shot

@@ -13,7 +13,7 @@ from metamap.cli import main
 from metamap.errors import ConfigError
 from metamap.train.run import build, evaluate_checkpoint, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TINY = ["data.name='navigation2d'", "data.horizon=10", "episode.tasks_per_batch=3", "learner.trajectories=4",
         "eval.episodes=6", "train.threads=1", "train.checkpoint_every=1"]

@@ -121,6 +121,7 @@ def test_bad_options_are_refused():
         learner("siamese", "learner.margin=0")
 
 
+@pytest.mark.integration
 def test_cli_train_eval_and_checkpoint_round_trip(tmp_path):
     _, loaded = cli_train_eval(tmp_path, "siamese", 'learner.loss="bce"', "learner.pairs=16")
     assert isinstance(loaded, SiameseNetwork) and loaded.head is not None and loaded.pairs == 16

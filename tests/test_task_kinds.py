@@ -109,6 +109,7 @@ def test_the_learner_adapts_with_the_kinds_loss():
     torch.testing.assert_close(loss, total / 3, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.integration
 def test_a_kind_defined_in_the_tests_trains_validates_and_evaluates_unchanged(tmp_path, capsys):
     run = tmp_path / "run"
     summary = train(l1_config(), run, progress=False, echo=lambda *_: None)

@@ -48,6 +48,7 @@ FAST = ["eval.finetune=true", "eval.finetune_steps_grid=[1, 3]", "eval.finetune_
         "eval.finetune_lrs=[0.0, 0.01]"]
 
 
+@pytest.mark.integration
 def test_never_touches_the_checkpoint_and_repeats_exactly(run):
     before = digests(run)
     a = runlib.evaluate_checkpoint(run, FAST, **QUIET)
@@ -58,6 +59,7 @@ def test_never_touches_the_checkpoint_and_repeats_exactly(run):
     assert set(a[0].finetune["scores"]) == {"lr=0,steps=0", "lr=0.01,steps=1", "lr=0.01,steps=3"}
 
 
+@pytest.mark.integration
 def test_given_values_and_another_seed(run):
     given = runlib.evaluate_checkpoint(run, ["eval.finetune=true", "eval.finetune_lr=0.05", "eval.finetune_steps=3"],
                                 **QUIET)[0]
@@ -154,6 +156,7 @@ def test_bad_finetune_keys():
         configlib.resolve(overrides=["eval.finetune='sometimes'"])
 
 
+@pytest.mark.integration
 def test_predict_fine_tunes_given_or_chosen_on_other_classes(run, folder, tmp_path, capsys):
     import shutil
 

@@ -35,6 +35,7 @@ def metrics_without_timing(run_dir):
     return [{k: v for k, v in r.items() if k not in MACHINE_DEPENDENT} for r in rows]
 
 
+@pytest.mark.integration
 def test_train_writes_checkpoints_logs_and_results(image_folder, tmp_path):
     summary = train(folder_config(image_folder), tmp_path / "run", progress=False, echo=lambda *_: None)
     run = tmp_path / "run"
@@ -49,6 +50,7 @@ def test_train_writes_checkpoints_logs_and_results(image_folder, tmp_path):
     assert lrs[:4] == [1e-3, 1e-3, 1e-3, 5e-4]     # step schedule: halved every 3 batches
 
 
+@pytest.mark.integration
 def test_resume_is_exact(image_folder, tmp_path):
     full = tmp_path / "full"
     train(folder_config(image_folder, steps=8), full, progress=False, run_test=False, echo=lambda *_: None)
@@ -60,6 +62,7 @@ def test_resume_is_exact(image_folder, tmp_path):
     assert metrics_without_timing(full) == metrics_without_timing(part)
 
 
+@pytest.mark.integration
 def test_checkpoint_round_trip_and_load(image_folder, tmp_path):
     train(folder_config(image_folder, steps=2), tmp_path / "run", progress=False, run_test=False,
           echo=lambda *_: None)
@@ -76,6 +79,7 @@ def test_checkpoint_round_trip_and_load(image_folder, tmp_path):
     assert torch.equal(loaded.adapt(x[:3], torch.tensor([0, 1, 2]))(x[3:]), out)
 
 
+@pytest.mark.integration
 def test_damaged_checkpoints_fail_clearly(image_folder, tmp_path):
     train(folder_config(image_folder, steps=2), tmp_path / "run", progress=False, run_test=False,
           echo=lambda *_: None)
@@ -96,6 +100,7 @@ def test_damaged_checkpoints_fail_clearly(image_folder, tmp_path):
         metamap.load(tmp_path / "run" / "last")
 
 
+@pytest.mark.integration
 def test_architecture_mismatch_names_the_difference(image_folder, tmp_path):
     train(folder_config(image_folder, steps=1), tmp_path / "run", progress=False, run_test=False,
           echo=lambda *_: None)
@@ -106,6 +111,7 @@ def test_architecture_mismatch_names_the_difference(image_folder, tmp_path):
         metamap.load(tmp_path / "run" / "best")
 
 
+@pytest.mark.integration
 def test_cli_train_eval_predict(image_folder, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--data", "folder", "--set", f"data.path={image_folder}", "--set", "data.fractions=[0.5,0.2,0.3]",
@@ -133,6 +139,7 @@ def test_cli_train_eval_predict(image_folder, tmp_path, capsys):
     assert all(r["prediction"] in ("class00", "class01") and 0 < float(r["score"]) <= 1 for r in rows)
 
 
+@pytest.mark.integration
 def test_cli_user_errors_exit_2_without_traceback(image_folder, tmp_path, capsys):
     assert main(["train", "--set", "optim.lr=-1"]) == 2
     assert "optim.lr must be a number > 0 and <= 1e+06" in capsys.readouterr().err
@@ -148,6 +155,7 @@ def test_cli_user_errors_exit_2_without_traceback(image_folder, tmp_path, capsys
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_chunked_meta_batch_gives_the_same_gradient(tiny_dataset, image_folder, tmp_path):
     from metamap.algorithms.protonet import PrototypicalNetwork
     from metamap.nets import Conv4
@@ -170,6 +178,7 @@ def test_chunked_meta_batch_gives_the_same_gradient(tiny_dataset, image_folder, 
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14), (a - b).abs().max()
 
 
+@pytest.mark.integration
 def test_memory_is_logged_and_bf16_autocast_trains(image_folder, tmp_path):
     train(folder_config(image_folder, steps=3, **{"train.precision": "'bf16'"}), tmp_path / "run", progress=False,
           run_test=False, echo=lambda *_: None)
@@ -200,6 +209,7 @@ def test_chunk_tasks_auto_is_the_learners_choice_and_bad_values_are_refused():
             configlib.resolve(overrides=[f"train.chunk_tasks={bad}"])
 
 
+@pytest.mark.integration
 def test_trainer_applies_reptiles_parameter_difference_with_sgd(image_folder, tmp_path):
     """One trainer step of Reptile with optim.name = sgd, in chunks of one task, is exactly
     theta + eps * (mean_t phi_t - theta), phi_t from the same inner loop run by hand."""

@@ -681,3 +681,14 @@ def test_adam_state_carried_across_tasks_as_in_reptiles_code():
     assert all(torch.equal(saved[k], b) for k, b in opt.named_buffers())
     with pytest.raises(ConfigError, match="needs learner.inner_optimizer"):
         quadratic(cls=Reptile, inner_state="carried")
+
+
+@pytest.mark.parametrize("name", ["maml", "anil", "reptile"])
+def test_a_backbone_returning_feature_maps_is_refused_for_gradient_learners(name):
+    """Feature maps are for Relation Networks; a gradient learner's linear head needs flat features
+    (found by the fuzzer: a shape error in the first inner step)."""
+    from metamap.errors import ConfigError
+    from tests.learner_helpers import learner
+    with pytest.raises(ConfigError, match="model.feature_maps = false"):
+        learner(name, "model.feature_maps=true")
+    learner(name, "model.feature_maps=false")

@@ -411,6 +411,11 @@ DEFAULTS = {"episode": EPISODE, "optim": {"lr": 1e-3}, "schedule": {"name": "con
 def build_gradient_learner(config: dict, info: DataInfo, cls=GradientLearner) -> GradientLearner:
     o: GradientOptions = section_options(config, "learner")
     body = build_backbone(config, info)
+    if getattr(body, "feature_maps", False):
+        # The head is a linear layer on flat features; maps [B, C, H, W] would fail deep in the first step.
+        raise ConfigError("model.feature_maps = true makes the backbone return feature maps, which only "
+                          "Relation Networks compare; gradient learners put a linear head on flat features: "
+                          "set model.feature_maps = false")
     kind = task_kind(info.problem)
     ways = config["episode"]["ways"] if kind.classes else 0
     head = nn.Linear(body.out_features, kind.output_size(ways, info.output_dim))

@@ -37,6 +37,13 @@ class DataInfo:
     spec: Any = None                         # ImageSpec of image data
     description: str = ""
 
+    def image_shape(self, backbone: str, hint: str = "") -> tuple[int, int, int]:
+        """``(channels, height, width)``, or a ConfigError if the examples are not images."""
+        if len(self.example_shape) != 3:
+            raise ConfigError(f"model.backbone = '{backbone}' needs image data [channels, height, width], not "
+                              f"examples of shape {list(self.example_shape)}{hint}")
+        return tuple(self.example_shape)
+
 
 @dataclass
 class Plugin:

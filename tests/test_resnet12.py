@@ -71,3 +71,13 @@ def test_registered_backbone_and_config_errors():
         build_backbone(config, DataInfo(example_shape=(3, 8, 8)))
     with pytest.raises(ConfigError, match="image data"):
         build_backbone(config, DataInfo(example_shape=(10,)))
+
+
+@pytest.mark.parametrize("backbone", ["conv4", "resnet12"])
+def test_image_backbones_refuse_examples_that_are_not_images(backbone):
+    from metamap.config import resolve
+    from metamap.errors import ConfigError
+    from metamap.registry import DataInfo, build_learner
+    config = resolve(None, ['learner.name="protonet"', f'model.backbone="{backbone}"'])
+    with pytest.raises(ConfigError, match=rf"model.backbone = '{backbone}' needs image data .* shape \[4\]"):
+        build_learner(config, DataInfo((4,)))

@@ -51,10 +51,7 @@ def _features(info: DataInfo) -> int:
 
 @register_backbone("conv4", options=Conv4Options)
 def _conv4(o: Conv4Options, info: DataInfo) -> Conv4:
-    if len(info.example_shape) != 3:
-        raise ConfigError(f"model.backbone = 'conv4' needs image data [channels, height, width], not examples "
-                          f"of shape {list(info.example_shape)}; use model.backbone = 'mlp'")
-    c, h, w = info.example_shape
+    c, h, w = info.image_shape("conv4", hint="; use model.backbone = 'mlp'")
     try:
         return Conv4(in_channels=c, hidden=o.hidden, layers=o.layers, image_size=h, norm=o.norm,
                      unpooled=o.unpooled, feature_maps=o.feature_maps)

@@ -127,10 +127,7 @@ class ResNet12(nn.Module):
 
 @register_backbone("resnet12", options=ResNet12Options)
 def _resnet12(o: ResNet12Options, info: DataInfo) -> ResNet12:
-    if len(info.example_shape) != 3:
-        raise ConfigError(f"model.backbone = 'resnet12' needs image data [channels, height, width], not "
-                          f"examples of shape {list(info.example_shape)}")
-    c, h, w = info.example_shape
+    c, h, w = info.image_shape("resnet12")
     if h != w:
         raise ConfigError(f"resnet12 expects square images, not {h}x{w}")
     try:

@@ -289,3 +289,14 @@ def test_a_killed_builds_leftover_baton_does_not_hang_the_next_build(tmp_path, m
         (source,) = seen[name]["sources"]
         assert Path(source).parent.parent == tmp_path
         assert Path(source).read_bytes() == Path(kernels.__file__).with_name(stem + ".cpp").read_bytes()
+
+
+def test_the_cached_kernel_name_follows_the_source(tmp_path, monkeypatch):
+    """Two versions of a kernel's source never share (and so never rebuild) one cached extension."""
+    src = tmp_path / "conv_pool.cpp"
+    src.write_text("// one version\n")
+    monkeypatch.setattr(kernels, "_source", lambda stem: src)
+    before, _ = kernels.extension_name("conv_pool")
+    assert before == kernels.extension_name("conv_pool")[0]
+    src.write_text("// another version\n")
+    assert kernels.extension_name("conv_pool")[0] != before

@@ -45,7 +45,9 @@ _module = None             # conv_pool, once built
 def extension_name(stem: str = "conv_pool") -> tuple[str, list[str]]:
     """The cached extension's name and its compiler flags."""
     flags = ["-O3", "-fopenmp"]
-    name = f"metamap_{stem}"
+    # The source's digest is in the name: checkouts holding different versions of a kernel each keep
+    # their own cached build instead of rebuilding the shared one in turn.
+    name = f"metamap_{stem}_{hashlib.sha256(_source(stem).read_bytes()).hexdigest()[:8]}"
     if os.environ.get("METAMAP_KERNELS_PORTABLE") != "1":
         # Built for this CPU; the name carries its instruction sets, so that a cache shared
         # between machines (a home directory on a cluster) never hands one CPU's build to another.

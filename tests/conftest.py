@@ -10,8 +10,15 @@ import pytest
 
 
 def pytest_configure(config):
-    """Build the optional C++ kernel once, before any test needs it: tests that spawn processes
-    (distributed ranks) then load it from the cache instead of compiling it in each process."""
+    """One torch thread, and the optional C++ kernel built once before any test needs it.
+
+    The tests' tensors are tiny: splitting each operation over several threads costs more in
+    hand-offs than it gains, and on a busy machine a waiting thread spins (the unit run took
+    about 10x longer in its backend tests with two threads on two loaded cores). Tests that
+    spawn processes (distributed ranks) load the kernel from the cache instead of compiling it
+    in each process."""
+    import torch
+    torch.set_num_threads(1)
     if shutil.which("c++") or shutil.which("g++"):
         from metamap.nets import kernels
         with warnings.catch_warnings():

@@ -88,3 +88,17 @@ def test_mixture_config_round_trips_through_toml(folders):
     import tomllib
     cfg, _ = mixture(folders, holdout="kmnist")
     assert tomllib.loads(configlib.dumps(cfg)) == cfg
+
+
+def test_validation_falls_back_to_the_largest_setting_the_val_split_can_sample(folders, monkeypatch):
+    """9 examples per class: 8 shots + 2 queries cannot be drawn, so validation runs 1-shot
+    episodes instead of being skipped (which left training with no model selection)."""
+    from metamap.train import run
+    monkeypatch.setattr(run, "evaluate", lambda learner, sampler, *a, **k: sampler)
+    learner = torch.nn.Module()
+    cfg, source = mixture(folders, "eval.ways=[2]", "eval.shots=[1, 8]", "eval.queries=2", holdout="kmnist")
+    sampler = run.make_validation(learner, cfg, source, "cpu", torch.contiguous_format)()
+    assert (sampler.ways, sampler.shots, sampler.queries) == (2, 1, 2)
+    cfg, source = mixture(folders, "eval.ways=[2]", "eval.shots=[8]", "eval.queries=2", holdout="kmnist")
+    with pytest.warns(UserWarning, match="validation skipped: no eval setting.*2-way 8-shot"):
+        assert run.make_validation(learner, cfg, source, "cpu", torch.contiguous_format) is None

@@ -328,18 +328,25 @@ def make_validation(learner, config: dict, source, device, memory_format, rank: 
     limit = source.classes(config, "val")
     if limit is not None and limit < 2:
         return None
-    ways, shots = max(eval_settings(config))
     fixed = getattr(learner, "ways", 0)          # learners whose head is built for one number of ways
-    if fixed:
-        ways = fixed
-        if limit and limit < fixed:
-            warnings.warn(f"validation skipped: the val split has {limit} classes, fewer than this "
-                          f"learner's {fixed} ways", stacklevel=2)
-            return None
-    ways = min(ways, limit) if limit else ways
-    try:
-        sampler = source.sampler(config, "val", ways, shots, config["eval"]["queries"], 1, t["val_seed"])
-    except EpisodeError:
+    if fixed and limit and limit < fixed:
+        warnings.warn(f"validation skipped: the val split has {limit} classes, fewer than this "
+                      f"learner's {fixed} ways", stacklevel=2)
+        return None
+    # The largest eval setting the val split can sample: a split with fewer examples per class than
+    # the largest setting's shots + queries (Omniglot's 20 drawings against 20 shots + 15 queries)
+    # still validates, at fewer shots, instead of training with no model selection at all.
+    sampler, refused = None, []
+    for ways, shots in sorted(set(eval_settings(config)), reverse=True):
+        ways = fixed or (min(ways, limit) if limit else ways)
+        try:
+            sampler = source.sampler(config, "val", ways, shots, config["eval"]["queries"], 1, t["val_seed"])
+            break
+        except EpisodeError as e:
+            refused.append(f"{ways}-way {shots}-shot: {e}")
+    if sampler is None:
+        warnings.warn("validation skipped: no eval setting can be sampled from the val split ("
+                      + "; ".join(refused) + "); the last checkpoint becomes the best", stacklevel=2)
         return None
     precision = resolve_precision(t["precision"], device, learner)[0]
     return lambda: evaluate(learner, sampler, t["val_episodes"], device=device, memory_format=memory_format,

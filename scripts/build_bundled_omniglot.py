@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from metamap.data import omniglot
+from metamap.data import omniglot, omniglot_archives
 from metamap.data.download import file_digest
-from metamap.data.omniglot import ARCHIVES, SETS
+from metamap.data.omniglot_archives import ARCHIVES, SETS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,9 +48,9 @@ def build(archives: Path, out: Path, size: int, check_counts: bool = True, progr
     sets = {}
     for s in SETS:
         path = archives / ARCHIVES[s]
-        sets[s] = omniglot.read_archive(path, spec, top=Path(ARCHIVES[s]).stem, progress=progress)
+        sets[s] = omniglot_archives.read_archive(path, spec, top=Path(ARCHIVES[s]).stem, progress=progress)
         if check_counts:
-            omniglot.check_counts(s, sets[s], str(path))
+            omniglot_archives.check_counts(s, sets[s], str(path))
     omniglot.write_sets(out, sets, omniglot.set_meta(spec))
     return sets
 

@@ -257,6 +257,39 @@ def test_cifar_errors(tmp_path):
         load_cifar_benchmark("cifarfs", bad_tar)
 
 
+def test_hostile_cifar_tars_are_refused(tmp_path):
+    """A tar whose member links elsewhere, escapes its folder or is far too large is refused whole."""
+    def tar_with(name, extra):
+        path = tmp_path / name / "cifar-100-python.tar.gz"
+        path.parent.mkdir()
+        with tarfile.open(path, "w:gz") as tar:
+            for member in ("cifar-100-python/meta", "cifar-100-python/test"):
+                info = tarfile.TarInfo(member)
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"x"))
+            extra(tar)
+        return path
+
+    def link(tar):
+        info = tarfile.TarInfo("cifar-100-python/train")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+
+    def escaping(tar):
+        info = tarfile.TarInfo("cifar-100-python/../../train")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+
+    def missing(tar):
+        pass
+    for name, extra in (("link", link), ("escaping", escaping)):
+        with pytest.raises(DataError, match="is a link or a path outside the archive's folder; refusing the "
+                                            "archive: use the official cifar-100-python.tar.gz"):
+            read_cifar100(tar_with(name, extra))
+    with pytest.raises(DataError, match="has no cifar-100-python/train"):
+        read_cifar100(tar_with("missing", missing))
+
+
 # -- mini-ImageNet --------------------------------------------------------------------------------
 def test_mini_csv_layout(tmp_path):
     root = write_mini_csv(tmp_path / "mini")

@@ -16,17 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from metamap.data import omniglot
+from metamap.data import cache, omniglot, omniglot_archives, omniglot_splits
 from metamap.data.images import ImageSpec
-from metamap.data.omniglot import (
-    ARCHIVES,
-    BUNDLED_PATH,
-    LAKE_VAL_ALPHABETS,
-    CharacterSet,
-    load_omniglot,
-    omniglot_spec,
-    read_archive,
-)
+from metamap.data.omniglot import BUNDLED_PATH, load_omniglot, omniglot_spec
+from metamap.data.omniglot_archives import ARCHIVES, CharacterSet, read_archive
+from metamap.data.omniglot_splits import LAKE_VAL_ALPHABETS
+from metamap.data.archives import open_zip
 from metamap.data.paths import data_root, user_cache_dir
 from metamap.errors import ConfigError, DataError, DownloadError
 
@@ -87,8 +82,8 @@ def tiny_archives(folder: Path, **kw) -> dict[str, Path]:
 @pytest.fixture
 def tiny_omniglot(monkeypatch):
     """Let the tiny archives pass as complete: 7 + 4 characters, Bengali as the val alphabet."""
-    monkeypatch.setattr(omniglot, "EXPECTED_COUNTS", {"background": (3, 7), "evaluation": (2, 4)})
-    monkeypatch.setattr(omniglot, "LAKE_VAL_ALPHABETS", ("Bengali",))
+    monkeypatch.setattr(omniglot_archives, "EXPECTED_COUNTS", {"background": (3, 7), "evaluation": (2, 4)})
+    monkeypatch.setattr(omniglot_splits, "LAKE_VAL_ALPHABETS", ("Bengali",))
 
 
 @pytest.fixture
@@ -109,11 +104,11 @@ def bundled() -> dict[str, CharacterSet]:
 
 @pytest.fixture(scope="module")
 def lake(bundled):
-    return omniglot.make_splits(bundled, "lake", rotations=True)
+    return omniglot_splits.make_splits(bundled, "lake", rotations=True, spec=omniglot_spec())
 
 
 def test_bundled_counts_and_shapes(bundled):
-    for name, (alphabets, characters) in omniglot.EXPECTED_COUNTS.items():
+    for name, (alphabets, characters) in omniglot_archives.EXPECTED_COUNTS.items():
         chars = bundled[name]
         assert chars.images.dtype == np.uint8 and chars.images.shape == (characters * 20, 1, 28, 28)
         assert len(chars.names) == characters and len(chars.alphabets()) == alphabets
@@ -158,12 +153,12 @@ def test_rotations_only_in_train(lake):
 
 
 def test_rotations_off(bundled):
-    train = omniglot.make_splits(bundled, "lake", rotations=False)["train"]
+    train = omniglot_splits.make_splits(bundled, "lake", rotations=False, spec=omniglot_spec())["train"]
     assert train.num_classes == 813 and all("@" not in n for n in train.class_names)
 
 
 def test_vinyals_split(bundled):
-    splits = omniglot.make_splits(bundled, "vinyals", rotations=True)
+    splits = omniglot_splits.make_splits(bundled, "vinyals", rotations=True, spec=omniglot_spec())
     assert [splits[k].num_classes for k in ("train", "val", "test")] == [4112, 688, 1692]
     chars = {k: {n.split("@")[0] for n in ds.class_names} for k, ds in splits.items()}
     assert [len(chars[k]) for k in ("train", "val", "test")] == [1028, 172, 423]
@@ -179,7 +174,7 @@ def test_vinyals_split(bundled):
 
 
 def test_vinyals_trainval_split(bundled):
-    splits = omniglot.make_splits(bundled, "vinyals-trainval", rotations=True)
+    splits = omniglot_splits.make_splits(bundled, "vinyals-trainval", rotations=True, spec=omniglot_spec())
     assert splits["train"].num_classes == 4800 and splits["test"].num_classes == 1692
     train = {n.split("@")[0] for n in splits["train"].class_names}
     test = {n.split("@")[0] for n in splits["test"].class_names}
@@ -188,12 +183,12 @@ def test_vinyals_trainval_split(bundled):
 
 
 def test_vinyals_rotations_are_listed_classes(bundled):
-    test = omniglot.make_splits(bundled, "vinyals")["test"]
+    test = omniglot_splits.make_splits(bundled, "vinyals", spec=omniglot_spec())["test"]
     c = test.class_names.index("Gurmukhi/character42")
     for k, degrees in enumerate((90, 180, 270), start=1):
         r = test.class_names.index(f"Gurmukhi/character42@rot{degrees}")
         assert torch.equal(test.data[test.indices_of(r)], torch.rot90(test.data[test.indices_of(c)], k, dims=(-2, -1)))
-    plain = omniglot.make_splits(bundled, "vinyals", rotations=False)
+    plain = omniglot_splits.make_splits(bundled, "vinyals", rotations=False, spec=omniglot_spec())
     assert [plain[k].num_classes for k in ("train", "val", "test")] == [1028, 172, 423]
 
 
@@ -225,17 +220,17 @@ def test_size_28_needs_no_data_root(isolated_dirs, monkeypatch):
                     reason="the real Omniglot archives are not present")
 def test_real_members_match_bundled(bundled, tmp_path):
     spec = omniglot_spec(28)
-    for name in omniglot.SETS:
-        with zipfile.ZipFile(SHARED / ARCHIVES[name]) as zf:
-            members = omniglot.archive_members(zf, Path(ARCHIVES[name]).stem, name)
-            characters = [m.filename.split("/", 1)[1].rsplit("/", 1)[0] for m in members]
+    for name in omniglot_archives.SETS:
+        with open_zip(SHARED / ARCHIVES[name], omniglot_archives.MAX_MEMBER_BYTES, "") as archive:
+            members = omniglot_archives.archive_members(archive, Path(ARCHIVES[name]).stem)
+            characters = [m.name.split("/", 1)[1].rsplit("/", 1)[0] for m in members]
             assert sorted(set(characters)) == bundled[name].names
             assert [bundled[name].names[i] for i in bundled[name].labels] == characters
             for i in (0, 1, 777, len(members) - 1):
                 path = tmp_path / f"{name}_{i}.png"
-                path.write_bytes(zf.read(members[i]))
+                path.write_bytes(archive.read(members[i]))
                 # spec.load on a loose file is what `metamap predict` does to user images.
-                assert np.array_equal(spec.load(path), bundled[name].images[i]), members[i].filename
+                assert np.array_equal(spec.load(path), bundled[name].images[i]), members[i].name
 
 
 # -- the archive reader ------------------------------------------------------------------
@@ -287,7 +282,7 @@ def test_read_archive_rejects_damaged_files(tmp_path):
 def test_incomplete_archive_is_refused(tmp_path, isolated_dirs):
     archives = tiny_archives(tmp_path / "data" / "omniglot")  # EXPECTED_COUNTS left official
     with pytest.raises(DataError, match="964 in 30"):
-        omniglot.read_archives(archives, omniglot_spec(14), progress=False)
+        omniglot_archives.read_archives(archives, omniglot_spec(14), progress=False)
 
 
 # -- archives -> splits, caching, data root ----------------------------------------------
@@ -297,12 +292,12 @@ def test_archives_at_other_size_are_read_and_cached(tiny_omniglot, isolated_dirs
     assert splits["train"].num_classes == 5 * 4 and splits["val"].num_classes == 2
     assert splits["test"].class_names == TINY_EVALUATION
     assert splits["train"].spec == omniglot_spec(14) and splits["train"].example_shape == (1, 14, 14)
-    cache = isolated_dirs / "data" / "omniglot" / "omniglot14-cache.npz"
-    assert cache.is_file() and not list(cache.parent.glob("*.part"))
+    entry = isolated_dirs / "data" / "omniglot" / "metamap-cache" / "omniglot-14"
+    assert (entry / "meta.json").is_file() and not list(entry.glob("*.part"))
 
     def no_decoding(*a, **k):
         raise AssertionError("the cache should have been used")
-    monkeypatch.setattr(omniglot, "read_archive", no_decoding)
+    monkeypatch.setattr(omniglot_archives, "read_archive", no_decoding)
     again = load_omniglot(image_size=14, root=isolated_dirs / "data", download=False, progress=False)
     assert torch.equal(again["train"].data, splits["train"].data)
 
@@ -318,15 +313,16 @@ def test_cache_is_rebuilt_when_archives_change(tiny_omniglot, isolated_dirs):
 
 def test_cache_falls_back_to_user_cache(tiny_omniglot, isolated_dirs, monkeypatch):
     archives = tiny_archives(isolated_dirs / "readonly")
-    real_write = omniglot.write_sets
+    real_write = cache.write_entry
 
-    def refuse_archive_folder(path, *a, **k):
-        if Path(path).parent == archives["background"].parent:
+    def refuse_archive_folder(folder, *a, **k):
+        if archives["background"].parent in Path(folder).parents:
             raise PermissionError("read-only")
-        return real_write(path, *a, **k)
-    monkeypatch.setattr(omniglot, "write_sets", refuse_archive_folder)
+        return real_write(folder, *a, **k)
+    monkeypatch.setattr(cache, "write_entry", refuse_archive_folder)
     omniglot.cached_sets(archives, omniglot_spec(14), progress=False)
-    assert (user_cache_dir() / "omniglot" / "omniglot14-cache.npz").is_file()
+    assert len(list((user_cache_dir() / "omniglot-14").glob("*/meta.json"))) == 1
+    assert not (archives["background"].parent / "metamap-cache").exists()
 
 
 def test_missing_archives_without_download(isolated_dirs):
@@ -343,7 +339,7 @@ def test_download_into_data_root(tiny_omniglot, isolated_dirs, monkeypatch, http
         http_files(f"/mirror/{ARCHIVES[name]}", data)
         table[ARCHIVES[name]] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                                  "md5": hashlib.md5(data).hexdigest()}
-    monkeypatch.setattr(omniglot, "OFFICIAL_CHECKSUMS", table)
+    monkeypatch.setattr(omniglot_archives, "OFFICIAL_CHECKSUMS", table)
     monkeypatch.setenv("METAMAP_OMNIGLOT_URL", http_files.base + "/mirror")
     splits = load_omniglot(image_size=14, root=isolated_dirs / "root", progress=False)
     assert splits["test"].num_classes == 4
@@ -352,16 +348,16 @@ def test_download_into_data_root(tiny_omniglot, isolated_dirs, monkeypatch, http
 
     table[ARCHIVES["evaluation"]] = dict(table[ARCHIVES["evaluation"]], sha256="0" * 64)
     with pytest.raises(DownloadError, match="SHA256"):
-        omniglot.locate_archives(isolated_dirs / "other", progress=False)
+        omniglot_archives.locate_archives(isolated_dirs / "other", progress=False)
     assert not (isolated_dirs / "other" / "omniglot" / ARCHIVES["evaluation"]).exists()
 
 
 def test_official_urls_and_checksums(monkeypatch):
     monkeypatch.delenv("METAMAP_OMNIGLOT_URL", raising=False)
-    assert omniglot.archive_urls()["evaluation"] == \
+    assert omniglot_archives.archive_urls()["evaluation"] == \
         "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_evaluation.zip"
-    assert omniglot.archive_urls("http://x/y/")["background"] == "http://x/y/images_background.zip"
-    for check in omniglot.OFFICIAL_CHECKSUMS.values():
+    assert omniglot_archives.archive_urls("http://x/y/")["background"] == "http://x/y/images_background.zip"
+    for check in omniglot_archives.OFFICIAL_CHECKSUMS.values():
         assert len(check["sha256"]) == 64 and len(check["md5"]) == 32 and check["size"] > 1_000_000
 
 

@@ -189,7 +189,8 @@ def test_archives_with_escaping_paths_or_links_are_refused(tmp_path, member):
     import stat
     import zipfile
 
-    from metamap.data.omniglot import omniglot_spec, read_archive
+    from metamap.data.omniglot import omniglot_spec
+    from metamap.data.omniglot_archives import read_archive
     path = tmp_path / "images_background.zip"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("images_background/Alpha/character01/0001_01.png", png_bytes("1", (105, 105)))

@@ -23,7 +23,6 @@ Decoding is a reshape, so nothing is cached on disk.
 from __future__ import annotations
 
 import os
-import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metamap.data.archives import open_tar
 from metamap.data.dataset import ClassDataset
 from metamap.data.images import ImageSpec
 from metamap.data.memory import images_array
@@ -85,26 +85,17 @@ def locate(path: Path) -> Path:
 
 
 def read_members(source: Path) -> dict[str, bytes]:
-    """The raw bytes of ``meta``, ``train`` and ``test`` from the folder or the tar archive."""
+    """The raw bytes of ``meta``, ``train`` and ``test`` from the folder or the tar archive
+    (read in memory after :mod:`metamap.data.archives` checked every member)."""
     if source.is_dir():
         return {m: (source / m).read_bytes() for m in MEMBERS}
-    try:
-        with tarfile.open(source, "r:*") as tar:
-            out = {}
-            for m in MEMBERS:
-                try:
-                    info = tar.getmember(f"{TOP}/{m}")
-                except KeyError:
-                    raise DataError(f"{source}: has no {TOP}/{m}; use the official CIFAR-100 python "
-                                    f"version ({ARCHIVE})") from None
-                if not info.isfile() or info.size > MAX_MEMBER_BYTES:
-                    raise DataError(f"{source}: {info.name} is not a plain file of plausible size; use the "
-                                    f"official {ARCHIVE}")
-                out[m] = tar.extractfile(info).read()  # read in memory: nothing touches the disk
-            return out
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{source}: not a readable tar archive ({e}); it is damaged or incomplete - "
-                        "download it again") from None
+    with open_tar(source, MAX_MEMBER_BYTES, f"use the official {ARCHIVE}") as tar:
+        present = {f.name for f in tar.files}
+        missing = [m for m in MEMBERS if f"{TOP}/{m}" not in present]
+        if missing:
+            raise DataError(f"{source}: has no {TOP}/{missing[0]}; use the official CIFAR-100 python "
+                            f"version ({ARCHIVE})")
+        return {m: tar.read(f"{TOP}/{m}") for m in MEMBERS}
 
 
 def _field(d: dict, key: str, where: str):

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from metamap.data.dataset import ClassDataset, check_disjoint
-from metamap.data.images import MAX_PIXELS, ImageSpec, list_images
+from metamap.data.decode import MAX_PIXELS
+from metamap.data.images import ImageSpec, list_images
 from metamap.data.memory import check_fits, image_bytes
 from metamap.data.paths import atomic_write, user_cache_dir
 from metamap.data.sources import ClassDataSource

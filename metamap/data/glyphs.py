@@ -9,8 +9,8 @@ Omniglot's after inversion.
 
 What makes a data set -- the characters, each font file with its Debian package and SHA-256,
 the rendering parameters, Pillow's and FreeType's versions and the SHA-256 of the result -- is
-recorded in a JSON file beside the rendered arrays (``<cache>/glyphs/<digest>.json``, see
-:func:`load_glyphs`), and the arrays are a function of exactly those: the same seed gives the
+recorded as the key of the rendered arrays' cache entry (``<cache>/glyphs/<digest>/meta.json``,
+see :mod:`metamap.data.cache` and :func:`load_glyphs`), and the arrays are a function of exactly those: the same seed gives the
 same data set on any machine with the same font files. A font that is not installed is an
 error naming its Debian package.
 
@@ -21,7 +21,6 @@ an earlier class (Latin ``A``, Greek ``Α`` and Cyrillic ``А``) are left out (`
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import unicodedata
 from dataclasses import dataclass
@@ -33,9 +32,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL import __version__ as PIL_VERSION
 
+from metamap.data.cache import cached
 from metamap.data.dataset import ClassDataset
 from metamap.data.images import ImageSpec
-from metamap.data.paths import atomic_write, user_cache_dir
+from metamap.data.paths import user_cache_dir
 from metamap.data.sources import ClassDataSource
 from metamap.errors import ConfigError, DataError
 from metamap.options import ARCHITECTURE, DATA, MAX_INT, RUNTIME, Options, option
@@ -303,41 +303,22 @@ def load_glyphs(o: dict, cache: bool = True) -> tuple[dict[str, ClassDataset], d
     scripts = {n: script_characters(SCRIPTS[n], o["max_per_script"], o["seed"]) for n in used}
     record = glyph_record({n: "".join(chr(c) for c in scripts[n]) for n in used}, fonts, o)
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
-    path = user_cache_dir() / "glyphs" / f"{digest}.npz"
-    arrays = _read_cache(path) if cache else None
-    if arrays is None:
+    folder = user_cache_dir() / "glyphs" / digest
+
+    def render_all():
         render = Render(o["image_size"], float(o["jitter"]))
         covered = {f: coverage(p) for f, p in fonts.items()}
         classes = choose_classes(scripts, fonts, covered, script_fonts, o["min_fonts"], o["dedupe"], render)
         images = render_classes(classes, fonts, o["examples"], o["seed"], render)
-        arrays = {"images": images, "script": np.array([s for s, _, _ in classes]),
-                  "code": np.array([c for _, c, _ in classes], dtype=np.int64),
-                  "fonts": np.array(["|".join(h) for _, _, h in classes])}
-        if cache:
-            _write_cache(path, arrays, record)
+        return {"images": images, "script": np.array([s for s, _, _ in classes]),
+                "code": np.array([c for _, c, _ in classes], dtype=np.int64),
+                "fonts": np.array(["|".join(h) for _, _, h in classes])}, {}
+
+    complete = lambda arrays, extra: set(arrays) == {"images", "script", "code", "fonts"}
+    arrays = cached([folder], record, render_all, "glyph", complete)[0] if cache else render_all()[0]
     record = {**record, "classes": int(len(arrays["code"])),
-              "images_sha256": hashlib.sha256(arrays["images"].tobytes()).hexdigest(), "cache": str(path)}
+              "images_sha256": hashlib.sha256(arrays["images"].tobytes()).hexdigest(), "cache": str(folder)}
     return make_splits(arrays, parts, o["image_size"]), record
-
-
-def _read_cache(path: Path) -> dict | None:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in ("images", "script", "code", "fonts")}
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _write_cache(path: Path, arrays: dict, record: dict) -> None:
-    try:
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        with atomic_write(path) as f:
-            f.write(buf.getvalue())
-        with atomic_write(path.with_suffix(".json")) as f:
-            f.write(json.dumps(record, indent=1, ensure_ascii=False).encode())
-    except OSError:
-        pass        # a read-only cache only costs rendering again next time
 
 
 def make_splits(arrays: dict, parts: dict[str, list[str]], image_size: int) -> dict[str, ClassDataset]:

@@ -7,19 +7,16 @@ training images went through.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from metamap.errors import DataError
+from metamap.data.decode import MAX_PIXELS, BadPixels, decode_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-# Refuse decompression bombs before they allocate: far larger than any few-shot image.
-MAX_PIXELS = 64_000_000
 _RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR,
              "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST,
              "box": Image.Resampling.BOX}
@@ -92,35 +89,7 @@ class ImageSpec:
 
     def load(self, path: str | os.PathLike) -> np.ndarray:
         """Read and prepare one image file; a bad file raises :class:`DataError` naming it."""
-        path = Path(path)
-        try:
-            if path.stat().st_size == 0:
-                raise DataError(f"{path}: the file is empty; remove it or replace it with a real image")
-            with warnings.catch_warnings():
-                # Our own pixel limit below is stricter; PIL's warning would only add noise.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(path)
-            with im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise DataError(f"{path}: {im.width}x{im.height} pixels is larger than the "
-                                    f"{MAX_PIXELS:,}-pixel limit; shrink the image first")
-                im.load()
-                upright = _upright(im)
-                try:
-                    return self.prepare(upright)
-                except BadPixels as e:
-                    raise DataError(f"{path}: {e}") from None
-        except DataError:
-            raise
-        except Image.DecompressionBombError:
-            raise DataError(f"{path}: the image is larger than the {MAX_PIXELS:,}-pixel limit; "
-                            "shrink it first") from None
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such file") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"{path}: cannot read this image ({e.__class__.__name__}: {e}); it is corrupt, not "
-                            "an image, or of a kind Pillow cannot decode - remove or replace it (e.g. by a PNG)"
-                            ) from None
+        return decode_image(path, self.prepare)
 
     def load_many(self, paths) -> torch.Tensor:
         """Several image files -> ``uint8`` tensor ``[n, channels, size, size]``."""
@@ -135,18 +104,6 @@ class ImageSpec:
         mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         return (x.to(torch.float32) / 255.0 - mean) / std
-
-
-class BadPixels(DataError):
-    """An image that decodes but whose pixel values cannot be shown (NaN or infinite)."""
-
-
-def _upright(image: Image.Image) -> Image.Image:
-    """The image as a viewer shows it: photos often carry an EXIF orientation."""
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:            # a damaged EXIF block is metadata only: the pixels stand as stored
-        return image
 
 
 def _rescaled_to_8_bits(image: Image.Image) -> Image.Image:

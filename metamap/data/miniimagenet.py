@@ -31,8 +31,6 @@ missing class a warning. ``"files"`` uses whatever classes the files hold.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -44,10 +42,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from metamap.data.cache import cache_folders, cached, fingerprint
 from metamap.data.dataset import ClassDataset, check_disjoint
 from metamap.data.images import ImageSpec
 from metamap.data.memory import images_array
-from metamap.data.paths import atomic_write, user_cache_dir
 from metamap.data.sources import ClassDataSource
 from metamap.errors import ConfigError, DataError
 from metamap.options import ARCHITECTURE, DATA, RUNTIME, Options, option
@@ -125,73 +123,30 @@ def hwc_to_spec(images: np.ndarray, spec: ImageSpec, where: str) -> np.ndarray:
     return out
 
 
-def fingerprint(paths) -> dict:
-    """What identifies the source files cheaply: name -> [size, mtime_ns] (folders too)."""
-    out = {}
-    for p in paths:
-        st = Path(p).stat()
-        out[str(Path(p).resolve())] = [st.st_size if Path(p).is_file() else 0, st.st_mtime_ns]
-    return out
-
-
-def _cache_dirs(root: Path, tag: str, size: int) -> list[Path]:
-    # Beside the data if writable; else the per-user cache, keyed by the data's location.
-    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    return [root / "metamap-cache" / f"{tag}-{size}", user_cache_dir() / tag / f"{key}-{size}"]
-
-
-def _read_cache(folder: Path, meta_want: dict) -> dict[str, SplitArrays] | None:
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-        if {k: meta.get(k) for k in meta_want} != meta_want:
-            return None
-        out = {}
-        for part in PARTS:
-            images = np.load(folder / f"{part}-images.npy", mmap_mode="c", allow_pickle=False)
-            labels = np.load(folder / f"{part}-labels.npy", allow_pickle=False)
-            names = list(meta["names"][part])
-            if images.shape[0] != labels.shape[0] or (len(labels) and labels.max() >= len(names)):
-                return None
-            out[part] = SplitArrays(images, labels, names)
-        return out
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # absent or damaged: rebuilt by the caller
-
-
-def _write_cache(folder: Path, meta: dict, arrays: dict[str, SplitArrays]) -> None:
-    for part, a in arrays.items():
-        for name, arr in ((f"{part}-images.npy", a.images), (f"{part}-labels.npy", a.labels)):
-            with atomic_write(folder / name) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-    # meta.json last: it is what makes the cache valid, so a half-written cache never is.
-    full = {**meta, "names": {p: a.names for p, a in arrays.items()}}
-    with atomic_write(folder / "meta.json") as f:
-        f.write(json.dumps(full, sort_keys=True).encode())
-
-
 def cached_arrays(root: Path, tag: str, spec: ImageSpec, sources: dict, build: Callable[[], dict],
                   use_cache: bool = True) -> dict[str, SplitArrays]:
-    """The decoded splits from a cache made from the same ``sources`` with the same ``spec``,
-    else ``build()`` them and cache them for next time (memory-mapped when read back)."""
+    """The decoded splits from a cache (:mod:`metamap.data.cache`) made from the same ``sources``
+    with the same ``spec``, else ``build()`` them and cache them for next time (memory-mapped
+    when read back)."""
     if not use_cache:
         return build()
-    want = {"version": CACHE_VERSION, "dataset": tag, "spec": spec.to_dict(), "sources": sources}
-    want = json.loads(json.dumps(want))  # tuples -> lists, as they come back from JSON
-    folders = _cache_dirs(root, tag, spec.size)
-    for folder in folders:
-        cached = _read_cache(folder, want)
-        if cached is not None:
-            return cached
-    arrays = build()
-    for folder in folders:
+
+    def build_entry():
+        splits = build()
+        arrays = {f"{p}-{field}": getattr(a, field) for p, a in splits.items() for field in ("images", "labels")}
+        return arrays, {"names": {p: a.names for p, a in splits.items()}}
+
+    def consistent(arrays, extra) -> bool:
         try:
-            _write_cache(folder, want, arrays)
-            return arrays
-        except OSError:
-            continue
-    warnings.warn(f"could not write a {tag} cache to {' or '.join(map(str, folders))}; the data will "
-                  "be decoded again next time", stacklevel=2)
-    return arrays
+            return all(len(arrays[f"{p}-images"]) == len(arrays[f"{p}-labels"]) and
+                       (not len(arrays[f"{p}-labels"]) or arrays[f"{p}-labels"].max() < len(extra["names"][p]))
+                       for p in PARTS)
+        except (KeyError, TypeError):
+            return False
+
+    key = {"version": CACHE_VERSION, "dataset": tag, "spec": spec.to_dict(), "sources": sources}
+    arrays, extra = cached(cache_folders(root, f"{tag}-{spec.size}"), key, build_entry, tag, consistent)
+    return {p: SplitArrays(arrays[f"{p}-images"], arrays[f"{p}-labels"], list(extra["names"][p])) for p in PARTS}
 
 
 def check_published(found: dict[str, list[str]], published: dict[str, list[str]], dataset: str,

@@ -95,10 +95,10 @@ class RestrictedUnpickler(pickle.Unpickler):
                                 "which data set files never do")
 
 
-def loads(data: bytes, where: str = "pickle") -> Any:
-    """Unpickle ``data`` with :class:`RestrictedUnpickler`; any failure is a :class:`DataError`."""
+def _unpickle(file, where: str) -> Any:
+    """Run :class:`RestrictedUnpickler` on an open binary file; any failure is a :class:`DataError`."""
     try:
-        return RestrictedUnpickler(io.BytesIO(data), where).load()
+        return RestrictedUnpickler(file, where).load()
     except UnsafePickleError:
         raise
     except MemoryError:
@@ -108,20 +108,17 @@ def loads(data: bytes, where: str = "pickle") -> Any:
                         "is damaged or incomplete - download it again") from None
 
 
+def loads(data: bytes, where: str = "pickle") -> Any:
+    """Unpickle ``data`` with :class:`RestrictedUnpickler`; any failure is a :class:`DataError`."""
+    return _unpickle(io.BytesIO(data), where)
+
+
 def load(path: str | os.PathLike) -> Any:
     """Unpickle the file at ``path`` safely (see the module docstring)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            try:
-                return RestrictedUnpickler(f, str(path)).load()
-            except UnsafePickleError:
-                raise
-            except MemoryError:
-                raise DataError(f"{path}: not enough memory to load this file") from None
-            except Exception as e:
-                raise DataError(f"{path}: cannot read this pickle ({e.__class__.__name__}: {e}); the "
-                                "file is damaged or incomplete - download it again") from None
+            return _unpickle(f, str(path))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:

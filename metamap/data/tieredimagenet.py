@@ -24,7 +24,6 @@ same way (``PATH/metamap-cache/``, memory-mapped when read back: about 16.5 GB a
 """
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -33,15 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
+from metamap.data.cache import fingerprint
 from metamap.data.dataset import ClassDataset
-from metamap.data.images import MAX_PIXELS, ImageSpec
+from metamap.data.decode import decode_image
+from metamap.data.images import ImageSpec
 from metamap.data.memory import images_array
 from metamap.data.miniimagenet import (
     PARTS,
     SplitArrays,
     cached_arrays,
     check_image_size,
-    fingerprint,
     hwc_to_spec,
     imagenet_spec,
 )
@@ -124,8 +124,6 @@ def read_labels(path: Path) -> tuple[np.ndarray, list[str], int]:
 
 def decode_png(item, spec: ImageSpec, where: str) -> np.ndarray:
     """One encoded image (uint8 array or bytes) -> ``uint8 [C, S, S]`` via ``spec.prepare``."""
-    from PIL import Image
-
     if isinstance(item, np.ndarray):
         data = item.tobytes()
     elif isinstance(item, str):  # a Python 2 byte string, read back as latin-1 text
@@ -134,17 +132,7 @@ def decode_png(item, spec: ImageSpec, where: str) -> np.ndarray:
         data = item
     if not isinstance(data, (bytes, bytearray)):
         raise DataError(f"{where}: expected encoded PNG images, found a {type(item).__name__}")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise DataError(f"{where}: an image of {im.width}x{im.height} pixels is far too large")
-            im.load()
-            return spec.prepare(im)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{where}: cannot decode an image ({e.__class__.__name__}: {e}); the file is "
-                        "damaged - download it again") from None
+    return decode_image(data, spec.prepare, where, "the file is damaged - download it again")
 
 
 def read_images(path: Path, spec: ImageSpec) -> np.ndarray:
@@ -166,7 +154,7 @@ def read_images(path: Path, spec: ImageSpec) -> np.ndarray:
         raise DataError(f"{path}: expected a list of PNG images, found {type(items).__name__}")
     out = images_array(len(items), spec.shape, str(path))
     for i, item in enumerate(tqdm(items, desc=f"decoding {path.name}", unit="img", leave=False, disable=None)):
-        out[i] = decode_png(item, spec, str(path))
+        out[i] = decode_png(item, spec, f"{path}, image {i}")
     return out
 
 

@@ -175,7 +175,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from metamap.rl.plots import ci_table, plot_adaptation, plot_navigation
+    from metamap.report.rl import ci_table, plot_adaptation, plot_paths
+    from metamap.rl.maml import adapted_paths
     folder = RESULTS / "rl" / args.family
     results = {}
     for method in METHODS:
@@ -206,7 +207,8 @@ def cmd_report(args) -> int:
         for method in ("maml-trpo", "pretrained"):
             if (run_dir(args.family, method) / "best").exists():
                 learner = load_learner(run_dir(args.family, method)).learner
-                out = plot_navigation(learner.meta, goals, folder / f"paths-{method}.png", label=method)
+                out = plot_paths(adapted_paths(learner.meta, goals), goals, folder / f"paths-{method}.png",
+                                 label=method)
                 print(f"trajectories: {out}")
     return 0
 

@@ -254,3 +254,20 @@ def test_surrogate_is_minus_mean_advantage_and_kl_zero_at_sampling_policy():
     # KL(N(0,1) || N(1,4)) per coordinate = log 2 + (1 + 1) / 8 - 1/2
     torch.testing.assert_close(gaussian_kl(m1, l1, m2, l2), torch.full((3,), 2 * (np.log(2) + 0.25 - 0.5),
                                                                         dtype=torch.float64))
+
+
+def test_adapted_paths_start_at_the_origin_and_follow_the_adapted_policy(tmp_path):
+    from metamap.report.rl import ci_table, plot_paths
+    from metamap.rl.maml import adapted_paths
+
+    meta, _ = small_meta(horizon=5)
+    goals = np.array([[0.3, 0.35], [-0.4, 0.1]])
+    paths = adapted_paths(meta, goals, steps=2, trajectories=3)
+    assert len(paths) == 3 and all(p.shape == (2, 5, 2) for p in paths)
+    assert np.allclose(paths[0][:, 0], 0.0)                       # every path starts where the robot does
+    assert not np.allclose(paths[0], paths[1]) and not np.allclose(paths[1], paths[2])
+    assert np.array_equal(adapted_paths(meta, goals, steps=2, trajectories=3)[2], paths[2])   # seeded
+    png = plot_paths(paths, goals, tmp_path / "paths.png", label="toy")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ci_table({"a": [(1.0, 0.5), (2.25, 0.125)], "oracle": [(3.0, 0.0)]}, "k") == (
+        "| method | 0 | 1 |\n|---|---|---|\n| a | 1.00 ± 0.50 | 2.25 ± 0.12 |\n| oracle | 3.00 ± 0.00 |  |")

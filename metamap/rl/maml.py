@@ -175,3 +175,23 @@ class PolicyGradientMeta:
                 lr = c.inner_lr if k == 0 else c.inner_lr * c.eval_lr_factor
                 params = adapt_step(self.policy, params, episodes, self.advantages(episodes), lr, False)
         return torch.stack(out).double()
+
+
+def adapted_paths(meta: PolicyGradientMeta, goals: np.ndarray, steps: int = 3, seed: int = 0,
+                  trajectories: int = 40) -> list[np.ndarray]:
+    """2-D navigation: for each goal, the mean-action path ``[goals, T, 2]`` of the policy before
+    adaptation and after each of ``steps`` policy-gradient steps (each on ``trajectories``
+    sampled episodes), as :func:`metamap.report.rl.plot_paths` draws them."""
+    fam = meta.family
+    seeds = lambda phase: [[seed, 0, i, 0, phase] for i in range(len(goals))]
+    params = {n: p.detach() for n, p in meta.theta().items()}
+    paths = []
+    for k in range(steps + 1):
+        mean_path = rollout(fam, lambda o, p=params: meta.policy.distribution(p, o), goals, 1, seeds(k),
+                            dtype=meta.dtype, deterministic=True)
+        paths.append(mean_path.obs[:, 0, :, :2].numpy())
+        if k < steps:
+            episodes = meta.sample(params, goals, seeds(k), trajectories)
+            lr = meta.cfg.inner_lr * (1 if k == 0 else meta.cfg.eval_lr_factor)
+            params = adapt_step(meta.policy, params, episodes, meta.advantages(episodes), lr, False)
+    return paths

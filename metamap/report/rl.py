@@ -1,11 +1,11 @@
-"""Pictures of meta-RL results: return against adaptation steps (the shape of Finn et al.'s
-Figures 4 and 5), and 2-D navigation trajectories before and after adaptation."""
+"""Pictures and tables of meta-RL results: return against adaptation steps (the shape of Finn et
+al.'s Figures 4 and 5), and 2-D navigation paths before and after adaptation. Drawing only: the
+paths are computed by :func:`metamap.rl.maml.adapted_paths`."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def _plt():
@@ -52,27 +52,11 @@ def plot_adaptation(results: dict[str, list[tuple[float, float]]], path: str | P
     return path
 
 
-def plot_navigation(meta, goals: np.ndarray, path: str | Path, steps: int = 3, seed: int = 0,
-                    trajectories: int = 40, label: str = "MAML") -> Path:
-    """2-D navigation: for each goal, the mean-action path of the policy before adaptation and after
-    ``steps`` policy-gradient steps (each on ``trajectories`` sampled episodes). ``meta`` is a
-    :class:`~metamap.rl.maml.PolicyGradientMeta`."""
-    from metamap.rl.policy_gradient import adapt_step
-    from metamap.rl.trajectories import rollout
-
+def plot_paths(paths: list[np.ndarray], goals: np.ndarray, path: str | Path, label: str = "MAML") -> Path:
+    """One panel per goal: ``paths[0]`` (before adaptation, ``[goals, T, 2]``) dashed, then the path
+    after each adaptation step, darker with each step; the goal a star, the start a dot."""
     plt = _plt()
-    fam = meta.family
-    seeds = lambda phase: [[seed, 0, i, 0, phase] for i in range(len(goals))]
-    params = {n: p.detach() for n, p in meta.theta().items()}
-    paths = []
-    for k in range(steps + 1):
-        mean_path = rollout(fam, lambda o, p=params: meta.policy.distribution(p, o), goals, 1, seeds(k),
-                            dtype=meta.dtype, deterministic=True)
-        paths.append(mean_path.obs[:, 0, :, :2].numpy())
-        if k < steps:
-            episodes = meta.sample(params, goals, seeds(k), trajectories)
-            lr = meta.cfg.inner_lr * (1 if k == 0 else meta.cfg.eval_lr_factor)
-            params = adapt_step(meta.policy, params, episodes, meta.advantages(episodes), lr, False)
+    steps = len(paths) - 1
     fig, axes = plt.subplots(1, len(goals), figsize=(3.2 * len(goals), 3.4), squeeze=False)
     for i, ax in enumerate(axes[0]):
         ax.plot(paths[0][i, :, 0], paths[0][i, :, 1], "--", color="tab:orange", lw=1.8, label="pre-update")
@@ -99,13 +83,3 @@ def ci_table(results: dict[str, list[tuple[float, float]]], header: str = "after
         cells = [f"{m:.2f} ± {c:.2f}" for m, c in points] + [""] * (longest - len(points))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def returns_of(scores: dict[str, torch.Tensor]) -> list[tuple[float, float]]:
-    """``{metric: per-task scores}`` in metric order -> ``[(mean, ci95)]``."""
-    from metamap.train.evaluate import confidence_interval
-    out = []
-    for _, v in scores.items():
-        mean, ci, _ = confidence_interval(torch.as_tensor(v))
-        out.append((mean, ci))
-    return out

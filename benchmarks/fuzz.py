@@ -305,7 +305,7 @@ def exercise(config: dict, work: Path) -> None:
     from metamap.train import checkpoint
     from metamap.train.run import build, check_step_memory, info_to_dict, test_samplers
     from metamap.train.runtime import pick_device
-    from metamap.train.trainer import Trainer
+    from metamap.train.trainer import Trainer, prefetching
 
     device = pick_device(config["train"]["device"])
     source, info, learner = build(config)
@@ -313,7 +313,8 @@ def exercise(config: dict, work: Path) -> None:
     sampler = source.sampler(config, "train", ep["ways"], ep["shots"], ep["queries"], ep["tasks_per_batch"],
                              config["seed"])
     samplers = test_samplers(config, source)
-    check_step_memory(learner, info, config, sampler.tasks_per_batch)
+    check_step_memory(learner, info, config, sampler.tasks_per_batch, sampler.examples_per_task,
+                      prefetch=prefetching(config["train"], device))
     meta = {"learner": config["learner"]["name"], "config": config, "data_info": info_to_dict(info)}
     trainer = Trainer(learner, sampler, config, work, meta, device=device, progress=False)
     try:

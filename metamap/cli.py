@@ -6,6 +6,7 @@ Every flag of ``train`` and ``eval`` is a shorthand for one config key (``--step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import sys
@@ -233,6 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def one_line_warnings(command: str):
+    """metamap's own warnings as one line each, as its errors are (``metamap train: warning: ...``);
+    other libraries' warnings as Python shows them."""
+    import warnings
+    shown, package = warnings.showwarning, str(Path(__file__).resolve().parent)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(package) and issubclass(category, UserWarning):
+            print(f"metamap {command}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            shown(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -241,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from metamap.train.trainer import TrainingInterrupted
     try:
-        return args.func(args)
+        with one_line_warnings(args.command):
+            return args.func(args)
     except TrainingInterrupted as e:
         print(f"metamap {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -65,24 +65,50 @@ def test_a_training_pass_too_large_for_memory_is_refused_before_training(image_f
                  "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--queries", "2", "--set", "model.hidden=8",
                  "--steps", "1", "-q", "--no-test", "--run-dir", str(tmp_path / "run2")])
     err = capsys.readouterr().err
-    # 1 task x 3 ways x 3 examples x (3 outputs x 8 channels x 1000 x 1000 x 4 bytes) = 864 MB > 80 % of 1 GB
-    assert code == 2 and "one training pass over 9 images of 1x1000x1000" in err and "needs about 864.0 MB" in err
+    # inputs: 9 examples x 1000 x 1000 x 4 bytes, twice = 72 MB; the first convolution's outputs:
+    # 9 x (3 outputs x 8 channels x 1000 x 1000 x 4 bytes) = 864 MB; 936 MB > 80 % of 1 GB
+    assert code == 2, err
+    assert "one training step (1 task(s) of 9 examples of 1x1000x1000, 1 task(s) per pass) needs about 936.0 MB" in err
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()
 
 
-def test_an_inner_mini_batch_larger_than_the_support_set_counts_in_the_estimate(image_folder, tmp_path,
-                                                                               machine_with, capsys):
+def test_an_inner_mini_batch_larger_than_the_support_set_trains_on_the_whole_set_and_says_so(
+        image_folder, tmp_path, machine_with, capsys):
     machine_with(4 * GB)
     code = main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--learner", "fomaml",
                  "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--queries", "2", "--set", "model.hidden=8",
-                 "--set", "learner.inner_batch=100000", "--set", "learner.cpp_kernels=false",
-                 "--set", "episode.tasks_per_batch=1",
+                 "--set", "learner.inner_batch=100000", "--set", "learner.inner_batch_eval=100000",
+                 "--set", "learner.cpp_kernels=false", "--set", "episode.tasks_per_batch=1",
+                 "--set", "eval.ways=[3]", "--set", "eval.queries=2", "--set", "eval.episodes=2",
+                 "--set", "train.val_every=0", "--set", "train.report=false",
+                 "--steps", "1", "-q", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    for key in ("inner_batch", "inner_batch_eval"):
+        assert (f"metamap train: warning: learner.{key} = 100000 is more than the 3 support examples of a task: "
+                f"each inner step uses all 3") in err
+    assert "Traceback" not in err
+    assert (tmp_path / "run" / "last").is_dir()
+
+
+def test_a_meta_batch_too_large_for_memory_is_refused_before_a_task_is_drawn(image_folder, tmp_path, machine_with,
+                                                                            monkeypatch, capsys):
+    """MAML trains 8 tasks per pass, but the whole meta-batch is drawn at once: its inputs count."""
+    machine_with(4 * GB)
+    from metamap.tasks.sampler import EpisodeSampler
+    monkeypatch.setattr(EpisodeSampler, "task_positions", lambda *a: pytest.fail("a task was drawn"))
+    code = main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--learner", "maml",
+                 "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--queries", "2", "--set", "model.hidden=8",
+                 "--set", "learner.cpp_kernels=false", "--set", "episode.tasks_per_batch=100000",
                  "--steps", "1", "-q", "--no-test", "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    # (100,000 dealt out + 3 x 2 queries) x (3 outputs x 8 channels x 28 x 28 x 4 bytes) = 7.5 GB > 80 % of 4 GB
-    assert code == 2 and "one training pass over 100006 images of 1x28x28" in err
-    assert "(1 task(s) of 100006 examples) needs about 7.5 GB" in err
-    assert "learner.inner_batch" in err and "Traceback" not in err
+    # 100,000 tasks x 9 examples x 1 x 28 x 28 x 4 bytes, twice (5.64 GB), + 8 tasks' first convolution
+    # outputs (5.4 MB) = 5.65 GB > 80 % of 4 GB
+    assert code == 2, err
+    assert ("one training step (100000 task(s) of 9 examples of 1x28x28, 8 task(s) per pass) needs about 5.7 GB of "
+            "memory") in err
+    assert "choose a smaller episode.tasks_per_batch" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_meta_batch_too_large_for_memory_is_refused_without_a_convolution(image_folder, tmp_path, machine_with,
@@ -93,8 +119,11 @@ def test_a_meta_batch_too_large_for_memory_is_refused_without_a_convolution(imag
                  "--set", "episode.tasks_per_batch=100000", "--steps", "1", "-q", "--no-test",
                  "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    # MANN's flatten backbone: 100,000 tasks x 9 examples x 1 x 28 x 28 x 4 bytes of inputs = 2.8 GB > 80 % of 1 GB
-    assert code == 2 and "one training pass over 900000 images of 1x28x28" in err and "2.8 GB" in err, err
+    # MANN's flatten backbone: 100,000 tasks x 9 examples x 1 x 28 x 28 x 4 bytes = 2.8 GB of inputs, held
+    # twice while drawn and once more as the pass's own input: 8.5 GB > 80 % of 1 GB
+    assert code == 2, err
+    assert "one training step (100000 task(s) of 9 examples of 1x28x28, 100000 task(s) per pass)" in err
+    assert "needs about 8.5 GB" in err
 
 
 def test_an_address_space_limit_counts_as_memory_left(monkeypatch):

@@ -651,6 +651,29 @@ def test_inner_mini_batches_apply_in_training_and_inner_batch_eval_at_evaluation
     assert rel_err(library_meta_grad(mini, tasks), library_meta_grad(full, tasks)) > 1e-3
 
 
+def test_an_inner_mini_batch_larger_than_the_support_set_is_the_whole_set_with_a_warning():
+    """learner.inner_batch(_eval) = 100000 over 5 support examples: every inner step uses each of the
+    5 once, exactly as inner_batch = 5 does (no example dealt twice, no 100000-row gather), said once."""
+    whole, tasks = quadratic(steps=3, lr=0.05, inner_batch=5, inner_batch_eval=5, seed=2)
+    big, _ = quadratic(steps=3, lr=0.05, inner_batch=100000, inner_batch_eval=100000, seed=2)
+    for learner in (whole, big):
+        learner.inner_steps_eval = 3
+    with pytest.warns(UserWarning, match=r"learner.inner_batch = 100000 is more than the 5 support examples of a "
+                                         r"task: each inner step uses all 5") as caught:
+        got = library_meta_grad(big, tasks)
+        library_meta_grad(big, tasks)                  # said once
+    assert len(caught) == 1
+    want = library_meta_grad(whole, tasks)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    big.eval(), whole.eval()
+    with pytest.warns(UserWarning, match="learner.inner_batch_eval = 100000 is more than the 5 support examples"):
+        out = big.adapt_tasks(tasks.support_x, tasks.support_y, 0)(tasks.query_x)
+    assert torch.equal(out, whole.adapt_tasks(tasks.support_x, tasks.support_y, 0)(tasks.query_x))
+    # Below the support size a mini-batch stays one (4 of the 5 per step: another meta-gradient).
+    assert not torch.equal(library_meta_grad(quadratic(steps=3, lr=0.05, inner_batch=4, seed=2)[0], tasks)
+                           ["model.head.weight"], want["model.head.weight"])
+
+
 def test_adam_state_carried_across_tasks_as_in_reptiles_code():
     """With inner_state = carried, task 2's inner Adam continues from the moments and step count
     task 1 ended with (one task per chunk: the sequential recipe); evaluation starts from them and

@@ -30,6 +30,7 @@ so no query's statistics reach another's prediction.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
@@ -103,6 +104,7 @@ class GradientLearner(MetaLearner):
         self.multi_step_loss, self.msl_anneal_steps = bool(multi_step_loss), int(msl_anneal_steps)
         self.grad_checkpoint, self.seed = bool(grad_checkpoint), int(seed)
         self.inner_batch, self.inner_batch_eval = inner_batch, inner_batch_eval
+        self._said: set[tuple] = set()      # the mini-batch sizes already reported as clamped
         if not isinstance(zero_head, bool):
             raise ConfigError(f"learner.zero_head must be true or false, not {zero_head!r}")
         if not isinstance(transductive, bool):
@@ -155,7 +157,8 @@ class GradientLearner(MetaLearner):
         batches = None
         batch = self.inner_batch if training else self.inner_batch_eval
         if batch and steps:
-            batches = minibatch_indices(support_x, batch, steps, self.seed)
+            batches = minibatch_indices(support_x, self._mini_batch(batch, support_x.shape[1], training), steps,
+                                        self.seed)
         # Meta-training adaptations hand their final optimizer state on (Adam carried across tasks).
         done = (lambda state: self.inner_optimizer.commit(self.adapt_names, state)) if training else None
         loop = dict(optimizer=self.inner_optimizer, differentiable=differentiable, second_order=not self.first_order,
@@ -174,6 +177,21 @@ class GradientLearner(MetaLearner):
         def fwd(p, x, record=None):
             return self.head_fn(p, self.body_fn(p, x, training, record), training)
         return history, fwd
+
+    def _mini_batch(self, batch: int, support: int, training: bool) -> int:
+        """An inner mini-batch is a subset of the support set: one larger than it is the whole set.
+
+        (Dealing ``batch > support`` examples would repeat some, weighting them more than the others
+        by chance, at ``batch / support`` times the memory.) Said once per learner and size."""
+        if batch <= support:
+            return batch
+        key = ("inner_batch" if training else "inner_batch_eval", batch, support)
+        if key not in self._said:
+            self._said.add(key)
+            warnings.warn(f"learner.{key[0]} = {batch} is more than the {support} support examples of a task: "
+                          f"each inner step uses all {support} (a mini-batch holds each example once); set "
+                          f"learner.{key[0]} <= {support} or 0 to say so", stacklevel=4)
+        return support
 
     def _check_ways(self, support_y: Tensor, ways: int) -> None:
         if self.task_kind(support_y).classes and ways != self.ways:
@@ -352,9 +370,11 @@ class GradientOptions(Options):
     inner_state: Literal["reset", "carried"] = option(
         "reset", role=ARCHITECTURE, doc="inner Adam's state: reset for every task, or carried across tasks (Reptile's code)")
     inner_batch: int = option(0, low=0, role=TRAINING,
-                              doc="support examples per inner step in meta-training; 0 = the whole support set")
+                              doc="support examples per inner step in meta-training; 0 (or more than the "
+                                  "support set, with a warning) = the whole support set")
     inner_batch_eval: int = option(0, low=0, role=ADAPTATION,
-                                   doc="support examples per inner step at test time; 0 = the whole support set")
+                                   doc="support examples per inner step at test time; 0 (or more than the "
+                                       "support set, with a warning) = the whole support set")
     adapt: str | list[str] = option(
         "all", role=ARCHITECTURE, doc="which parameters adapt: all, head, or a list of name prefixes")
     freeze: list[str] = option([], role=ARCHITECTURE, doc="name prefixes of parameters neither adapted nor learned")

@@ -23,7 +23,7 @@ from metamap.train.evaluate import EvalResult, evaluate
 from metamap.train.precision import resolve_precision
 from metamap.train import test_time
 from metamap.train.runtime import pick_device, set_threads, tune_allocator
-from metamap.train.trainer import Trainer
+from metamap.train.trainer import Trainer, prefetching
 
 
 LOCK = ".lock"
@@ -68,26 +68,37 @@ def trainer_share(tasks_per_batch: int, world_size: int) -> int:
     return -(-tasks_per_batch // world_size)
 
 
-def check_step_memory(learner, info: DataInfo, config: dict, tasks: int) -> None:
-    """Refuse, before training, a meta-batch pass that cannot fit: the output of the first
-    convolution, with the batch norm and ReLU outputs kept beside it for the backward pass, is
-    a lower bound of what one pass over image tasks holds; without a convolution, the float32
-    inputs themselves are."""
-    conv = next((m for m in learner.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    if len(info.example_shape) != 3:
-        return
+def check_step_memory(learner, info: DataInfo, config: dict, tasks: int, examples_per_task: int | None = None,
+                      prefetch: bool = False) -> None:
+    """Refuse, before the first batch is drawn, a meta-batch step that cannot fit.
+
+    Two parts: the batch itself, ``tasks`` (this rank's share) x ``examples_per_task`` float32
+    inputs held at once, counted twice while they are normalised (and once more for the next
+    batch when ``prefetch``); and, per chunk of tasks, the output of the first convolution with
+    the batch norm and ReLU outputs kept beside it for the backward pass -- a lower bound of what
+    one pass over image tasks holds (without a convolution, the inputs again).
+    """
+    ep = config["episode"]
+    per_task = examples_per_task if examples_per_task is not None else ep["ways"] * (ep["shots"] + ep["queries"])
+    shape = tuple(info.example_shape)
+    elements = 1
+    for d in shape:
+        elements *= d
+    inputs = tasks * per_task * elements * 4 * (3 if prefetch else 2)
     chunk = config["train"]["chunk_tasks"]
     chunk = learner.preferred_chunk() if chunk == "auto" else chunk
-    ep = config["episode"]
-    # An inner mini-batch larger than the support set deals its examples out more than once.
-    support = max(ep["ways"] * ep["shots"], getattr(learner, "inner_batch", 0))
-    per_task = support + ep["ways"] * ep["queries"]
-    examples = min(chunk or tasks, tasks) * per_task
-    c, h, w = info.example_shape
-    per_example = 3 * conv.out_channels * (h // conv.stride[0]) * (w // conv.stride[1]) * 4 if conv else c * h * w * 4
-    check_fits(per_example * examples, f"one training pass over {examples} images of {c}x{h}x{w} "
-               f"({min(chunk or tasks, tasks)} task(s) of {per_task} examples)",
-               "choose a smaller data.image_size, fewer ways or queries per episode, a smaller learner.inner_batch "
+    chunk = min(chunk or tasks, tasks)
+    activations = 0
+    if len(shape) == 3:
+        # An inner mini-batch is at most the support set (GradientLearner clamps a larger one).
+        c, h, w = shape
+        conv = next((m for m in learner.modules() if isinstance(m, torch.nn.Conv2d)), None)
+        per_example = 3 * conv.out_channels * (h // conv.stride[0]) * (w // conv.stride[1]) * 4 if conv else elements * 4
+        activations = chunk * per_task * per_example
+    size = "x".join(map(str, shape))
+    check_fits(inputs + activations,
+               f"one training step ({tasks} task(s) of {per_task} examples of {size}, {chunk} task(s) per pass)",
+               "choose a smaller episode.tasks_per_batch, data.image_size, fewer ways or queries per episode, "
                "or a smaller train.chunk_tasks")
 
 
@@ -271,7 +282,8 @@ def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bo
     train_sampler = source.sampler(config, "train", ep["ways"], ep["shots"], ep["queries"],
                                    ep["tasks_per_batch"], config["seed"])
     samplers = test_samplers(config, source) if run_test else []   # a bad eval request fails now, not after training
-    check_step_memory(learner, info, config, trainer_share(train_sampler.tasks_per_batch, world_size))
+    check_step_memory(learner, info, config, trainer_share(train_sampler.tasks_per_batch, world_size),
+                      train_sampler.examples_per_task, prefetch=prefetching(config["train"], device))
     validate = make_validation(learner, config, source, device, memory_format, rank, world_size)
     meta = {"learner": config["learner"]["name"], "config": config, "data_info": info_to_dict(info)}
     callbacks = []

@@ -92,6 +92,12 @@ def check_same_run(meta: dict, config: dict, path: Path) -> None:
                 f"{section}.{key} = {now!r}. Resume without changing it, or start a new run (another --run-dir)")
 
 
+def prefetching(train_cfg: dict, device) -> bool:
+    """Whether the next batch is drawn while this one trains (``train.prefetch``; auto = on CUDA)."""
+    prefetch = train_cfg["prefetch"]
+    return torch.device(device).type == "cuda" if prefetch == "auto" else bool(prefetch)
+
+
 class Trainer:
     """Meta-trains ``learner`` on ``sampler`` for ``config['train']['steps']`` meta-batches.
 
@@ -114,9 +120,7 @@ class Trainer:
         if self.precision == "fp16" and self.device.type != "cuda":
             raise MetamapError("train.precision = fp16 needs a CUDA device; on CPU use bf16")
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        prefetch = self.train_cfg["prefetch"]
-        if prefetch == "auto":
-            prefetch = self.device.type == "cuda"
+        prefetch = prefetching(self.train_cfg, self.device)
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="metamap-prefetch") if prefetch else None
         self._pending = None
         # The progress bar shows the kind's metrics and the extra training statistics it names.

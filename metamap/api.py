@@ -6,6 +6,7 @@ exactly like the ``[learner]`` keys of a config (the learner's options dataclass
 
     learner = metamap.MAML(my_cnn, inner_lr=0.4, inner_steps=1)
     learner = metamap.ProtoNet(my_encoder)
+    learner = metamap.MAMLTRPO(my_policy_mean, env="navigation2d", inner_lr=0.1)
 
 :func:`fit` meta-trains through the same :class:`~metamap.train.trainer.Trainer` as ``metamap
 train`` and :func:`evaluate` scores through the same evaluator as ``metamap eval``.
@@ -201,6 +202,116 @@ def MANN(encoder: nn.Module, *, classes: int, features: int | None = None, examp
     return _built(learner, "mann", o)
 
 
+# -- meta-reinforcement learning ------------------------------------------------------------------
+def rl_family(env="navigation2d", *, oracle: bool = False, horizon: int | None = None):
+    """A task family: ``env`` itself if it is one, else the family of that name
+    (``navigation2d``, ``cheetah-velocity``, ``cheetah-direction``), as ``[data]`` makes it."""
+    from metamap.rl.envs import TaskFamily, make_family
+    if isinstance(env, TaskFamily):
+        if oracle and not env.oracle:
+            raise ConfigError("the oracle sees the task's parameters: give env as a name, or a family made "
+                              "with oracle=True")
+        return env
+    return make_family(env, oracle=oracle, horizon=horizon)
+
+
+def gaussian_policy(policy: nn.Module | None, family):
+    """``policy`` as a Gaussian policy for ``family``: ``None`` (the learner builds its MLP), one of
+    metamap's policies as is, or any network ``[..., observation] -> [..., action]`` as the mean."""
+    from metamap.rl.policies import GaussianMLPPolicy, GaussianPolicy
+    if policy is None:
+        return None
+    if not isinstance(policy, (GaussianMLPPolicy, GaussianPolicy)):
+        policy = GaussianPolicy(policy, family.policy_obs_dim, family.act_dim)
+    try:
+        with torch.no_grad():
+            mean, _ = policy.distribution(policy.params(), torch.zeros(1, 1, family.policy_obs_dim))
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ConfigError(f"the policy does not take {family.name}'s observations [..., {family.policy_obs_dim}]: "
+                          f"{type(e).__name__}: {e}") from None
+    if tuple(mean.shape) != (1, 1, family.act_dim):
+        raise ConfigError(f"the policy maps [1, 1, {family.policy_obs_dim}] observations to {list(mean.shape)}; "
+                          f"{family.name} needs actions [..., {family.act_dim}]")
+    return policy
+
+
+def _seeded(seed: int, build):
+    # The learner's own policy starts from `seed`, without touching the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _policy_gradient(name: str, policy, env, horizon, seed: int, options):
+    from metamap.rl.learners import pg_learner
+    o = learner_options(name, options)
+    family = rl_family(env, oracle=name == "oracle", horizon=horizon)
+    policy = gaussian_policy(policy, family)
+    return _built(_seeded(seed, lambda: pg_learner(family, o, policy)), name, o)
+
+
+def MAMLTRPO(policy: nn.Module | None = None, *, env="navigation2d", horizon: int | None = None,
+             seed: int = 0, **options):
+    """MAML for RL (policy-gradient inner step, TRPO outer step) on the tasks of ``env`` (a family
+    name or a :class:`~metamap.rl.envs.TaskFamily`). ``policy``: the mean network of a Gaussian
+    policy (observations ``[..., obs]`` -> actions ``[..., act]``; any ``nn.Module``), or ``None``
+    for the ``hidden``/``activation`` MLP. Options: those of ``[learner]`` for ``name =
+    "maml-trpo"`` (inner_steps, inner_lr, trajectories, max_kl, eval_trajectories, ...).
+    Train it with ``fit(learner, learner.env_family, ...)``."""
+    return _policy_gradient("maml-trpo", policy, env, horizon, seed, options)
+
+
+def FOMAMLTRPO(policy: nn.Module | None = None, *, env="navigation2d", horizon: int | None = None,
+               seed: int = 0, **options):
+    """First-order MAML for RL (``first_order = true``); see :func:`MAMLTRPO`."""
+    return _policy_gradient("fomaml-trpo", policy, env, horizon, seed, options)
+
+
+def MAMLProMP(policy: nn.Module | None = None, *, env="navigation2d", horizon: int | None = None,
+              seed: int = 0, **options):
+    """MAML for RL with a ProMP-style outer step (Adam on the clipped surrogate, the
+    low-variance-curvature inner estimator); see :func:`MAMLTRPO`."""
+    return _policy_gradient("maml-promp", policy, env, horizon, seed, options)
+
+
+def Pretrained(policy: nn.Module | None = None, *, env="navigation2d", horizon: int | None = None,
+               seed: int = 0, **options):
+    """Baseline: one policy trained by TRPO on all tasks jointly, fine-tuned by policy gradient at
+    test time; see :func:`MAMLTRPO`."""
+    return _policy_gradient("pretrained", policy, env, horizon, seed, options)
+
+
+def RandomInit(policy: nn.Module | None = None, *, env="navigation2d", horizon: int | None = None,
+               seed: int = 0, **options):
+    """Baseline: the initial policy, untrained, fine-tuned by policy gradient at test time (``fit``
+    takes 0 steps by default); see :func:`MAMLTRPO`."""
+    return _policy_gradient("random", policy, env, horizon, seed, options)
+
+
+def Oracle(policy: nn.Module | None = None, *, env="navigation2d", horizon: int | None = None,
+           seed: int = 0, **options):
+    """Baseline: TRPO on all tasks with each task's parameters in the observation (the policy sees
+    ``obs + task`` values); see :func:`MAMLTRPO`."""
+    return _policy_gradient("oracle", policy, env, horizon, seed, options)
+
+
+def RL2(policy: nn.Module | None = None, *, env="navigation2d", horizon: int | None = None,
+        seed: int = 0, **options):
+    """RL²: a GRU policy that remembers a task's earlier episodes, trained by PPO. ``policy``: a
+    :class:`~metamap.rl.policies.RecurrentPolicy` for ``env``'s observations and actions, or
+    ``None`` for one of ``hidden`` units. Options: those of ``[learner]`` for ``name = "rl2"``
+    (episodes, trajectories, ppo_epochs, minibatches, eval_trajectories, ...)."""
+    from metamap.rl.learners import rl2_learner
+    from metamap.rl.policies import RecurrentPolicy
+    o = learner_options("rl2", options)
+    family = rl_family(env, horizon=horizon)
+    if policy is not None and not (isinstance(policy, RecurrentPolicy) and policy.obs_dim == family.policy_obs_dim
+                                   and policy.act_dim == family.act_dim):
+        raise ConfigError(f"RL2 needs a RecurrentPolicy({family.policy_obs_dim}, {family.act_dim}, hidden) for "
+                          f"{family.name}, or policy=None")
+    return _built(_seeded(seed, lambda: rl2_learner(family, o, policy)), "rl2", o)
+
+
 # -- data ----------------------------------------------------------------------------------------
 def as_dataset(data, what: str = "data"):
     """A :class:`ClassDataset`, or ``(x, y)`` tensors (examples ``[n, *example]``, labels ``[n]``)."""
@@ -217,11 +328,16 @@ def as_dataset(data, what: str = "data"):
     raise ConfigError(f"{what}: expected a ClassDataset or a tuple (x, y) of tensors, not {type(data).__name__}")
 
 
-def as_sampler(data, what: str, ways: int, shots: int, queries: int, tasks_per_batch: int, seed: int):
-    """A task sampler for ``data``: one given as is (anything with ``batch`` and ``episodes``), or
-    N-way K-shot Q-query episodes over a data set."""
+def as_sampler(data, what: str, ways: int, shots: int, queries: int, tasks_per_batch: int, seed: int,
+               split: str = "train"):
+    """A task sampler for ``data``: one given as is (anything with ``batch`` and ``episodes``), the
+    ``split`` tasks of a meta-RL task family, or N-way K-shot Q-query episodes over a data set."""
     if hasattr(data, "batch") and hasattr(data, "episodes"):
         return data
+    from metamap.rl.envs import TaskFamily
+    if isinstance(data, TaskFamily):
+        from metamap.rl.tasks import RLTaskSampler
+        return RLTaskSampler(data, tasks_per_batch, seed, split)
     from metamap.tasks.sampler import EpisodeSampler
     return EpisodeSampler(as_dataset(data, what), ways, shots, queries, tasks_per_batch, seed)
 
@@ -310,7 +426,7 @@ def fit(learner, data, *, val_data=None, callbacks=(), run_dir=None, seed: int =
     precision = resolve_precision(t["precision"], device, learner)[0]
     validate = None
     if val_data is not None and t["val_every"]:
-        val = as_sampler(val_data, "val_data", ep["ways"], ep["shots"], ep["queries"], 1, t["val_seed"])
+        val = as_sampler(val_data, "val_data", ep["ways"], ep["shots"], ep["queries"], 1, t["val_seed"], "val")
         validate = lambda: run_evaluation(learner, val, t["val_episodes"], device=device, progress=False,
                                           setting=f"val {val.describe()}", precision=precision,
                                           cache_mb=config["eval"]["cache_mb"])
@@ -351,7 +467,7 @@ def evaluate(learner, data, *, ways: int = 5, shots: int = 1, queries: int | Non
     e = EvalOptions.from_section({**{k: v for k, v in given.items() if v is not None}, **eval_options,
                                   "ways": [ways], "shots": [shots]})
     config = {"eval": e.to_dict(), "train": TrainOptions.from_section({"precision": precision}).to_dict()}
-    sampler = as_sampler(data, "data", ways, shots, e.queries, 1, e.seed)
+    sampler = as_sampler(data, "data", ways, shots, e.queries, 1, e.seed, "test")
     learner.to(device)
     return test(learner, config, [sampler], torch.device(device), progress=progress)[0]
 

@@ -284,3 +284,103 @@ def test_example_dims_and_features_are_inferred():
     assert infer_features(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), example_shape=(1, 5, 5)) == 18
     with pytest.raises(ConfigError, match="features=N"):
         infer_features(nn.Flatten())
+
+
+# -- meta-reinforcement learning ------------------------------------------------------------------
+RL = {"MAMLTRPO": "maml-trpo", "FOMAMLTRPO": "fomaml-trpo", "MAMLProMP": "maml-promp", "Pretrained": "pretrained",
+      "RandomInit": "random", "Oracle": "oracle", "RL2": "rl2"}
+
+
+@pytest.mark.parametrize("ctor", list(RL))
+def test_rl_learners_take_the_configs_options_and_build_what_metamap_train_builds(ctor):
+    name = RL[ctor]
+    learner = getattr(metamap, ctor)(env="navigation2d", seed=3)
+    cfg = configlib.resolve(overrides=[f"learner.name={name!r}", "data.name='navigation2d'", "seed=3"])
+    assert {"name": learner.name, **learner.options.to_dict()} == cfg["learner"]     # one source of defaults
+    torch.manual_seed(cfg["seed"])                   # as metamap train seeds the learner it builds
+    built = build_learner(cfg, data_source(cfg).info(cfg))
+    assert learner.state_dict().keys() == built.state_dict().keys()
+    for k, v in built.state_dict().items():
+        assert torch.equal(learner.state_dict()[k], v), k
+    assert learner.env_family.oracle == (name == "oracle") and learner.obs_dim == (4 if name == "oracle" else 2)
+
+
+def test_rl_options_are_checked_and_seeds_leave_the_callers_random_state_alone():
+    with pytest.raises(ConfigError, match="learner.inner_lr must be a number > 0"):
+        metamap.MAMLTRPO(inner_lr=0)
+    with pytest.raises(ConfigError, match="unknown config key 'learner.inner_rate'"):
+        metamap.MAMLTRPO(inner_rate=0.1)
+    with pytest.raises(ConfigError, match="learner.ppo_epochs must be a whole number from 1"):
+        metamap.RL2(ppo_epochs=0)
+    with pytest.raises(ConfigError, match="unknown RL task family 'maze'"):
+        metamap.MAMLTRPO(env="maze")
+    assert metamap.FOMAMLTRPO().cfg.first_order and metamap.Pretrained().cfg.inner_steps == 0
+    assert (metamap.MAMLProMP().cfg.outer, metamap.MAMLProMP().cfg.estimator) == ("ppo", "lvc")
+    torch.manual_seed(11)
+    before = torch.random.get_rng_state()
+    a, b, c = metamap.MAMLTRPO(seed=1), metamap.MAMLTRPO(seed=1), metamap.MAMLTRPO(seed=2)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(a.policy.layers[0].weight, b.policy.layers[0].weight)
+    assert not torch.equal(a.policy.layers[0].weight, c.policy.layers[0].weight)
+
+
+def test_rl_learners_wrap_a_users_policy_network():
+    from metamap.rl.policies import GaussianPolicy, RecurrentPolicy
+    mean = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
+    learner = metamap.MAMLTRPO(mean, horizon=5)
+    assert isinstance(learner.policy, GaussianPolicy) and learner.policy.mean is mean
+    assert sorted(n for n, _ in learner.named_parameters()) == [
+        "policy.log_std", "policy.mean.0.bias", "policy.mean.0.weight", "policy.mean.2.bias", "policy.mean.2.weight"]
+    with pytest.raises(ConfigError, match=r"maps \[1, 1, 2\] observations to \[1, 1, 3\]; navigation2d needs "
+                                          r"actions \[..., 2\]"):
+        metamap.MAMLTRPO(nn.Linear(2, 3))
+    with pytest.raises(ConfigError, match=r"does not take navigation2d's observations \[..., 4\]"):
+        metamap.Oracle(nn.Linear(2, 2))                   # the oracle also sees the goal: 4 inputs
+    mine = RecurrentPolicy(2, 2, hidden=5)
+    assert metamap.RL2(mine).policy is mine
+    with pytest.raises(ConfigError, match=r"RL2 needs a RecurrentPolicy\(2, 2, hidden\)"):
+        metamap.RL2(mean)
+
+
+@pytest.mark.integration
+def test_a_users_policy_computes_what_the_built_in_mlp_does():
+    """The same weights as metamap's Gaussian MLP, given as a plain nn.Sequential (run per task by
+    functional_call instead of batched matrix products): the same episodes, and in float64 the
+    same meta-objective, meta-gradient through the inner step and KL curvature (what TRPO uses);
+    a whole fit step then lands on nearly the same weights (conjugate gradient on a nearly
+    singular curvature magnifies the last bits of rounding)."""
+    from metamap.rl.tasks import RLTaskSampler
+    from metamap.rl.trpo import flat, kl_hvp
+    torch.set_default_dtype(torch.float64)
+    try:
+        options = dict(horizon=6, hidden=[5], activation="tanh", trajectories=3, eval_trajectories=3)
+        builtin = metamap.MAMLTRPO(seed=4, **options)
+        mean = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 2))
+        with torch.no_grad():
+            for mine, theirs in zip((mean[0], mean[2]), builtin.policy.layers):
+                mine.weight.copy_(theirs.weight)
+                mine.bias.copy_(theirs.bias)
+        wrapped = metamap.MAMLTRPO(mean, **options)
+        tasks = RLTaskSampler(builtin.env_family, 2, 0, "train").batch(0)
+        computed = []
+        for learner in (builtin, wrapped):
+            batch = learner.meta.collect(tasks.tasks(), tasks.seeds)
+            loss, kl = learner.meta.objectives(batch)
+            params = [p for _, p in learner.policy.named_parameters()]
+            value = loss(params)
+            curvature = kl_hvp(kl, params, 1e-5)(torch.linspace(-1, 1, sum(p.numel() for p in params)))
+            computed.append((batch.query.obs, value, flat(torch.autograd.grad(value, params)), curvature))
+        for a, b in zip(*computed):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+        assert computed[0][2].abs().max() > 1e-3                  # a real gradient, not zeros
+        before = builtin.policy.layers[0].weight.detach().clone()
+        for learner in (builtin, wrapped):
+            metamap.fit(learner, learner.env_family, steps=1, tasks_per_batch=2, progress=False)
+        assert (builtin.policy.layers[0].weight - before).abs().max() > 1e-3
+        torch.testing.assert_close(wrapped.policy.mean[0].weight, builtin.policy.layers[0].weight,
+                                   rtol=1e-3, atol=1e-4)
+        result = metamap.evaluate(wrapped, wrapped.env_family, episodes=3)
+        assert result.metric == "return_1" and result.higher_is_better and result.episodes == 3
+        assert set(result.others) == {"return_0", "return_2", "return_3"}
+    finally:
+        torch.set_default_dtype(torch.float32)

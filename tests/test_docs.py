@@ -15,7 +15,7 @@ def python_blocks(text: str) -> list[str]:
 @pytest.mark.integration
 def test_python_guide_examples_run(tmp_path, monkeypatch, capsys):
     blocks = python_blocks(DOC.read_text())
-    assert len(blocks) >= 6
+    assert len(blocks) >= 7
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
     namespace: dict = {"__name__": "docs_python"}
@@ -27,3 +27,4 @@ def test_python_guide_examples_run(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "learner.inner_steps must be a whole number from 0 to 10000" in out
     assert "5-way 1-shot" in out
+    assert "return_1 ['return_0', 'return_2', 'return_3']" in out       # the meta-RL example

@@ -77,9 +77,10 @@ class PolicyGradientLearner(RLLearner):
     name = "maml-trpo"
 
     def __init__(self, env_family, cfg: PGConfig, hidden=(100, 100), activation: str = "relu",
-                 adapt_at_test: bool = True, eval_trajectories: int = 40):
+                 adapt_at_test: bool = True, eval_trajectories: int = 40, policy=None):
         super().__init__(env_family, env_family.policy_obs_dim)
-        self.policy = GaussianMLPPolicy(env_family.policy_obs_dim, env_family.act_dim, tuple(hidden), activation)
+        self.policy = policy if policy is not None else GaussianMLPPolicy(
+            env_family.policy_obs_dim, env_family.act_dim, tuple(hidden), activation)
         self.cfg, self.adapt_at_test, self.eval_trajectories = cfg, bool(adapt_at_test), eval_trajectories
         self.meta = PolicyGradientMeta(self.policy, env_family, cfg)
 
@@ -137,9 +138,10 @@ class RL2Learner(RLLearner):
 
     name = "rl2"
 
-    def __init__(self, env_family, cfg: RL2Config, hidden: int = 64, eval_trajectories: int = 40):
+    def __init__(self, env_family, cfg: RL2Config, hidden: int = 64, eval_trajectories: int = 40, policy=None):
         super().__init__(env_family, env_family.policy_obs_dim)
-        self.policy = RecurrentPolicy(env_family.policy_obs_dim, env_family.act_dim, hidden)
+        self.policy = policy if policy is not None else RecurrentPolicy(
+            env_family.policy_obs_dim, env_family.act_dim, hidden)
         self.cfg, self.eval_trajectories = cfg, eval_trajectories
         self.rl2 = RL2(self.policy, env_family, cfg)
 
@@ -234,21 +236,31 @@ def _check_rl(config: dict, info: DataInfo) -> None:
                           "cheetah-direction")
 
 
+def pg_learner(family, o: PGOptions, policy=None) -> PolicyGradientLearner:
+    """A policy-gradient learner for ``family`` with the checked options ``o`` (``policy``: one
+    given, else the Gaussian MLP that ``hidden`` and ``activation`` describe)."""
+    d = o.to_dict()
+    cfg = PGConfig(**{k: v for k, v in d.items() if k in PGConfig.__dataclass_fields__})
+    return PolicyGradientLearner(family, cfg, d["hidden"], d["activation"], d["adapt_at_test"],
+                                 d["eval_trajectories"], policy)
+
+
+def rl2_learner(family, o: RL2Options, policy=None) -> RL2Learner:
+    """An RL² learner for ``family`` with the checked options ``o`` (``policy``: a
+    :class:`RecurrentPolicy` given, else one of ``hidden`` GRU units)."""
+    d = o.to_dict()
+    cfg = RL2Config(**{k: v for k, v in d.items() if k in RL2Config.__dataclass_fields__})
+    return RL2Learner(family, cfg, d["hidden"], d["eval_trajectories"], policy)
+
+
 def build_pg(config: dict, info: DataInfo) -> PolicyGradientLearner:
     _check_rl(config, info)
-    o = section_options(config, "learner").to_dict()
-    keys = set(PGConfig.__dataclass_fields__)
-    cfg = PGConfig(**{k: v for k, v in o.items() if k in keys})
-    return PolicyGradientLearner(family_from_config(config), cfg, o["hidden"], o["activation"],
-                                 o["adapt_at_test"], o["eval_trajectories"])
+    return pg_learner(family_from_config(config), section_options(config, "learner"))
 
 
 def build_rl2(config: dict, info: DataInfo) -> RL2Learner:
     _check_rl(config, info)
-    o = section_options(config, "learner").to_dict()
-    keys = set(RL2Config.__dataclass_fields__)
-    cfg = RL2Config(**{k: v for k, v in o.items() if k in keys})
-    return RL2Learner(family_from_config(config), cfg, o["hidden"], o["eval_trajectories"])
+    return rl2_learner(family_from_config(config), section_options(config, "learner"))
 
 
 def _register_pg(name: str, summary: str, extra: dict | None = None, **learner):

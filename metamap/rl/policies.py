@@ -1,4 +1,5 @@
-"""Policies: a Gaussian MLP run with shared or per-task weights, and RL²'s recurrent policy.
+"""Policies: a Gaussian MLP run with shared or per-task weights, any network as a Gaussian policy's
+mean, and RL²'s recurrent policy.
 
 Both output a diagonal Gaussian over *normalised* actions (``[-1, 1]`` maps onto the
 environment's bounds, see :mod:`metamap.rl.envs`) with a state-independent learned log standard
@@ -71,6 +72,42 @@ class GaussianMLPPolicy(nn.Module):
         log_std = params["log_std"]
         log_std = log_std.unsqueeze(-2) if log_std.dim() == 2 else log_std.reshape(1, 1, -1)
         return h, log_std
+
+
+class GaussianPolicy(nn.Module):
+    """Any network as the mean of a diagonal Gaussian policy: ``mean(obs [..., obs_dim]) ->
+    [..., act_dim]`` (a user's module), plus a learned state-independent log std.
+
+    :meth:`distribution` has :class:`GaussianMLPPolicy`'s contract. Weights shared by all tasks
+    run the network once; per-task weights (an extra leading task dimension, after an inner
+    step) run it once per task through ``torch.func.functional_call``, so any ``nn.Module``
+    works (the MLP's batched matrix products are its fast path).
+    """
+
+    def __init__(self, mean: nn.Module, obs_dim: int, act_dim: int, init_std: float = 1.0):
+        super().__init__()
+        self.mean = mean
+        self.log_std = nn.Parameter(torch.full((act_dim,), math.log(init_std)))
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+
+    def params(self) -> dict[str, Tensor]:
+        return dict(self.named_parameters())
+
+    def distribution(self, params: dict[str, Tensor], obs: Tensor) -> tuple[Tensor, Tensor]:
+        from torch.func import functional_call
+
+        own = dict(self.mean.named_parameters())
+        weights = {n.removeprefix("mean."): p for n, p in params.items() if n.startswith("mean.")}
+        per_task = [n for n, p in weights.items() if p.dim() > own[n].dim()]
+        if not per_task:
+            mean = functional_call(self.mean, weights, (obs,))
+        else:
+            mean = torch.stack([functional_call(self.mean, {n: p[t] if n in per_task else p
+                                                            for n, p in weights.items()}, (obs[t],))
+                                for t in range(obs.shape[0])])
+        log_std = params["log_std"]
+        log_std = log_std.unsqueeze(-2) if log_std.dim() == 2 else log_std.reshape(1, 1, -1)
+        return mean, log_std
 
 
 class RecurrentPolicy(nn.Module):

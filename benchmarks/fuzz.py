@@ -353,7 +353,6 @@ def cpu_budget(seconds: float):
 
 def fuzz_values(limit: int, seed: int, work: Path, learners: list[str]) -> Section:
     from metamap import config as configlib
-    from metamap.data.folder import load_folder
     section, rng = Section("values"), np.random.default_rng(seed)
     folder = make_folder(work / "data")
     cases = []
@@ -363,6 +362,13 @@ def fuzz_values(limit: int, seed: int, work: Path, learners: list[str]) -> Secti
         for key in leaf_keys(config):
             cases += [(learner, base, key, lookup(config, key), value) for value in HOSTILE]
     order = rng.permutation(len(cases))[:limit] if limit else range(len(cases))
+    with contextlib.chdir(work):        # values such as data.split_file = 'abc' name files relative to here
+        return _run_values(section, cases, order, work)
+
+
+def _run_values(section: Section, cases: list, order, work: Path) -> Section:
+    from metamap import config as configlib
+    from metamap.data.folder import load_folder
     slowest = []
     for i in order:
         learner, base, key, default, value = cases[i]

@@ -42,7 +42,8 @@ class EpisodeOptions(Options):
     ways: int = option(20, low=1, role=TRAINING, doc="classes per task (N)")
     shots: int = option(1, low=1, role=TRAINING, doc="support examples per class (K)")
     queries: int = option(15, low=1, role=TRAINING, doc="query examples per class (per task for regression)")
-    tasks_per_batch: int = option(1, low=1, role=TRAINING, doc="tasks per meta-batch")
+    # Bounded as inner steps are: a larger meta-batch takes minutes per step on a CPU with no word.
+    tasks_per_batch: int = option(1, low=1, high=10_000, role=TRAINING, doc="tasks per meta-batch")
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")

@@ -82,6 +82,8 @@ def test_a_config_file_that_is_not_utf8_is_refused_by_the_cli(capsys, tmp_path):
     (["eval.finetune_lr=1e30"], "eval.finetune_lr must be"),
     (["learner.name='maml'", "learner.inner_optimizer='adam'", "learner.inner_eps=1e23"], "learner.inner_eps must be"),
     (["schedule.name='cosine'", "schedule.min_lr=0.01"], "schedule.min_lr = 0.01 is above optim.lr = 0.001"),
+    (["learner.name='maml'", "episode.tasks_per_batch=100000"],          # minutes of CPU per step, no word
+     "episode.tasks_per_batch must be a whole number from 1 to 10000"),
 ])
 def test_values_that_only_overflow_or_stall_are_refused_at_resolve(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -94,19 +94,22 @@ def test_an_inner_mini_batch_larger_than_the_support_set_trains_on_the_whole_set
 def test_a_meta_batch_too_large_for_memory_is_refused_before_a_task_is_drawn(image_folder, tmp_path, machine_with,
                                                                             monkeypatch, capsys):
     """MAML trains 8 tasks per pass, but the whole meta-batch is drawn at once: its inputs count."""
-    machine_with(4 * GB)
+    machine_with(GB // 2)
+    assert main(["train", "--learner", "maml", "--set", "episode.tasks_per_batch=100000", "-q", "--no-test",
+                 "--run-dir", str(tmp_path / "run")]) == 2
+    assert "episode.tasks_per_batch must be a whole number from 1 to 10000" in capsys.readouterr().err
     from metamap.tasks.sampler import EpisodeSampler
     monkeypatch.setattr(EpisodeSampler, "task_positions", lambda *a: pytest.fail("a task was drawn"))
     code = main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--learner", "maml",
                  "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--queries", "2", "--set", "model.hidden=8",
-                 "--set", "learner.cpp_kernels=false", "--set", "episode.tasks_per_batch=100000",
+                 "--set", "learner.cpp_kernels=false", "--set", "episode.tasks_per_batch=10000",
                  "--steps", "1", "-q", "--no-test", "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    # 100,000 tasks x 9 examples x 1 x 28 x 28 x 4 bytes, twice (5.64 GB), + 8 tasks' first convolution
-    # outputs (5.4 MB) = 5.65 GB > 80 % of 4 GB
+    # 10,000 tasks x 9 examples x 1 x 28 x 28 x 4 bytes, twice (564.5 MB), + 8 tasks' first convolution
+    # outputs (5.4 MB) = 569.9 MB > 80 % of 500 MB
     assert code == 2, err
-    assert ("one training step (100000 task(s) of 9 examples of 1x28x28, 8 task(s) per pass) needs about 5.7 GB of "
-            "memory") in err
+    assert ("one training step (10000 task(s) of 9 examples of 1x28x28, 8 task(s) per pass) needs about 569.9 MB "
+            "of memory") in err
     assert "choose a smaller episode.tasks_per_batch" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
@@ -116,14 +119,14 @@ def test_a_meta_batch_too_large_for_memory_is_refused_without_a_convolution(imag
     machine_with(1 * GB)
     code = main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--learner", "mann",
                  "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--queries", "2",
-                 "--set", "episode.tasks_per_batch=100000", "--steps", "1", "-q", "--no-test",
+                 "--set", "episode.tasks_per_batch=10000", "--steps", "1", "-q", "--no-test",
                  "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    # MANN's flatten backbone: 100,000 tasks x 9 examples x 1 x 28 x 28 x 4 bytes = 2.8 GB of inputs, held
-    # twice while drawn and once more as the pass's own input: 8.5 GB > 80 % of 1 GB
+    # MANN's flatten backbone: 10,000 tasks x 9 examples x 1 x 28 x 28 x 4 bytes = 282.2 MB of inputs, held
+    # twice while drawn and once more as the pass's own input: 846.7 MB > 80 % of 1 GB
     assert code == 2, err
-    assert "one training step (100000 task(s) of 9 examples of 1x28x28, 100000 task(s) per pass)" in err
-    assert "needs about 8.5 GB" in err
+    assert "one training step (10000 task(s) of 9 examples of 1x28x28, 10000 task(s) per pass)" in err
+    assert "needs about 846.7 MB" in err
 
 
 def test_an_address_space_limit_counts_as_memory_left(monkeypatch):

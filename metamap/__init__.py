@@ -4,15 +4,15 @@ from metamap.errors import MetamapError
 from metamap.tasks.batch import TaskBatch
 from metamap import api
 from metamap.api import (ANIL, FOMAML, FOMAMLTRPO, MAML, MAMLTRPO, MANN, RL2, FineTune, MAMLProMP, MatchingNet,
-                         MetaSGD, Oracle, Pretrained, ProtoNet, RandomInit, RelationNet, Reptile, Siamese, evaluate,
-                         fit)
+                         MetaSGD, Oracle, Pretrained, ProtoNet, RandomInit, RelationNet, Reptile, Siamese, build,
+                         evaluate, fit)
 from metamap.train.callbacks import Callback, EarlyStopping, JsonLinesLogger, LearningRateMonitor, TensorBoardLogger
 
 __version__ = "0.1.0"
 __all__ = ["MetaLearner", "Predictor", "TaskBatch", "MetamapError", "load", "__version__",
            "MAML", "FOMAML", "MetaSGD", "Reptile", "ANIL", "ProtoNet", "MatchingNet", "Siamese", "RelationNet",
            "FineTune", "MANN", "MAMLTRPO", "FOMAMLTRPO", "MAMLProMP", "Pretrained", "RandomInit", "Oracle", "RL2",
-           "fit", "evaluate", "Callback", "EarlyStopping", "JsonLinesLogger",
+           "build", "fit", "evaluate", "Callback", "EarlyStopping", "JsonLinesLogger",
            "LearningRateMonitor", "TensorBoardLogger"]
 
 

@@ -74,6 +74,31 @@ def _built(learner, name: str, options):
     return learner
 
 
+def build(name: str, *, example_shape, ways: int = 5, problem: str = "classification", num_train_classes: int = 0,
+          output_dim: int = 1, seed: int = 0, model: dict | None = None, data: dict | None = None, **options):
+    """Any registered learner (one of ``metamap learners``, or one a new module registers) with its
+    built-in network, exactly as ``metamap train`` builds it: ``options`` are its ``[learner]``
+    keys, ``model`` its ``[model]`` section (backbone, hidden, ...), ``data`` a ``[data]`` section
+    for learners that read one (the meta-RL task family). ``example_shape``, ``problem`` (the task
+    kind), ``num_train_classes`` and ``output_dim`` describe the data, as a data source would.
+    The weights start from ``seed`` without touching the caller's random state.
+
+    The named constructors (:func:`MAML`, :func:`ProtoNet`, ...) wrap your own modules instead;
+    this is the way in for a learner that has none."""
+    from metamap import config as configlib
+    from metamap.registry import DataInfo, build_learner, section_options
+    plugin("learner", name)                      # an unknown name lists the choices
+    user = {"seed": seed, "learner": {"name": name, **options}, "episode": {"ways": ways}}
+    if model is not None:
+        user["model"] = dict(model)
+    if data is not None:
+        user["data"] = dict(data)
+    config = configlib.resolve(base=user)
+    info = DataInfo(tuple(example_shape), problem, num_train_classes, output_dim)
+    learner = _seeded(config["seed"], lambda: build_learner(config, info))
+    return _built(learner, name, section_options(config, "learner"))
+
+
 def _gradient(name: str, body: nn.Module, head: nn.Module, example_shape, example_dims, ways, seed, options):
     from metamap.algorithms.gradient import GradientLearner, Reptile
     o = learner_options(name, options)

@@ -9,7 +9,7 @@ from torch import nn
 import metamap
 from metamap import config as configlib
 from metamap.errors import CheckpointError, ConfigError
-from metamap.registry import build_learner, data_source
+from metamap.registry import DataInfo, build_learner, data_source
 from metamap.tasks.sampler import EpisodeSampler
 from metamap.train.callbacks import EarlyStopping, JsonLinesLogger, LearningRateMonitor
 from metamap.train.evaluate import EvalResult
@@ -384,3 +384,74 @@ def test_a_users_policy_computes_what_the_built_in_mlp_does():
         assert set(result.others) == {"return_0", "return_2", "return_3"}
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+# -- any registered learner, a new one included ---------------------------------------------------
+def test_build_gives_any_registered_learner_as_metamap_train_builds_it():
+    learner = metamap.build("maml", example_shape=(1, 12, 12), ways=3, inner_steps=2,
+                            model={"hidden": 4, "layers": 2}, seed=5)
+    cfg = configlib.resolve(overrides=["learner.name='maml'", "learner.inner_steps=2", "model.hidden=4",
+                                       "model.layers=2", "episode.ways=3", "seed=5"])
+    torch.manual_seed(5)
+    built = build_learner(cfg, DataInfo((1, 12, 12)))
+    assert learner.name == "maml" and learner.options.inner_steps == 2
+    assert {k: v.shape for k, v in learner.state_dict().items()} == {k: v.shape for k, v in built.state_dict().items()}
+    for k, v in built.state_dict().items():
+        assert torch.equal(learner.state_dict()[k], v), k
+    with pytest.raises(ConfigError, match="learner.inner_steps must be a whole number"):
+        metamap.build("maml", example_shape=(1, 12, 12), inner_steps=-1)
+    with pytest.raises(ConfigError, match="unknown learner 'mamll'"):
+        metamap.build("mamll", example_shape=(1, 12, 12))
+
+
+@pytest.fixture
+def nearest_mean():
+    """A learner that exists only in this test: one registration, nothing else touched."""
+    from dataclasses import dataclass
+
+    from metamap.algorithms.base import MetaLearner
+    from metamap.options import ARCHITECTURE, Options, option
+    from metamap.registry import _PLUGINS, register_learner
+
+    class NearestMean(MetaLearner):
+        def __init__(self, example_dims, features, temperature):
+            super().__init__(example_dims)
+            self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(144, features))
+            self.temperature = temperature
+
+        def adapt_tasks(self, support_x, support_y, ways):
+            z = self.encoder(support_x.flatten(0, 1)).unflatten(0, support_x.shape[:2])        # [T, S, D]
+            one_hot = nn.functional.one_hot(support_y, ways).to(z.dtype)                       # [T, S, W]
+            means = one_hot.transpose(1, 2) @ z / one_hot.sum(1).unsqueeze(-1)                  # [T, W, D]
+            return lambda q: -torch.cdist(self.encoder(q.flatten(0, 1)).unflatten(0, q.shape[:2]),
+                                          means) / self.temperature
+
+    @dataclass(frozen=True, kw_only=True)
+    class NearestMeanOptions(Options):
+        section = "learner"
+        features: int = option(16, low=1, high=4096, role=ARCHITECTURE)
+        temperature: float = option(1.0, low=0, low_open=True, role=ARCHITECTURE)
+
+    @register_learner("test-nearest-mean", options=NearestMeanOptions, family="metric", summary="test only")
+    def _build(config, info):
+        o = config["learner"]
+        return NearestMean(len(info.example_shape), o["features"], o["temperature"])
+    yield
+    del _PLUGINS["learner"]["test-nearest-mean"]
+
+
+@pytest.mark.integration
+def test_a_learner_registered_in_one_place_is_built_trained_and_evaluated_from_python(nearest_mean):
+    with pytest.raises(ConfigError, match="learner.temperature must be a positive number, not 0"):
+        metamap.build("test-nearest-mean", example_shape=(1, 12, 12), temperature=0)
+    learner = metamap.build("test-nearest-mean", example_shape=(1, 12, 12), features=8, seed=2)
+    assert learner.encoder[1].out_features == 8 and learner.options.to_dict() == {"features": 8, "temperature": 1.0}
+    x, y = tensors(classes=12, per_class=6)
+    x = x + 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))     # hard enough to learn
+    before = run_evaluation(learner, EpisodeSampler(metamap.api.as_dataset((x, y)), 3, 1, 2, 1, 7), 20,
+                            progress=False)
+    result = metamap.fit(learner, (x, y), ways=3, shots=1, queries=2, tasks_per_batch=4, steps=30, lr=3e-3,
+                         progress=False)
+    assert result.steps == 30 and result.config["optim"]["lr"] == 3e-3
+    after = metamap.evaluate(learner, (x, y), ways=3, shots=1, queries=2, episodes=20, seed=7)
+    assert after.setting == before.setting and after.mean > before.mean

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 from collections import defaultdict
+from functools import cache
 from pathlib import Path
 
 import metamap
@@ -25,13 +26,18 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@cache
+def parsed() -> dict[str, tuple[Path, ast.AST]]:
+    """Every metamap module's name -> (path, syntax tree), parsed once for all the tests here."""
+    return {module_name(p): (p, ast.parse(p.read_text())) for p in ROOT.rglob("*.py")}
+
+
 def import_graph() -> dict[str, dict[str, list[str]]]:
     """part -> {imported part: [importing modules]} over every metamap module."""
     graph: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    for path in ROOT.rglob("*.py"):
-        name = module_name(path)
+    for name, (path, tree) in parsed().items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -89,11 +95,11 @@ def test_no_import_cycles_between_the_parts_of_the_package():
 def module_graph() -> dict[str, set[str]]:
     """module -> the metamap modules it imports (``from metamap.data import cache`` is an import
     of ``metamap.data.cache``; of the package itself only when the name is not a module)."""
-    modules = {module_name(p): p for p in ROOT.rglob("*.py")}
+    modules = parsed()
     graph: dict[str, set[str]] = defaultdict(set)
-    for name, path in modules.items():
+    for name, (path, tree) in modules.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):

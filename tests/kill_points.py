@@ -8,7 +8,7 @@ in a process started with ``python -m tests.kill_points``, or a :class:`Killed` 
 (nothing of ``save`` runs after it either: it has no clean-up code).
 
     python -m tests.kill_points INDEX TORN NAME STEP -- train --run-dir R ...   # one real kill
-    python -m tests.kill_points --sweep                                          # every point, real kills
+    python -m tests.kill_points --sweep [last|best]                              # every point, real kills
 """
 from __future__ import annotations
 
@@ -85,12 +85,17 @@ def inject(index: int, torn: bool, name: str, step: int, action: str = "raise"):
         checkpoint.save = real_save
 
 
-def sweep() -> int:
-    """Every kill point with a real SIGKILL, each followed by a resume; compared with one whole run."""
+def sweep(name: str = "last") -> int:
+    """Every kill point of one write of ``name`` (``last`` or ``best``), with a real SIGKILL, each followed
+    by a resume; compared with one whole run (weights of last/ and best/, and the metrics log).
+
+    ``last``: the write at step 10 that replaces step 5's. ``best``: validation every 2 steps, the
+    write of best/ that replaces the first one (the step is read from the whole run's log)."""
     import json
     import subprocess
     import tempfile
 
+    import torch
     from safetensors.torch import load_file
 
     from tests.conftest import _make_image_folder
@@ -101,34 +106,52 @@ def sweep() -> int:
         return [{k: v for k, v in json.loads(x).items() if k not in MACHINE_DEPENDENT}
                 for x in (run / "metrics.jsonl").read_text().splitlines()]
 
+    def command(run):
+        cmd = train_cmd(folder, run, steps)
+        if name == "best":
+            cmd[cmd.index("train.val_every=0")] = "train.val_every=2"
+        return cmd
+
+    def same_weights(a, b, folder_name):
+        x, y = load_file(a / folder_name / checkpoint.WEIGHTS), load_file(b / folder_name / checkpoint.WEIGHTS)
+        return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
     steps, failures = 12, 0
     with tempfile.TemporaryDirectory() as d:
         folder = _make_image_folder(Path(d) / "data")
         full = Path(d) / "full"
-        subprocess.run(train_cmd(folder, full, steps), check=True, capture_output=True)
-        ref = load_file(full / "last" / checkpoint.WEIGHTS)
+        subprocess.run(command(full), check=True, capture_output=True)
+        if name == "last":
+            step = 10
+        else:
+            bests = [r["step"] for r in records(full) if r.get("best") is True]
+            if len(bests) < 2:
+                print(f"the whole run wrote best/ {len(bests)} time(s); no replacing write to kill")
+                return 1
+            step = bests[1]
+        print(f"kill points of the write of {name}/ at step {step} (of {steps}), each resumed:", flush=True)
         for index, torn in POINTS:
             run = Path(d) / f"k{index}{'t' if torn else ''}"
-            cmd = train_cmd(folder, run, steps)
-            killed = subprocess.run([sys.executable, "-m", "tests.kill_points", str(index), str(int(torn)), "last",
-                                     "10", "--", *cmd[3:]], capture_output=True, text=True)
-            left = sorted(p.name for p in run.iterdir() if p.name.startswith(".last."))
+            cmd = command(run)
+            killed = subprocess.run([sys.executable, "-m", "tests.kill_points", str(index), str(int(torn)), name,
+                                     str(step), "--", *cmd[3:]], capture_output=True, text=True)
+            left = sorted(p.name for p in run.iterdir() if p.name.startswith(f".{name}."))
             resumed = subprocess.run(cmd[:-2] + ["--resume", str(run)], capture_output=True, text=True)
-            got = load_file(run / "last" / checkpoint.WEIGHTS) if resumed.returncode == 0 else {}
-            same = bool(got) and all((ref[k] == got[k]).all() for k in ref) and records(full) == records(run)
-            clean = not any(p.name.startswith((".last.tmp", ".last.old")) for p in run.iterdir())
+            same = (resumed.returncode == 0 and same_weights(full, run, "last") and same_weights(full, run, "best")
+                    and records(full) == records(run))
+            clean = not any(p.name.startswith((".last.", ".best.")) for p in run.iterdir())
             ok = killed.returncode == -signal.SIGKILL and same and clean
             failures += not ok
             print(f"{describe(index, torn):32s} exit {killed.returncode:4d}  left {left or '-'}  resumed "
                   f"{'bit-identical' if same else 'DIFFERENT: ' + resumed.stderr[-300:]}"
                   f"{'' if clean else ', leftovers remain'}", flush=True)
-    print(f"{len(POINTS)} kill points, {len(POINTS) - failures} resumed bit-identical")
+    print(f"{len(POINTS)} kill points of {name}/, {len(POINTS) - failures} resumed bit-identical")
     return 1 if failures else 0
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--sweep"]:
-        return sweep()
+        return sweep(*argv[1:2])
     index, torn, name, step = int(argv[0]), bool(int(argv[1])), argv[2], int(argv[3])
     args = argv[argv.index("--") + 1:]
     from metamap.cli import main as cli

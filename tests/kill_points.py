@@ -108,8 +108,9 @@ def sweep(name: str = "last") -> int:
 
     def command(run):
         cmd = train_cmd(folder, run, steps)
-        if name == "best":
+        if name == "best":      # validation episodes the 6 images per class can give
             cmd[cmd.index("train.val_every=0")] = "train.val_every=2"
+            cmd[-2:-2] = ["--set", "eval.queries=2"]
         return cmd
 
     def same_weights(a, b, folder_name):

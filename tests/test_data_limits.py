@@ -182,3 +182,61 @@ def test_a_model_too_large_for_memory_is_refused_before_its_weights_exist(image_
     # Conv-4 with 65,536 channels (the most model.hidden allows): 3 x 65,536^2 x 9 weights in its last
     # three convolutions alone
     assert code == 2 and "the protonet learner (115,966,017,540 weights" in err and "needs about 1.9 TB" in err
+
+
+@pytest.fixture(scope="module")
+def maml_run(image_folder, tmp_path_factory):
+    run = tmp_path_factory.mktemp("maml") / "run"
+    assert main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--learner", "maml",
+                 "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--queries", "2", "--set", "model.hidden=8",
+                 "--set", "learner.cpp_kernels=false", "--set", "episode.tasks_per_batch=1", "--set",
+                 "train.val_every=0", "--set", "train.report=false", "--steps", "1", "-q", "--no-test",
+                 "--run-dir", str(run)]) == 0
+    return run
+
+
+EVAL = ["--set", "eval.ways=[3]", "--set", "eval.queries=2", "--set", "eval.tasks_per_batch=1000",
+        "--set", "eval.episodes=1000"]
+# 1000 episodes x 9 examples x (2 x 1 x 28 x 28 x 4 bytes of inputs + 3 x 8 channels x 28 x 28 x 4 bytes kept
+# for MAML's inner backward pass) = 733.8 MB > 80 % of 500 MB
+EVAL_MESSAGE = ("evaluating 1000 episode(s) at a time (9 examples of 1x28x28 each) needs about 733.8 MB of memory, "
+                "more than this machine can spare (500.0 MB available")
+
+
+def test_an_evaluation_pass_too_large_for_memory_is_refused_before_any_episode(maml_run, machine_with, monkeypatch,
+                                                                              capsys):
+    machine_with(GB // 2)
+    from metamap.tasks.sampler import EpisodeSampler
+    monkeypatch.setattr(EpisodeSampler, "task_positions", lambda *a: pytest.fail("an episode was drawn"))
+    assert main(["eval", "--checkpoint", str(maml_run), "-q", *EVAL]) == 2
+    err = capsys.readouterr().err
+    assert EVAL_MESSAGE in err and "choose a smaller eval.tasks_per_batch" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_training_whose_test_cannot_fit_is_refused_before_training(image_folder, tmp_path, machine_with, capsys):
+    machine_with(GB // 2)
+    code = main(["train", "--data", "folder", "--set", f"data.path={image_folder}", "--learner", "maml",
+                 "--set", "data.fractions=[0.5,0.2,0.3]", "--ways", "3", "--queries", "2", "--set", "model.hidden=8",
+                 "--set", "learner.cpp_kernels=false", "--set", "episode.tasks_per_batch=1", "--set",
+                 "train.val_every=0", "--steps", "1", "-q", *EVAL, "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and EVAL_MESSAGE in err, err
+    assert not (tmp_path / "run").exists()           # refused before a step was trained or anything written
+
+
+def test_a_prototype_learner_encodes_a_bounded_batch_at_a_time_whatever_the_chunk(image_folder, machine_with):
+    from metamap import config as configlib
+    from metamap.train.evaluate import check_eval_memory
+    from metamap.train.run import build, test_samplers
+    config = configlib.resolve(overrides=["data.name='folder'", f"data.path='{image_folder}'",
+                                          "data.fractions=[0.5,0.2,0.3]", "model.hidden=8", "eval.ways=[3]",
+                                          "eval.queries=2"])
+    source, _, learner = build(config)
+    sampler = test_samplers(config, source)[0]
+    machine_with(1000)
+    check_eval_memory(learner, sampler, 10 ** 6, 10 ** 6)                    # codes cached: nothing to refuse
+    assert learner.training                                                    # and its mode is left alone
+    with pytest.raises(DataError, match=r"evaluating 1000000 episode\(s\) at a time \(9 examples of 1x28x28 each\) "
+                                        r"needs about 56.4 GB"):        # per episode: 2 x 4 bytes x 784 x 9 x 10^6
+        check_eval_memory(learner, sampler, 10 ** 6, 10 ** 6, cache_mb=0)

@@ -98,3 +98,21 @@ def check_model_fits(build, what: str) -> None:
     check_fits(4 * sum(t.numel() * t.element_size() for t in tensors),
                f"{what} ({count:,} weights, each held as weight, gradient and two optimizer moments)",
                "choose smaller sizes (e.g. model.hidden)")
+
+
+def graph_bytes_per_example(learner, shape: tuple[int, ...]) -> int:
+    """A lower bound of the bytes one example of ``shape`` keeps for a backward pass of ``learner``
+    (training, or adaptation by gradient steps): for images, the output of the first convolution with
+    the batch norm and ReLU outputs kept beside it; without a convolution, its float32 input once more;
+    0 for other examples (vectors: small next to their batch)."""
+    import torch
+    if len(shape) != 3:
+        return 0
+    c, h, w = shape
+    conv = next((m for m in learner.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return 3 * conv.out_channels * (h // conv.stride[0]) * (w // conv.stride[1]) * 4 if conv else 4 * c * h * w
+
+
+def input_bytes(shape: tuple[int, ...]) -> int:
+    """Bytes of one float32 input of ``shape``."""
+    return 4 * image_bytes(1, tuple(shape))

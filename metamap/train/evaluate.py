@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from metamap.algorithms.base import EncodingLearner, MetaLearner
+from metamap.data.memory import check_fits, graph_bytes_per_example, input_bytes
 from metamap.tasks.batch import TaskBatch
 from metamap.tasks.kinds import Metric, TaskKind
 from metamap.tasks.sampler import TaskSampler, shard
@@ -83,6 +84,28 @@ def default_chunk(sampler: TaskSampler) -> int:
     return max(1, min(50, 2000 // max(sampler.examples_per_task, 1)))
 
 
+def check_eval_memory(learner: MetaLearner, sampler: TaskSampler, episodes: int, chunk: int = 0,
+                      finetune: bool = False, cache_mb: float = DEFAULT_CACHE_MB) -> None:
+    """Refuse, before any episode is drawn, an evaluation pass that cannot fit: ``chunk`` episodes
+    (0 = :func:`default_chunk`) of float32 inputs, held twice while normalised, and for learners that
+    adapt by gradient steps (or fine-tune) what each example keeps for the backward pass. Learners
+    whose codes are cached encode a bounded batch at a time: nothing to check. Samplers without a
+    data set of known example shape are not checked."""
+    shape = getattr(getattr(sampler, "dataset", None), "example_shape", None)
+    was_training = learner.training
+    cached = cache_mb > 0 and not finetune and can_cache(learner.eval(), sampler)     # as evaluate() sees it
+    learner.train(was_training)
+    if shape is None or cached:
+        return
+    shape = tuple(shape)
+    tasks = min(chunk or default_chunk(sampler), episodes)
+    per_task = sampler.examples_per_task
+    graph = graph_bytes_per_example(learner, shape) if learner.adapts_with_gradients or finetune else 0
+    check_fits(tasks * per_task * (2 * input_bytes(shape) + graph),
+               f"evaluating {tasks} episode(s) at a time ({per_task} examples of {'x'.join(map(str, shape))} each)",
+               "choose a smaller eval.tasks_per_batch (0 = about 2,000 examples per pass)")
+
+
 def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, chunk: int = 0,
              device: str | torch.device = "cpu", memory_format=None, progress: bool = True,
              setting: str = "", rank: int = 0, world_size: int = 1, precision: str = "fp32",
@@ -117,6 +140,7 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 1000, c
                        unit="ep")
     try:
         cached = cache_mb > 0 and finetune is None and can_cache(learner, sampler)
+        check_eval_memory(learner, sampler, len(mine), chunk, finetune is not None, cache_mb)
         with torch.set_grad_enabled(learner.adapts_with_gradients), autocast(precision, device):
             batches = (cached_episodes(learner, sampler, mine, chunk, device, memory_format, cache_mb) if cached
                        else episode_inputs(sampler, mine, chunk, device, memory_format))

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from metamap import config as configlib
-from metamap.data.memory import check_fits, check_model_fits
+from metamap.data.memory import check_fits, check_model_fits, graph_bytes_per_example, input_bytes
 from metamap.data.paths import check_writable_dir, write_text
 from metamap.errors import CheckpointError, ConfigError, EpisodeError, OutputError
 from metamap.registry import DataInfo, build_learner, data_source
 from metamap.report import plot_curves, write_report
 from metamap.train import checkpoint, eval_overrides
-from metamap.train.evaluate import EvalResult, evaluate
+from metamap.train.evaluate import EvalResult, check_eval_memory, evaluate
 from metamap.train.precision import resolve_precision
 from metamap.train import test_time
 from metamap.train.runtime import pick_device, set_threads, tune_allocator
@@ -72,32 +72,22 @@ def check_step_memory(learner, info: DataInfo, config: dict, tasks: int, example
                       prefetch: bool = False) -> None:
     """Refuse, before the first batch is drawn, a meta-batch step that cannot fit.
 
-    Two parts: the batch itself, ``tasks`` (this rank's share) x ``examples_per_task`` float32
-    inputs held at once, counted twice while they are normalised (and once more for the next
-    batch when ``prefetch``); and, per chunk of tasks, the output of the first convolution with
-    the batch norm and ReLU outputs kept beside it for the backward pass -- a lower bound of what
-    one pass over image tasks holds (without a convolution, the inputs again).
+    The whole batch is drawn at once: ``tasks`` (this rank's share) x ``examples_per_task`` float32
+    inputs, held twice while they are normalised (three times with ``prefetch``: the next batch);
+    then a chunk of tasks at a time runs, each example keeping what
+    :func:`metamap.data.memory.graph_bytes_per_example` counts.
     """
     ep = config["episode"]
     per_task = examples_per_task if examples_per_task is not None else ep["ways"] * (ep["shots"] + ep["queries"])
     shape = tuple(info.example_shape)
-    elements = 1
-    for d in shape:
-        elements *= d
-    inputs = tasks * per_task * elements * 4 * (3 if prefetch else 2)
     chunk = config["train"]["chunk_tasks"]
     chunk = learner.preferred_chunk() if chunk == "auto" else chunk
     chunk = min(chunk or tasks, tasks)
-    activations = 0
-    if len(shape) == 3:
-        # An inner mini-batch is at most the support set (GradientLearner clamps a larger one).
-        c, h, w = shape
-        conv = next((m for m in learner.modules() if isinstance(m, torch.nn.Conv2d)), None)
-        per_example = 3 * conv.out_channels * (h // conv.stride[0]) * (w // conv.stride[1]) * 4 if conv else elements * 4
-        activations = chunk * per_task * per_example
+    # An inner mini-batch is at most the support set (GradientLearner clamps a larger one).
+    need = (tasks * per_task * input_bytes(shape) * (3 if prefetch else 2)
+            + chunk * per_task * graph_bytes_per_example(learner, shape))
     size = "x".join(map(str, shape))
-    check_fits(inputs + activations,
-               f"one training step ({tasks} task(s) of {per_task} examples of {size}, {chunk} task(s) per pass)",
+    check_fits(need, f"one training step ({tasks} task(s) of {per_task} examples of {size}, {chunk} task(s) per pass)",
                "choose a smaller episode.tasks_per_batch, data.image_size, fewer ways or queries per episode, "
                "or a smaller train.chunk_tasks")
 
@@ -168,6 +158,14 @@ def test_samplers(config: dict, source, split: str = "test") -> list:
     e = config["eval"]
     return [source.sampler(config, split, ways, shots, e["queries"], 1, e["seed"])
             for ways, shots in eval_settings(config)]
+
+
+def check_test_memory(learner, config: dict, samplers: list, world_size: int = 1) -> None:
+    """Every test setting's evaluation pass checked against the memory left, before any work."""
+    e = config["eval"]
+    for sampler in samplers:
+        check_eval_memory(learner, sampler, trainer_share(e["episodes"], world_size), e["tasks_per_batch"],
+                          test_time.enabled(e), e["cache_mb"])
 
 
 def test(learner, config: dict, samplers: list, device, memory_format=None, progress: bool = True,
@@ -282,6 +280,7 @@ def _train(config: dict, run_dir: Path, start: Path | None, device, progress: bo
     train_sampler = source.sampler(config, "train", ep["ways"], ep["shots"], ep["queries"],
                                    ep["tasks_per_batch"], config["seed"])
     samplers = test_samplers(config, source) if run_test else []   # a bad eval request fails now, not after training
+    check_test_memory(learner, config, samplers, world_size)
     check_step_memory(learner, info, config, trainer_share(train_sampler.tasks_per_batch, world_size),
                       train_sampler.examples_per_task, prefetch=prefetching(config["train"], device))
     validate = make_validation(learner, config, source, device, memory_format, rank, world_size)
@@ -404,8 +403,9 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), split: str 
     echo(f"precision: {precision} ({why})")
     if config["data"]["name"] != trained_on:
         echo(f"cross-domain: meta-trained on {trained_on}, evaluated on {config['data']['name']}")
-    results = test(learner, config, test_samplers(config, source, split), device, memory_format, progress,
-                   source=source, split=split, echo=echo)
+    samplers = test_samplers(config, source, split)
+    check_test_memory(learner, config, samplers)
+    results = test(learner, config, samplers, device, memory_format, progress, source=source, split=split, echo=echo)
     echo(f"checkpoint: {path} ({meta['learner']}, step {meta['step']})")
     echo(report(results, config, source, split))
     return results

@@ -104,8 +104,10 @@ def cmd_predict(args) -> int:
     from metamap.predict import finetune_settings, predict_folders
     if args.out:
         check_output_file(args.out, "--out")              # before the predictions, not after them
-    tune = args.finetune_lr is not None or args.finetune_steps is not None or args.finetune_select is not None
-    settings = finetune_settings(args.finetune_lr, args.finetune_steps, args.finetune_seed) if tune else None
+    tune = any(v is not None for v in (args.finetune_lr, args.finetune_steps, args.finetune_norm,
+                                       args.finetune_select))
+    settings = finetune_settings(args.finetune_lr, args.finetune_steps, args.finetune_seed, args.finetune_norm,
+                                 args.finetune_select is not None, args.finetune_episodes) if tune else None
     chosen: dict = {}
     rows = predict_folders(args.checkpoint, args.support, args.query, finetune=settings, select=args.finetune_select,
                            echo=lambda line: print(line, file=sys.stderr), record=chosen)
@@ -203,9 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--finetune-lr", type=float, default=None,
                    help="fine-tune the learner on the support set first, with this learning rate (test-time fine-tuning)")
     r.add_argument("--finetune-steps", type=int, default=None, help="... for this many steps")
+    r.add_argument("--finetune-norm", type=float, default=None, metavar="W",
+                   help="first mix the support set's batch-norm statistics into the checkpoint's with weight W "
+                        "(0 = none, 1 = the support set's alone); default: chosen on --finetune-select, else 0")
     r.add_argument("--finetune-select", metavar="FOLDER", default=None,
-                   help="labelled images of OTHER classes (one sub-folder each) to choose the learning rate and "
-                        "steps not given on (P>M>F's recipe)")
+                   help="labelled images of OTHER classes (one sub-folder each) to choose the learning rate, "
+                        "steps and batch-norm weight not given on (P>M>F's recipe, with a paired rule)")
+    r.add_argument("--finetune-episodes", type=int, default=None, metavar="N",
+                   help="episodes of --finetune-select the choice is made on (default 30)")
     r.add_argument("--finetune-seed", type=int, default=0, help="seed of the fine-tuning's augmentation")
     r.set_defaults(func=cmd_predict)
 

@@ -148,10 +148,23 @@ class EvalOptions(Options):
                                        doc="candidates of finetune_lr = auto; 0 = no fine-tuning")
     finetune_steps_grid: list[int] = option([10, 25, 50], low=1, high=10_000, nonempty=True, role=ADAPTATION,
                                             doc="candidates of finetune_steps = auto")
-    finetune_episodes: int = option(5, low=1, role=ADAPTATION, doc="labelled episodes the automatic choice uses")
-    finetune_augment: list[Literal["flip", "color", "translation"]] = option(list(FINETUNE_AUGMENTATIONS),
-                                                                            role=ADAPTATION)
+    finetune_episodes: int = option(30, low=1, role=ADAPTATION, doc="labelled episodes the automatic choice uses")
+    finetune_augment: list[Literal["flip", "color", "translation"]] = option(
+        ["translation"], role=ADAPTATION,
+        doc="augmentations of the support set: translation (default), flip, color (P>M>F's three, for "
+            "natural images; a mirrored character can be another character)")
     finetune_aug_prob: float = option(0.9, low=0, high=1, role=ADAPTATION)
+    finetune_norm: Literal["auto"] | float = option(
+        "auto", low=0, high=1, role=ADAPTATION,
+        doc="weight of the support set's batch-norm statistics against the checkpoint's (0 = theirs alone)")
+    finetune_norms: list[float] = option([0.0, 0.5, 1.0], low=0, high=1, nonempty=True, role=ADAPTATION,
+                                         doc="candidates of finetune_norm = auto")
+    finetune_params: Literal["all", "norm", "auto"] = option(
+        "all", role=ADAPTATION, doc="weights fine-tuned: all, or norm = the normalisation layers' scales and shifts")
+    finetune_rule: Literal["paired", "mean"] = option(
+        "paired", role=ADAPTATION,
+        doc="automatic choice: paired = keep the simpler unless the paired gain's 95% lower bound is > 0; "
+            "mean = the best mean")
 
     def __post_init__(self) -> None:
         super().__post_init__()

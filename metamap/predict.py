@@ -56,11 +56,16 @@ def read_classes(folder: str | Path, spec) -> ClassDataset:
                         f"labelled images of {folder}")
 
 
-def finetune_settings(lr=None, steps=None, seed: int = 0) -> dict:
-    """The ``eval.finetune*`` keys for ``predict`` (None = chosen automatically)."""
+def finetune_settings(lr=None, steps=None, seed: int = 0, norm=None, select: bool = False,
+                      episodes: int | None = None) -> dict:
+    """The ``eval.finetune*`` keys for ``predict`` (None = chosen automatically). The weight of
+    the support set's batch-norm statistics (``norm``) is chosen only with a folder to choose
+    on (``select``); without one it is 0, the checkpoint's statistics."""
     from metamap.config import EvalOptions
+    norm = ("auto" if select else 0.0) if norm is None else norm
+    more = {} if episodes is None else {"finetune_episodes": episodes}
     e = EvalOptions(finetune=True, finetune_lr="auto" if lr is None else lr,
-                    finetune_steps="auto" if steps is None else steps, seed=seed).to_dict()
+                    finetune_steps="auto" if steps is None else steps, finetune_norm=norm, seed=seed, **more).to_dict()
     return {k: v for k, v in e.items() if k.startswith("finetune") or k == "seed"}
 
 
@@ -69,9 +74,9 @@ def choose_finetuning(learner, spec, settings: dict, support_y: Tensor, names: l
     if not test_time.needs_selection(settings):
         return test_time.choose(learner, settings, None, "given")
     if select is None:
-        raise DataError("test-time fine-tuning needs its learning rate and steps, or a folder of labelled images "
-                        "of OTHER classes to choose them on: give --finetune-lr and --finetune-steps, or "
-                        "--finetune-select FOLDER")
+        raise DataError("test-time fine-tuning needs its learning rate, steps and batch-norm weight, or a folder "
+                        "of labelled images of OTHER classes to choose them on: give --finetune-lr and "
+                        "--finetune-steps (and --finetune-norm), or --finetune-select FOLDER")
     other = read_classes(select, spec)
     shared = sorted(set(other.class_names) & set(names))
     if shared:

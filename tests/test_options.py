@@ -166,6 +166,9 @@ def test_configs_saved_by_older_checkpoints_take_todays_defaults(name):
         # Reptile's defaults have become its paper's recipe since: what the checkpoint recorded stays.
         assert (resolved["learner"]["inner_lr"], resolved["optim"]["name"], resolved["schedule"]["name"]) == \
             (0.1, "adam", "constant")
+        # Written before inner_state existed: no carried-state buffers, so "reset" (today's default: carried).
+        assert resolved["learner"]["inner_state"] == "reset"
+        then.append("learner.inner_state='reset'")
         then += [f"{sec}.{k}={json.dumps(v)}" for sec in ("learner", "optim", "schedule", "episode", "eval")
                  for k, v in old[sec].items() if (sec, k) not in (("learner", "name"), ("learner", "batched"),
                                                                   ("learner", "bf16"))]

@@ -26,6 +26,8 @@ def test_reptile_defaults_are_the_papers_recipe():
     c = config.resolve(None, ["learner.name=reptile"])
     learner = c["learner"]
     assert (learner["inner_optimizer"], learner["inner_lr"], learner["inner_beta1"]) == ("adam", 1e-3, 0.0)
+    # One Adam for all tasks in their code: its moments and step count run on from task to task.
+    assert learner["inner_state"] == "carried"
     assert (learner["inner_steps"], learner["inner_batch"]) == (5, 10)
     assert (learner["inner_steps_eval"], learner["inner_batch_eval"]) == (50, 5)
     # Training tasks have 10 shots per class, evaluation 1: separate settings.
@@ -107,3 +109,61 @@ def test_every_reproduce_config_resolves_and_names_its_targets():
         assert c["train"]["val_every"] > 0 and c["eval"]["episodes"] == 1000, path
         if not path.stem.startswith("finetune"):
             assert reproduce.targets_of(path), path
+        if c["learner"]["name"] == "reptile":
+            assert (c["learner"]["inner_optimizer"], c["learner"]["inner_state"]) == ("adam", "carried"), path
+
+
+def test_reptiles_inner_adam_runs_on_across_tasks_so_small_gradients_take_small_steps():
+    """The authors' code keeps one inner Adam for all tasks (``inner_state = "carried"``, Reptile's
+    default): after a task with large gradients, a task whose gradients are about 1000 times
+    smaller moves the weights about 1000 times less. Reset for every task, Adam's first step is
+    ``lr * g / (|g| + eps)``, a full step of ``lr`` for every weight whatever its gradient -- the
+    recipe under which Omniglot validation peaked after 1,000 meta-batches and then fell."""
+    import metamap
+    from metamap.algorithms.base import MetaGradient
+    from metamap.tasks.batch import TaskBatch
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 8, 4, generator=g)
+        lr, b2, eps = 1e-3, 0.999, 1e-8
+
+        def learner(**kw):
+            torch.manual_seed(0)
+            return metamap.Reptile(nn.Linear(4, 1, bias=False), example_shape=(4,), inner_steps=1,
+                                   inner_batch=0, **kw).train()
+        theta = learner().model.body.weight.detach()[0].clone()
+        big = x[0] @ torch.randn(4, generator=g) * 3                  # far from theta: gradients ~ 1
+        small = x[1] @ theta + 1e-3 * torch.randn(8, generator=g)     # nearly fit: gradients ~ 1e-3
+
+        def grad(xs, ys):                                             # of mean((xs theta - ys)^2)
+            return 2.0 / xs.shape[0] * xs.T @ (xs @ theta - ys)
+        g_big, g_small = grad(x[0], big), grad(x[1], small)
+        assert float(g_small.abs().max()) < 0.01 * float(g_big.abs().min())
+
+        def reptile_steps(l):
+            out = []
+            for xs, ys in ((x[0], big), (x[1], small)):               # two meta-batches of one task each
+                l.zero_grad(set_to_none=True)
+                tasks = TaskBatch(xs[None], ys[None], xs[None], ys[None])
+                l.meta_backward(tasks, MetaGradient())
+                out.append(l.model.body.weight.grad[0].clone())      # theta - phi
+            return out
+        carried = learner()
+        assert carried.inner_optimizer.carried                        # the default
+        step_big, step_small = reptile_steps(carried)
+        # By hand: Adam (beta1 = 0) with its second moment and step count running on.
+        v1 = (1 - b2) * g_big ** 2
+        torch.testing.assert_close(step_big, lr * g_big / ((v1 / (1 - b2)).sqrt() + eps), rtol=1e-12, atol=0)
+        v2 = b2 * v1 + (1 - b2) * g_small ** 2
+        # (atol: theta - phi loses digits to cancellation when phi is this close to theta)
+        torch.testing.assert_close(step_small, lr * g_small / ((v2 / (1 - b2 ** 2)).sqrt() + eps),
+                                   rtol=1e-12, atol=1e-15)
+        assert float(step_small.norm()) < 0.01 * float(step_big.norm())
+        # Reset for every task: the small task moves every weight by (almost exactly) lr.
+        _, reset_small = reptile_steps(learner(inner_state="reset"))
+        torch.testing.assert_close(reset_small, lr * g_small / (g_small.abs() + eps), rtol=1e-12, atol=1e-15)
+        assert float(reset_small.abs().min()) > 0.99 * lr
+    finally:
+        torch.set_default_dtype(old)

@@ -204,7 +204,8 @@ def build_inner_optimizer(name: str, step_sizes: str, lr: float, shapes: dict[st
         raise ConfigError(f"learner.inner_state must be one of {', '.join(INNER_STATES)}, not {state!r}")
     if state == "carried" and name != "adam":
         raise ConfigError("learner.inner_state = \"carried\" keeps Adam's moments across tasks; "
-                          "it needs learner.inner_optimizer = \"adam\" (SGD has no state)")
+                          "it needs learner.inner_optimizer = \"adam\" (SGD has no state): with SGD set "
+                          "learner.inner_state = \"reset\"")
     if name not in OPTIMIZERS:
         raise ConfigError(f"learner.inner_optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
     if step_sizes not in STEP_SIZE_MODES:

@@ -74,9 +74,10 @@ def test_non_transductive_evaluation_classifies_each_query_with_the_support_set_
 @pytest.mark.timeout(900)       # about a CPU-minute: several times that in wall time on a busy machine
 def test_short_reptile_run_improves_on_its_own_untrained_evaluation(tmp_path):
     """300 meta-batches of the paper's recipe on Omniglot (a 16-channel Conv-4) lift 5-way 1-shot
-    validation accuracy well above the untrained network's under the same 50-step evaluation.
-    The earlier recipe (5 full-batch SGD steps of 0.1 on the 1-shot support set) went from 64 % to
-    58 % here."""
+    validation accuracy well above the untrained network's under the same 50-step evaluation:
+    42.3 % -> 66.4 %. With the inner Adam reset for every task it reached 51.1 % (and on the
+    Vinyals split at full width it peaked after 1,000 meta-batches and fell); the recipe before
+    that (5 full-batch SGD steps of 0.1 on the 1-shot support set) went from 64 % to 58 %."""
     from metamap.train import checkpoint
     from metamap.train.evaluate import evaluate
     from metamap.train.run import build, train
@@ -89,7 +90,7 @@ def test_short_reptile_run_improves_on_its_own_untrained_evaluation(tmp_path):
     train(cfg, tmp_path / "run", run_test=False, progress=False, echo=lambda *a: None)
     trained = checkpoint.load_learner(tmp_path / "run" / "last").learner
     after = evaluate(trained, sampler, 60, progress=False).mean
-    assert after > before + 0.05, (before, after)
+    assert after > before + 0.15, (before, after)
 
 
 def test_every_reproduce_config_resolves_and_names_its_targets():

@@ -54,6 +54,21 @@ def test_auto_picks_bf16_only_with_native_bf16_and_a_learner_measured_unchanged(
         assert resolve_precision(explicit, CPU, protonet(), AMX)[0] == explicit
 
 
+def test_auto_follows_the_measured_default_experiments_of_the_metric_learners():
+    from metamap.algorithms.matching import FullContextEmbedding, MatchingNetwork
+    from metamap.algorithms.relation import RelationNetwork
+    from metamap.algorithms.siamese import SiameseNetwork
+    conv = Conv4(hidden=4, image_size=8, layers=2)
+    assert resolve_precision("auto", CPU, MatchingNetwork(conv, 3), AMX)[0] == "bf16"
+    fce = FullContextEmbedding(conv.out_features)
+    assert resolve_precision("auto", CPU, MatchingNetwork(conv, 3, fce=fce), AMX)[0] == "fp32"
+    assert resolve_precision("auto", CPU, SiameseNetwork(conv, 3, conv.out_features), AMX)[0] == "bf16"
+    bce = SiameseNetwork(conv, 3, conv.out_features, loss="bce")
+    assert resolve_precision("auto", CPU, bce, AMX)[0] == "fp32"
+    assert resolve_precision("auto", CPU, SiameseNetwork(conv, 3, conv.out_features), PLAIN)[0] == "fp32"
+    assert not getattr(RelationNetwork, "auto_bf16")       # 20-way 1.15 points lower in bf16
+
+
 def test_auto_is_the_default_and_bad_values_are_refused():
     assert configlib.resolve()["train"]["precision"] == "auto"
     with pytest.raises(ConfigError, match="train.precision must be auto, fp32, bf16 or fp16"):

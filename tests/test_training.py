@@ -220,7 +220,7 @@ def test_trainer_applies_reptiles_parameter_difference_with_sgd(image_folder, tm
                                                      # plain SGD inner steps: Adam would turn the rounding
                                                      # noise of the biases batch norm cancels into +-lr steps
                                                      "learner.inner_optimizer": "'sgd'", "learner.inner_lr": 0.1,
-                                                     "learner.inner_batch": 0,
+                                                     "learner.inner_batch": 0, "learner.inner_state": "'reset'",
                                                      "train.chunk_tasks": 1, "train.val_every": 0})
     source, _, learner = build(config)
     ep = config["episode"]

@@ -1,4 +1,4 @@
-# `make train`: set up .venv (the package alone) and run the default experiment (ProtoNet, Omniglot, lake split).
+# `make train`: set up .venv (the package alone) and run the quickstart (configs/quickstart.toml: ProtoNet, Omniglot, lake split).
 # `make test`:  set up .venv with the test, rl and export extras and run the test suite.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -23,7 +23,7 @@ $(VENV)/.installed-extras: $(VENV)/.installed
 	touch $@
 
 train: setup
-	$(BIN)/metamap train $(ARGS)
+	$(BIN)/metamap train configs/quickstart.toml $(ARGS)
 
 test: setup-test
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -32,25 +32,29 @@ def parsed() -> dict[str, tuple[Path, ast.AST]]:
     return {module_name(p): (p, ast.parse(p.read_text())) for p in ROOT.rglob("*.py")}
 
 
+def imports(name: str, path: Path, tree: ast.AST):
+    """``(imported name, fallback)`` for every import in a module: ``from metamap.data import cache``
+    gives ``("metamap.data.cache", "metamap.data")``, the fallback being what is imported when the
+    name is not a module; a plain ``import x.y`` gives ``("x.y", "x.y")``."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from ((a.name, a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([node.module] if node.module else []))
+            yield from ((f"{base}.{a.name}", base) for a in node.names)
+
+
 def import_graph() -> dict[str, dict[str, list[str]]]:
     """part -> {imported part: [importing modules]} over every metamap module."""
     graph: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for name, (path, tree) in parsed().items():
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(up + ([node.module] if node.module else []))
-                targets = [f"{base}.{a.name}" for a in node.names]
-            else:
-                continue
-            for target in targets:
-                if (target == "metamap" or target.startswith("metamap.")) and part_of(target) != part_of(name):
-                    graph[part_of(name)][part_of(target)].append(name)
+        for target, _ in imports(name, path, tree):
+            if (target == "metamap" or target.startswith("metamap.")) and part_of(target) != part_of(name):
+                graph[part_of(name)][part_of(target)].append(name)
     return graph
 
 
@@ -98,19 +102,8 @@ def module_graph() -> dict[str, set[str]]:
     modules = parsed()
     graph: dict[str, set[str]] = defaultdict(set)
     for name, (path, tree) in modules.items():
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(up + ([node.module] if node.module else []))
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
-            else:
-                continue
-            graph[name].update(t for t in targets if t in modules and t != name)
+        targets = (t if t in modules else fallback for t, fallback in imports(name, path, tree))
+        graph[name].update(t for t in targets if t in modules and t != name)
     return graph
 
 

@@ -181,7 +181,7 @@ def machine() -> str:
             f"load average at start {load:.1f}")
 
 
-def run(steps: int, rounds: int, names: list[str], peak: float) -> list[dict]:
+def run(steps: int, rounds: int, names: list[str], peak: float, error_batches: int = 1) -> list[dict]:
     b = make_batch()
     models = {n: make_model() for n in names}
     impls, opts = {}, {}
@@ -191,11 +191,18 @@ def run(steps: int, rounds: int, names: list[str], peak: float) -> list[dict]:
         except ImportError as e:
             print(f"# skipped {n}: {e}", file=sys.stderr)
     names = [n for n in names if n in impls]
-    ref = exact_meta_gradient(steps, b)
-    rows = {}
+    rows = {n: {"name": n, "errors": [], "times": []} for n in names}
+    # Several batches, because over a few inner steps the fp32 error of one batch is a lottery: a
+    # pooling winner or ReLU sign that rounding flips changes a task's whole adaptation, and the
+    # same implementation errs by 1e-4 on one batch and 4e-2 on the next (see BENCHMARKS.md).
+    for seed in range(error_batches):
+        eb = make_batch(seed)
+        ref = exact_meta_gradient(steps, eb)
+        for n in names:
+            g = meta_gradient(models[n], impls[n], eb).double()
+            rows[n]["errors"].append(float((g - ref).norm() / ref.norm()))
     for n in names:
-        g = meta_gradient(models[n], impls[n], b).double()
-        rows[n] = {"name": n, "rel_err": float((g - ref).norm() / ref.norm()), "times": []}
+        rows[n]["rel_err"] = statistics.median(rows[n]["errors"])
         opts[n] = torch.optim.Adam(models[n].parameters(), lr=1e-3)
     for _ in range(rounds):
         for n in names:
@@ -218,6 +225,9 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma separated: loop, higher, torchopt")
     ap.add_argument("--only", default="", help="comma separated substrings of implementation names to run")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--error-batches", type=int, default=1,
+                    help="meta-batches (seeds 0..N-1) over which the meta-gradient error is measured; "
+                         "the table gives the median and, for N > 1, the largest")
     ap.add_argument("--no-allocator", action="store_true", help="leave glibc's allocator settings alone")
     args = ap.parse_args()
     if args.threads:
@@ -234,17 +244,21 @@ def main() -> None:
     print(f"fp32 matmul 2048^3 now: {peak / 1e9:.0f} GFLOP/s (the 'peak' below)\n")
     for steps in (int(s) for s in args.steps.split(",")):
         start_peak = peak
-        rows = run(steps, args.rounds, names, peak)
+        rows = run(steps, args.rounds, names, peak, args.error_batches)
         peak_after = matmul_peak()
         print(f"### {steps} inner step(s), meta-batch {TASKS}, {args.rounds} rounds "
               f"(matmul peak {start_peak / 1e9:.0f} -> {peak_after / 1e9:.0f} GFLOP/s during the run)\n")
-        print("| implementation | tasks/s | vs fastest peer | of matmul peak | meta-grad rel. err vs float64 |")
+        many = args.error_batches > 1
+        err_head = (f"meta-grad rel. err vs float64, median (largest) of {args.error_batches} batches" if many
+                    else "meta-grad rel. err vs float64")
+        print(f"| implementation | tasks/s | vs fastest peer | of matmul peak | {err_head} |")
         print("| --- | ---: | ---: | ---: | ---: |")
         peers = [r["tasks_per_s"] for r in rows if not r["name"].startswith("metamap")]
         best = max(peers) if peers else float("nan")
         for r in rows:
             print(f"| {r['name']} | {r['tasks_per_s']:.2f} | {r['tasks_per_s'] / best:.2f}x | "
-                  f"{100 * r['peak_fraction']:.0f}% | {r['rel_err']:.1e} |")
+                  f"{100 * r['peak_fraction']:.0f}% | {r['rel_err']:.1e}"
+                  + (f" ({max(r['errors']):.1e})" if many else "") + " |")
         print()
 
 

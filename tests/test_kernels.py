@@ -316,6 +316,3 @@ def test_float32_gradient_sums_run_in_double():
     exact = m.backward(grad.double(), x.double(), w.double(), out.double(), idx, 3, 3, 1)
     for a, e in zip(m.backward(grad, x, w, out, idx, 3, 3, 1), exact):
         assert float((a.double() - e).norm() / e.norm()) < 2e-7
-    generic = [t.float() for t in exact]       # the generic loops (float64 here) agree with the vectorised path
-    for a, e in zip(m.backward(grad, x, w, out, idx, 3, 3, 1), generic):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)

@@ -81,7 +81,8 @@ class MetaLearner(nn.Module):
     # The task kind (loss, metrics): set by build_learner; None = inferred from the labels.
     kind: TaskKind | None = None
     # train.precision = "auto" runs bf16 autocast (on hardware with native bf16) only for learners
-    # whose accuracy under bf16 was measured unchanged on their default experiment (BENCHMARKS.md).
+    # whose accuracy under bf16 was measured unchanged on their default experiment (BENCHMARKS.md);
+    # gradient learners stay False even so: bf16 moves MAML's meta-gradient by 10-120 %.
     auto_bf16: ClassVar[bool] = False
     # Old -> new prefixes of state names, for checkpoints written before a rename.
     renamed_state: ClassVar[dict[str, str]] = {}

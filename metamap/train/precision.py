@@ -46,8 +46,8 @@ def resolve_precision(requested: str, device: torch.device | str, learner, flags
         return requested, f"train.precision = {requested}"
     name = getattr(learner, "name", type(learner).__name__)
     if not getattr(learner, "auto_bf16", False):
-        return "fp32", (f"train.precision = auto -> fp32: {name}'s accuracy under bf16 is not measured "
-                        "unchanged (BENCHMARKS.md)")
+        return "fp32", (f"train.precision = auto -> fp32: {name} is not run in bf16 by default (not measured "
+                        "unchanged, or its gradients move too far: BENCHMARKS.md); train.precision = bf16 forces it")
     hardware = native_bf16(device, flags)
     if hardware is None:
         return "fp32", f"train.precision = auto -> fp32: no native bf16 on this {device.type}"

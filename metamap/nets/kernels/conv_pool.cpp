@@ -136,10 +136,9 @@ void forward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* b, scala
 
 // Adds image n's contribution for task t to acc [D + 1, C] (rows 0..D-1: the kernel, row D:
 // the bias). patch [4 D] and gk [4 C] are scratch space. The sums over every position of every
-// image run in double precision (each product in the working precision): under folded batch norm
-// the kernel's gradient is this sum minus a nearly equal term from the variance, which magnifies
-// the sum's rounding, and MAML's inner steps magnify it again. In float32 the sums erred by 5e-7
-// (relative) on 80 Gaussian 28x28 images, in double by 7e-8, for 5 % more time in this pass.
+// image run in double precision (each product in the working precision) because MAML's inner steps
+// magnify their rounding: in float32 they erred by 5e-7 (relative) on 80 Gaussian 28x28 images, in
+// double by 7e-8, for 5 % more time in this pass.
 template <typename scalar_t>
 void accumulate_image(const scalar_t* gout, const scalar_t* xs, const scalar_t* out, const uint8_t* idx,
                       double* __restrict__ acc, scalar_t* patch, scalar_t* gk, const Geometry& g, int64_t n,

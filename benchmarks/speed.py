@@ -16,6 +16,8 @@ missing ones are reported and skipped. Results go to stdout as a Markdown table.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
 import statistics
@@ -122,6 +124,10 @@ IMPLEMENTATIONS = {
     "metamap, chunks of 1 task": lambda m, s: with_metamap(m, s, chunk=1),
     "metamap, cpp_kernels=false": lambda m, s: with_metamap(m, s, chunk=8, cpp_kernels=False),
     "metamap, fold_bn=false": lambda m, s: with_metamap(m, s, chunk=8, fold_bn=False, cpp_kernels=False),
+    "metamap, fold_bn=false with the C++ batch-norm kernel":
+        lambda m, s: with_metamap(m, s, chunk=8, fold_bn=False),
+    "metamap, fold_bn=false, channels_last=false with the C++ batch-norm kernel":
+        lambda m, s: with_metamap(m, s, chunk=8, fold_bn=False, channels_last=False),
     "metamap, fuse_bn_pool=false": lambda m, s: with_metamap(m, s, chunk=2, fuse_bn_pool=False),
     "metamap, channels_last=false": lambda m, s: with_metamap(m, s, chunk=2, channels_last=False),
     "metamap, backend=reference (per-task loop)": lambda m, s: with_metamap(m, s, backend="reference"),
@@ -166,6 +172,11 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def geometric_mean(values: list[float]) -> float:
+    """Of errors that sit on two levels (rounding and flips, see ``run``), steadier than the median."""
+    return math.exp(sum(math.log(max(v, 1e-300)) for v in values) / len(values))
 
 
 def machine() -> str:
@@ -223,11 +234,13 @@ def main() -> None:
     ap.add_argument("--steps", default="1,5", help="inner steps to measure, comma separated")
     ap.add_argument("--rounds", type=int, default=3, help="timed meta-batches per implementation")
     ap.add_argument("--skip", default="", help="comma separated: loop, higher, torchopt")
-    ap.add_argument("--only", default="", help="comma separated substrings of implementation names to run")
+    ap.add_argument("--only", default="", help="substrings of implementation names to run, separated by commas "
+                    "(or by | when a substring holds a comma)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--error-batches", type=int, default=1,
                     help="meta-batches (seeds 0..N-1) over which the meta-gradient error is measured; "
-                         "the table gives the median and, for N > 1, the largest")
+                         "the table gives the median and, for N > 1, the geometric mean and the largest")
+    ap.add_argument("--errors-json", type=Path, help="also write every batch's error per implementation here")
     ap.add_argument("--no-allocator", action="store_true", help="leave glibc's allocator settings alone")
     args = ap.parse_args()
     if args.threads:
@@ -238,7 +251,8 @@ def main() -> None:
     skip = {SKIP_KEYS[s] for s in args.skip.split(",") if s}
     names = [n for n in IMPLEMENTATIONS if not any(n.startswith(s) for s in skip)]
     if args.only:
-        names = [n for key in args.only.split(",") for n in names if key in n]
+        keys = args.only.split("|" if "|" in args.only else ",")
+        names = [n for key in keys for n in names if key in n]
     print(f"machine: {machine()}")
     peak = matmul_peak()
     print(f"fp32 matmul 2048^3 now: {peak / 1e9:.0f} GFLOP/s (the 'peak' below)\n")
@@ -249,7 +263,8 @@ def main() -> None:
         print(f"### {steps} inner step(s), meta-batch {TASKS}, {args.rounds} rounds "
               f"(matmul peak {start_peak / 1e9:.0f} -> {peak_after / 1e9:.0f} GFLOP/s during the run)\n")
         many = args.error_batches > 1
-        err_head = (f"meta-grad rel. err vs float64, median (largest) of {args.error_batches} batches" if many
+        err_head = (f"meta-grad rel. err vs float64, median [geometric mean] (largest) of {args.error_batches} batches"
+                    if many
                     else "meta-grad rel. err vs float64")
         print(f"| implementation | tasks/s | vs fastest peer | of matmul peak | {err_head} |")
         print("| --- | ---: | ---: | ---: | ---: |")
@@ -258,8 +273,12 @@ def main() -> None:
         for r in rows:
             print(f"| {r['name']} | {r['tasks_per_s']:.2f} | {r['tasks_per_s'] / best:.2f}x | "
                   f"{100 * r['peak_fraction']:.0f}% | {r['rel_err']:.1e}"
-                  + (f" ({max(r['errors']):.1e})" if many else "") + " |")
+                  + (f" [{geometric_mean(r['errors']):.1e}] ({max(r['errors']):.1e})" if many else "") + " |")
         print()
+        if args.errors_json:
+            old = json.loads(args.errors_json.read_text()) if args.errors_json.exists() else {}
+            old[f"{steps} steps"] = {r["name"]: r["errors"] for r in rows}
+            args.errors_json.write_text(json.dumps(old, indent=1) + "\n")
 
 
 if __name__ == "__main__":

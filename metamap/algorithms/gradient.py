@@ -387,7 +387,7 @@ class GradientOptions(Options):
         "fast", role=RUNTIME, doc="fast: lowered, rewritten batched operations; reference: functional_call per task")
     channels_last: bool = option(True, role=RUNTIME, doc="fast backend lever")
     fuse_bn_pool: bool = option(True, role=RUNTIME, doc="fast backend lever")
-    fold_bn: bool = option(True, role=RUNTIME, doc="fast backend lever")
+    fold_bn: bool = option(True, role=RUNTIME, doc="fast backend lever (false: meta-gradients closer to float64, slower)")
     cpp_kernels: bool = option(True, role=RUNTIME, doc="fast backend lever: the first layer in C++")
     grad_checkpoint: bool = option(False, role=RUNTIME, doc="recompute inner-step activations in the backward")
     zero_head: bool = option(False, role=TRAINING,

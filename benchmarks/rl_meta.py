@@ -229,9 +229,16 @@ def cmd_paired(args) -> int:
     k = range(4)
     if args.vs:
         other = load_scores(args.family, args.vs)
-        differences = {f"{args.method} - {args.vs}, return_{i}": paired(other[f"return_{i}"], scores[f"return_{i}"])
-                       for i in k}
-        name = f"{args.method}-vs-{args.vs}"
+        if args.vs_step is None:
+            differences = {f"{args.method} - {args.vs}, return_{i}": paired(other[f"return_{i}"], scores[f"return_{i}"])
+                           for i in k}
+            name = f"{args.method}-vs-{args.vs}"
+        else:     # every step of the method against one fixed step of the other (e.g. its policy as is)
+            j = args.vs_step
+            differences = {f"{args.method} return_{i} - {args.vs} return_{j}": paired(other[f"return_{j}"],
+                                                                                      scores[f"return_{i}"])
+                           for i in k}
+            name = f"{args.method}-vs-{args.vs}-step{j}"
     else:
         pairs = [(f"return_{i}", "return_0") for i in k[1:]] + [(f"return_{i + 1}", f"return_{i}") for i in k[1:-1]]
         differences = {f"{b} - {a}": paired(scores[a], scores[b]) for b, a in pairs}
@@ -289,6 +296,8 @@ def main(argv=None) -> int:
     q.add_argument("method", choices=METHODS)
     q.add_argument("--family", default="navigation2d")
     q.add_argument("--vs", choices=METHODS, help="another tested method: differences on the same tasks")
+    q.add_argument("--vs-step", type=int, choices=range(4), metavar="K",
+                   help="with --vs: compare every step of METHOD with the other's return after K steps")
     args = p.parse_args(argv)
     return {"train": cmd_train, "report": cmd_report, "paired": cmd_paired}[args.command](args)
 

@@ -117,6 +117,7 @@ def test_variants_have_their_own_defaults_and_the_same_fields():
     maml, fomaml, reptile = (configlib.resolve(overrides=[f"learner.name={n}"])["learner"]
                              for n in ("maml", "fomaml", "reptile"))
     assert not maml["first_order"] and fomaml["first_order"]
+    assert fomaml["zero_head"] and not maml["zero_head"]          # measured: BENCHMARKS "Paper reproductions"
     assert (reptile["inner_steps"], reptile["inner_steps_eval"], reptile["inner_lr"]) == (5, 50, 1e-3)   # its recipe
     assert list(maml) == list(fomaml) == list(reptile)
 
@@ -158,6 +159,10 @@ def test_configs_saved_by_older_checkpoints_take_todays_defaults(name):
         then += [f"{sec}.{k}={json.dumps(v)}" for sec in ("learner", "optim", "schedule", "episode", "eval")
                  for k, v in old[sec].items() if (sec, k) not in (("learner", "name"), ("learner", "batched"),
                                                                   ("learner", "bf16"))]
+    if "first_order" in old["learner"]:
+        # Written before zero_head existed: trained without zeroing (first-order MAML's default since: zeroed).
+        assert resolved["learner"]["zero_head"] is False
+        then.append("learner.zero_head=false")
     assert resolved == configlib.resolve(overrides=[*overrides, *then])
     if name == "protonet":
         assert old["learner"] == {"name": "protonet"}

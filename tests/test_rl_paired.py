@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-rl_meta = pytest.importorskip("benchmarks.rl_meta")
+from benchmarks import rl_meta  # noqa: E402
 
 MAML = {"return_0": [-10.0, -20.0, -30.0], "return_1": [-4.0, -8.0, -21.0],
         "return_2": [-3.0, -6.0, -20.0], "return_3": [-2.0, -5.0, -19.0]}

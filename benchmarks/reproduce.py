@@ -145,6 +145,42 @@ class BudgetRun:
         return results, time.process_time() - t0, meta["step"]
 
 
+def presentations(learner, config: dict, episodes: int, seed: int) -> dict[str, list[float]]:
+    """MANN's figures as Santoro et al. report them: accuracy at the k-th presentation of a class
+    (k = 1..10) in fixed 5-class x 10-instance test sequences, mean ± 95 % CI over episodes.
+    Returns ``{"k": [mean, ci95]}`` in percent."""
+    import torch
+
+    from metamap.registry import data_source
+    from metamap.train.evaluate import confidence_interval
+    sampler = data_source(config).sampler(config, "test", 5, 1, 9, 50, seed)     # 5 classes x 10 instances
+    per_episode = []
+    learner.eval()
+    with torch.no_grad():
+        for i in range(max(1, episodes // 50)):
+            logits, labels, shown = learner.sequence_outputs(sampler.batch(i))    # [T, L, ways], [T, L], [T, L]
+            correct = (logits.argmax(-1) == labels).double()
+            per_episode.append(torch.stack([(correct * (shown == k)).sum(1) / (shown == k).sum(1)
+                                            for k in range(1, 11)], 1))          # [T, 10]
+    acc = torch.cat(per_episode)
+    return {str(k): [round(100 * m, 2), round(100 * c, 2)]
+            for k, (m, c, _) in zip(range(1, 11), (confidence_interval(acc[:, j]) for j in range(10)))}
+
+
+def add_presentations(results_dir: Path, name: str) -> dict:
+    """Score a finished MANN run's best checkpoint by presentation and record it in ``NAME.json``."""
+    from metamap.train import checkpoint
+    path = results_dir / f"{name}.json"
+    result = json.loads(path.read_text())
+    loaded = checkpoint.load_learner(results_dir / name / "best")
+    learner, config = getattr(loaded, "learner", loaded), loaded.config
+    if not hasattr(learner, "sequence_outputs"):
+        raise SystemExit(f"{name} is a {config['learner']['name']} run; presentations are MANN's figures")
+    result["presentations"] = presentations(learner, config, config["eval"]["episodes"], config["eval"]["seed"])
+    path.write_text(json.dumps(result, indent=2))
+    return result["presentations"]
+
+
 def plot(result: dict, out: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -245,12 +281,17 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="print the table of all results and exit")
     p.add_argument("--compare", nargs="+", metavar="NAME",
                    help="plot these runs' validation curves against images seen and CPU-minutes and exit")
+    p.add_argument("--presentations", metavar="NAME",
+                   help="score a finished MANN run's best checkpoint by presentation (1st..10th), record it, exit")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="also test the best checkpoint with these learner overrides (adaptation only), "
                         "e.g. non-transductive:learner.transductive=false")
     args = p.parse_args()
     if args.table:
         print(table(args.results))
+        return
+    if args.presentations:
+        print(json.dumps(add_presentations(args.results, args.presentations)))
         return
     if args.compare:
         print(compare(args.results, args.compare, args.results / ("compare-" + "-".join(args.compare) + ".png")))
@@ -304,6 +345,9 @@ def main() -> None:
         "config": cfg,
     }
     args.results.mkdir(parents=True, exist_ok=True)
+    if hasattr(run.learner, "sequence_outputs"):          # MANN: its paper's figures are per presentation
+        result["presentations"] = presentations(run.learner, cfg, cfg["eval"]["episodes"], cfg["eval"]["seed"])
+        print(f"  accuracy by presentation (%): {result['presentations']}", flush=True)
     (args.results / f"{name}.json").write_text(json.dumps(result, indent=2))
     plot(result, args.results / f"{name}.png")
     for r in results:

@@ -45,3 +45,23 @@ def train_and_record(config: dict, run_dir: Path, name: str, command: str, progr
               "train_tasks_per_s": speeds[-1] if speeds else None, **extra}
     save(name, result)
     return result
+
+
+def mann_presentations(learner, config: dict, episodes: int = 1000, seed: int = 2024) -> dict[int, tuple[float, float]]:
+    """MANN's figures as Santoro et al. report them: accuracy at the k-th presentation of a class
+    (k = 1..10) over fixed 5-class x 10-instance test sequences, ``{k: (mean, ci95)}`` over episodes."""
+    import torch
+
+    from metamap.registry import data_source
+    from metamap.train.evaluate import confidence_interval
+    sampler = data_source(config).sampler(config, "test", 5, 1, 9, 50, seed)     # 5 classes x 10 instances
+    per_episode = []
+    learner.eval()
+    with torch.no_grad():
+        for i in range(max(1, episodes // 50)):
+            logits, labels, shown = learner.sequence_outputs(sampler.batch(i))    # [T, L, ways], [T, L], [T, L]
+            correct = (logits.argmax(-1) == labels).double()
+            per_episode.append(torch.stack([(correct * (shown == k)).sum(1) / (shown == k).sum(1)
+                                            for k in range(1, 11)], 1))          # [T, 10]
+    acc = torch.cat(per_episode)
+    return {k: confidence_interval(acc[:, k - 1])[:2] for k in range(1, 11)}

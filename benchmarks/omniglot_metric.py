@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, facts_line, save, train_and_record
+from common import mann_presentations as presentation_scores
 
 from metamap import config as configlib
-from metamap.algorithms.mann import presentation_accuracy
 from metamap.train import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,16 +40,8 @@ DEFAULT = ["matching", "siamese", "finetune", "mann", "relation"]
 
 def mann_presentations(run_dir: Path, episodes: int = 1000, seed: int = 2024) -> dict[int, float]:
     """Accuracy at the k-th presentation (k = 1..10) over fixed 5-class x 10-instance test sequences."""
-    from metamap.registry import data_source
     loaded = checkpoint.load_learner(run_dir)
-    learner, config = loaded.learner, loaded.config
-    sampler = data_source(config).sampler(config, "test", 5, 1, 9, 50, seed)
-    logits, labels, shown = [], [], []
-    with torch.no_grad():
-        for i in range(max(1, episodes // 50)):
-            out, y, k = learner.sequence_outputs(sampler.batch(i))
-            logits.append(out), labels.append(y), shown.append(k)
-    return presentation_accuracy(torch.cat(logits), torch.cat(labels), torch.cat(shown), tuple(range(1, 11)))
+    return {k: mean for k, (mean, _) in presentation_scores(loaded.learner, loaded.config, episodes, seed).items()}
 
 
 def plot_presentations(curve: dict[int, float], path: Path, note: str) -> None:

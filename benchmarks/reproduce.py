@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, facts_line
+from common import RESULTS, facts_line, mann_presentations
 
 from metamap import config as configlib
 from metamap.train.runtime import machine_facts
@@ -146,25 +146,9 @@ class BudgetRun:
 
 
 def presentations(learner, config: dict, episodes: int, seed: int) -> dict[str, list[float]]:
-    """MANN's figures as Santoro et al. report them: accuracy at the k-th presentation of a class
-    (k = 1..10) in fixed 5-class x 10-instance test sequences, mean ± 95 % CI over episodes.
-    Returns ``{"k": [mean, ci95]}`` in percent."""
-    import torch
-
-    from metamap.registry import data_source
-    from metamap.train.evaluate import confidence_interval
-    sampler = data_source(config).sampler(config, "test", 5, 1, 9, 50, seed)     # 5 classes x 10 instances
-    per_episode = []
-    learner.eval()
-    with torch.no_grad():
-        for i in range(max(1, episodes // 50)):
-            logits, labels, shown = learner.sequence_outputs(sampler.batch(i))    # [T, L, ways], [T, L], [T, L]
-            correct = (logits.argmax(-1) == labels).double()
-            per_episode.append(torch.stack([(correct * (shown == k)).sum(1) / (shown == k).sum(1)
-                                            for k in range(1, 11)], 1))          # [T, 10]
-    acc = torch.cat(per_episode)
+    """MANN's accuracy by presentation (:func:`common.mann_presentations`) as ``{"k": [mean, ci95]}`` in percent."""
     return {str(k): [round(100 * m, 2), round(100 * c, 2)]
-            for k, (m, c, _) in zip(range(1, 11), (confidence_interval(acc[:, j]) for j in range(10)))}
+            for k, (m, c) in mann_presentations(learner, config, episodes, seed).items()}
 
 
 def add_presentations(results_dir: Path, name: str) -> dict:

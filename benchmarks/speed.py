@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metamap.algorithms.gradient import GradientLearner
 from metamap.nets.backbones import Conv4
+from metamap.nets.passes import CppFirstLayer
 from metamap.tasks.batch import TaskBatch
 
 WAYS, SHOTS, QUERIES, TASKS, LR = 5, 1, 15, 32, 0.4
@@ -95,18 +96,24 @@ def with_torchopt(model: nn.Module, steps: int):
     return step
 
 
-def with_metamap(model: nn.Module, steps: int, chunk: int = TASKS, bf16: bool = False, **options):
+def with_metamap(model: nn.Module, steps: int, chunk: int = TASKS, bf16: bool = False, wide: bool = True,
+                 **options):
     """``chunk``: tasks per forward/backward pass, as the trainer's ``train.chunk_tasks`` runs them;
-    ``bf16``: under bfloat16 autocast, as ``train.precision = "bf16"`` runs it."""
+    ``bf16``: under bfloat16 autocast, as ``train.precision = "bf16"`` runs it; ``wide = False``:
+    the C++ first layer's forward pass in float32 instead of its wide (double) pass."""
     learner = GradientLearner(model[0], model[1], 3, ways=WAYS, inner_steps=steps, inner_lr=LR, **options)
     learner.train()
 
     def step(b: TaskBatch):
-        for start in range(0, b.num_tasks, chunk):
-            part = b.slice(start, min(start + chunk, b.num_tasks))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = learner.meta_loss(part)
-            (loss.float() * (part.num_tasks / b.num_tasks)).backward()
+        saved, CppFirstLayer.wide = CppFirstLayer.wide, wide
+        try:
+            for start in range(0, b.num_tasks, chunk):
+                part = b.slice(start, min(start + chunk, b.num_tasks))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss, _ = learner.meta_loss(part)
+                (loss.float() * (part.num_tasks / b.num_tasks)).backward()
+        finally:
+            CppFirstLayer.wide = saved
     return step
 
 
@@ -123,6 +130,7 @@ IMPLEMENTATIONS = {
     "metamap, chunks of 4 tasks": lambda m, s: with_metamap(m, s, chunk=4),
     "metamap, chunks of 1 task": lambda m, s: with_metamap(m, s, chunk=1),
     "metamap, cpp_kernels=false": lambda m, s: with_metamap(m, s, chunk=8, cpp_kernels=False),
+    "metamap, C++ first layer in float32 (no wide pass)": lambda m, s: with_metamap(m, s, chunk=8, wide=False),
     "metamap, fold_bn=false": lambda m, s: with_metamap(m, s, chunk=8, fold_bn=False, cpp_kernels=False),
     "metamap, fold_bn=false with the C++ batch-norm kernel":
         lambda m, s: with_metamap(m, s, chunk=8, fold_bn=False),

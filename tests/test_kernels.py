@@ -69,6 +69,61 @@ def test_second_derivatives_match_and_third_is_refused():
         torch.autograd.grad((gw ** 2).sum(), w, create_graph=True)
 
 
+
+@needs_compiler
+@pytest.mark.parametrize(("t", "cin", "size", "c", "pad"), [(2, 1, 28, 64, 1), (3, 1, 9, 5, 1), (2, 2, 11, 17, 0)])
+def test_wide_pass_takes_the_double_decisions(t, cin, size, c, pad):
+    """float32 images with a float64 kernel: the output is the float64 computation rounded once, so
+    the pooling winners and ReLU signs are float64's; the gradients arrive in float64."""
+    assert kernels.available()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, t, cin, size, size, generator=g)
+    w = torch.randn(t, c, cin, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(t, c, generator=g, dtype=torch.float64, requires_grad=True)
+    out = kernels.conv_pool_relu(x, w, b, pad)
+    exact = kernels.conv_pool_relu(x.double(), w, b, pad)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, exact.float())
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (w, b), grad.float())
+    want = torch.autograd.grad(exact, (w, b), grad)
+    for a, e in zip(got, want):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)   # the backward pass runs in float32
+
+
+@needs_compiler
+def test_wide_pass_second_derivatives_match_float64():
+    assert kernels.available()
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 1, 8, 8, generator=g)
+    w = torch.randn(2, 32, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 64, 4, 4, generator=g, dtype=torch.float64)
+
+    def hvp(images):
+        y = kernels.conv_pool_relu(images, w, b, 1)
+        gw, gb = torch.autograd.grad((torch.tanh(y.double()) * v).sum(), (w, b), create_graph=True)
+        return torch.autograd.grad((gw ** 2).sum() + (gb * b).sum(), (w, b))
+    for a, e in zip(hvp(x), hvp(x.double())):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@needs_compiler
+def test_learner_runs_the_first_layer_wide_on_float32(monkeypatch):
+    dtypes = []
+    real = kernels.conv_pool_relu
+    monkeypatch.setattr(kernels, "conv_pool_relu", lambda x, w, b, p: dtypes.append((x.dtype, w.dtype)) or real(x, w, b, p))
+    model = learner(True).train()
+    batch = tasks()
+    batch = TaskBatch(batch.support_x.float(), batch.support_y, batch.query_x.float(), batch.query_y, 3)
+    loss, _ = model.meta_loss(batch)
+    loss.backward()
+    assert dtypes == [(torch.float32, torch.float64)] * 3
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
 def learner(cpp: bool) -> GradientLearner:
     torch.manual_seed(0)
     body = Conv4(in_channels=1, hidden=8, layers=2, image_size=12)

@@ -179,9 +179,19 @@ class FoldBatchNorm(RewritePass):
 @register_pass
 class CppFirstLayer(RewritePass):
     """A folded stride-1 convolution + ReLU + 2x2 max-pool whose input is data (no gradient
-    wanted for it, as for a first layer) -> the C++ kernel ``conv_pool_relu``."""
+    wanted for it, as for a first layer) -> the C++ kernel ``conv_pool_relu``.
+
+    On float32 data the folded kernel and bias stay in double precision and the kernel's forward
+    pass sums in double (its "wide" pass), rounding once to a float32 output: the layer's pooling
+    winners and ReLU signs are then the double computation's. Float32 rounding flipped some of them
+    -- the first layer has the largest maps and the most near-ties -- and a flipped winner changes a
+    task's whole adaptation. Over 31 meta-batches at one inner step the median meta-gradient error
+    against float64 went from 8.9e-5 to 4.8e-5 (the plain per-task loop: 3.2e-5; BENCHMARKS.md,
+    "The first layer's decisions in double precision"). Its backward passes stay in float32 (they
+    decide nothing)."""
 
     kind, lever = "conv_bn_relu_pool_cpp", "cpp_kernels"
+    wide: ClassVar[bool] = True       # the wide pass on float32 data (benchmarks turn it off to measure it)
 
     def match(self, ops: list[Op], i: int) -> int:
         a = ops[i]
@@ -206,7 +216,7 @@ class CppFirstLayer(RewritePass):
 
     def run(self, op: Op, run: Run) -> None:
         run.grouped()
-        kernel, shift = fold_bn(op, op.extra["bn"], run)
+        kernel, shift = fold_bn(op, op.extra["bn"], run, wide=self.wide and run.h.dtype == torch.float32)
         h, t, m = run.h, run.t, op.module
         x5 = h.reshape(h.shape[0], t, -1, *h.shape[2:])
         run.h = kernels.conv_pool_relu(x5, kernel.reshape(t, -1, *kernel.shape[1:]), shift.reshape(t, -1),
@@ -251,9 +261,10 @@ class CppBnReluPool(RewritePass):
         run.h = kernels.bn_relu_pool(run.h, per_channel(w, 1.0), per_channel(b, 0.0), m.eps)[0]
 
 
-def fold_bn(conv: Op, bn: Op, run: Run) -> tuple[Tensor, Tensor]:
+def fold_bn(conv: Op, bn: Op, run: Run, wide: bool = False) -> tuple[Tensor, Tensor]:
     """Per-task convolution + batch norm with batch statistics, as one convolution: returns
-    its kernel ``[T*C, C_in, k, k]`` and bias ``[T*C]`` for the grouped input ``run.h``.
+    its kernel ``[T*C, C_in, k, k]`` and bias ``[T*C]`` for the grouped input ``run.h``, in the
+    weights' dtype, or in double precision if ``wide`` (for the C++ kernel's wide pass).
 
     Each output channel is ``z = w . p + b`` over the input patches ``p``, so its batch mean
     and biased variance are ``w . mu + b`` and ``w^T Sigma w`` from the patches' mean ``mu``
@@ -272,14 +283,15 @@ def fold_bn(conv: Op, bn: Op, run: Run) -> tuple[Tensor, Tensor]:
     patches = patches.reshape(n, t, d, -1).permute(1, 2, 0, 3).reshape(t, d, -1)  # [T, D, N*L]
     # The moments in double precision: in float32 their rounding (sums over N*L patches) dominated
     # the meta-gradient's error against float64 (4.8e-5 vs 2.7e-5 without folding, 1 inner step).
-    wide = torch.promote_types(patches.dtype, torch.float64)
+    wide_out, wide = wide, torch.promote_types(patches.dtype, torch.float64)
     p64 = patches.to(wide)
     mu = p64.mean(2, keepdim=True)                                # [T, D, 1]
     centred = p64 - mu
     sigma = centred @ centred.transpose(1, 2) / centred.shape[2]  # [T, D, D], biased
     wf = w.reshape(t, c, d).to(wide)
-    w_mu = (wf @ mu).squeeze(2).to(w.dtype)                       # [T, C]
-    var = ((wf @ sigma) * wf).sum(2).to(w.dtype)                  # [T, C]: w^T Sigma w
+    out = wide if wide_out else w.dtype
+    w_mu = (wf @ mu).squeeze(2).to(out)                           # [T, C]
+    var = ((wf @ sigma) * wf).sum(2).to(out)                      # [T, C]: w^T Sigma w
     scale = torch.rsqrt(var + norm.eps)
     gamma, beta = run.param(bn.weight), run.param(bn.bias)
     if gamma is not None:
@@ -290,8 +302,9 @@ def fold_bn(conv: Op, bn: Op, run: Run) -> tuple[Tensor, Tensor]:
     if run.record is not None:
         with torch.no_grad():
             b = run.param(conv.bias)
-            mean = w_mu + (b if b is not None else 0)
+            mean = (w_mu + (b if b is not None else 0)).to(w.dtype)
             count = centred.shape[2]
-            run.record[bn.prefix] = (mean.mean(0), (var * count / (count - 1)).mean(0) if count > 1 else None)
-    kernel = (w * scale.reshape(t, c, 1, 1, 1)).reshape(t * c, *w.shape[2:])
+            unbiased = (var * count / (count - 1)).to(w.dtype) if count > 1 else None
+            run.record[bn.prefix] = (mean.mean(0), unbiased.mean(0) if unbiased is not None else None)
+    kernel = (w.to(out) * scale.reshape(t, c, 1, 1, 1)).reshape(t * c, *w.shape[2:])
     return kernel, shift.reshape(-1)

@@ -198,10 +198,10 @@ class _ConvPoolReLUGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad, x, w, out, idx, kh, kw, pad):
-        gw, gb = _module.backward(grad.contiguous(), x, w, out, idx, kh, kw, pad)
+        gw, gb = _module.backward(grad.contiguous(), x, w, out, idx, kh, kw, pad)   # in x's dtype
         ctx.save_for_backward(x, w, out, idx)
         ctx.geometry = (kh, kw, pad)
-        return gw, gb
+        return gw.to(w.dtype), gb.to(w.dtype)
 
     @staticmethod
     def backward(ctx, vw, vb):
@@ -212,8 +212,8 @@ class _ConvPoolReLUGrad(torch.autograd.Function):
                 "metamap's C++ first-layer kernel is differentiable twice, not three times; set "
                 "learner.cpp_kernels = false for higher-order derivatives")
         x, w, out, idx = ctx.saved_tensors
-        vw = torch.zeros_like(w) if vw is None else vw.contiguous()
-        vb = out.new_zeros(w.shape[0], w.shape[2]) if vb is None else vb.contiguous()
+        vw = torch.zeros_like(w, dtype=x.dtype) if vw is None else vw.to(x.dtype).contiguous()
+        vb = out.new_zeros(w.shape[0], w.shape[2]) if vb is None else vb.to(x.dtype).contiguous()
         return _module.masked_forward(x, vw, vb, out, idx, *ctx.geometry), None, None, None, None, None, None, None
 
 
@@ -222,6 +222,9 @@ def conv_pool_relu(x: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Ten
 
     ``x [N, T, C_in, H, W]`` (data: not differentiated), ``weight [T, C, C_in, kh, kw]``,
     ``bias [T, C]`` -> grouped channels-last ``[N, T*C, H', W']``. Needs :func:`build` first.
+    A float32 ``x`` with a float64 ``weight`` and ``bias`` runs the wide forward pass: sums in double,
+    one rounding to the float32 output (the pooling winners and ReLU signs of the double
+    computation); the gradients are computed in float32 and returned in the weights' dtype.
     """
     t, c, cin, kh, kw = weight.shape
     w = weight.reshape(t, c, cin * kh * kw).transpose(1, 2).contiguous()      # [T, D, C]

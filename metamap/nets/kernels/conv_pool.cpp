@@ -10,6 +10,11 @@
 //
 // Shapes: x [N, T, Cin, H + 2 pad, W + 2 pad] (contiguous, zero-padded), w [T, D, C] with D = Cin * KH * KW, b [T, C];
 // out and argmax idx [N, Ho, Wo, T, C] (channels last), Ho = (H + 2 pad - KH + 1) / 2.
+//
+// The forward pass also runs "wide": float data with a double kernel and bias, summed in double and
+// rounded once to a float output. Its pooling winners and ReLU signs are then those of the double
+// computation: a winner or sign that float rounding flips changes a task's whole adaptation, and the
+// first layer, with the largest maps, holds most of the near-ties.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -47,17 +52,18 @@ constexpr int64_t kBlock = 16;
 
 // The four convolution values under one pooling window (s0..s3, window positions in row-major
 // order) for the channels [c0, c0 + nb) of the kernel ws [D, C].
-template <typename scalar_t, int64_t NB, bool Full>
-inline void window_sums(const scalar_t* __restrict__ patch, const scalar_t* __restrict__ ws, const Geometry& g,
-                        int64_t c0, int64_t nb, scalar_t* __restrict__ s0, scalar_t* __restrict__ s1,
-                        scalar_t* __restrict__ s2, scalar_t* __restrict__ s3) {
-  for (int64_t c = 0; c < NB; ++c) s0[c] = s1[c] = s2[c] = s3[c] = scalar_t(0);
+// The patches are data (scalar_t); the kernel and the sums are wide_t (scalar_t, or double for a wide pass).
+template <typename scalar_t, typename wide_t, int64_t NB, bool Full>
+inline void window_sums(const scalar_t* __restrict__ patch, const wide_t* __restrict__ ws, const Geometry& g,
+                        int64_t c0, int64_t nb, wide_t* __restrict__ s0, wide_t* __restrict__ s1,
+                        wide_t* __restrict__ s2, wide_t* __restrict__ s3) {
+  for (int64_t c = 0; c < NB; ++c) s0[c] = s1[c] = s2[c] = s3[c] = wide_t(0);
   for (int64_t d = 0; d < g.D; ++d) {
-    const scalar_t p0 = patch[d], p1 = patch[g.D + d], p2 = patch[2 * g.D + d], p3 = patch[3 * g.D + d];
-    const scalar_t* __restrict__ wd = ws + d * g.C + c0;
+    const wide_t p0 = patch[d], p1 = patch[g.D + d], p2 = patch[2 * g.D + d], p3 = patch[3 * g.D + d];
+    const wide_t* __restrict__ wd = ws + d * g.C + c0;
 #pragma omp simd
     for (int64_t c = 0; c < NB; ++c) {
-      const scalar_t wc = Full || c < nb ? wd[c] : scalar_t(0);
+      const wide_t wc = Full || c < nb ? wd[c] : wide_t(0);
       s0[c] += p0 * wc;
       s1[c] += p1 * wc;
       s2[c] += p2 * wc;
@@ -69,15 +75,15 @@ inline void window_sums(const scalar_t* __restrict__ patch, const scalar_t* __re
 // Calls block(patch, ws, bs, o, c0, nb, full) for every image n, task t, pooled output (i, j)
 // and channel block, with the four patches under that output gathered, ws / bs task t's kernel
 // [D, C] and bias [C] of (w, b), and o the output's offset in an [N, Ho, Wo, T, C] tensor.
-template <typename scalar_t, typename Block>
-void for_each_window(const scalar_t* x, const scalar_t* w, const scalar_t* b, const Geometry& g, Block block) {
+template <typename scalar_t, typename wide_t, typename Block>
+void for_each_window(const scalar_t* x, const wide_t* w, const wide_t* b, const Geometry& g, Block block) {
   const int64_t image = g.Cin * (g.H + 2 * g.pad) * (g.W + 2 * g.pad);
   at::parallel_for(0, g.N * g.T, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> patch(4 * g.D);
     for (int64_t nt = begin; nt < end; ++nt) {
       const int64_t n = nt / g.T, t = nt % g.T;
-      const scalar_t* ws = w + t * g.D * g.C;
-      const scalar_t* bs = b + t * g.C;
+      const wide_t* ws = w + t * g.D * g.C;
+      const wide_t* bs = b + t * g.C;
       for (int64_t i = 0; i < g.Ho; ++i) {
         for (int64_t j = 0; j < g.Wo; ++j) {
           gather_patches(x + nt * image, g, i, j, patch.data());
@@ -92,45 +98,45 @@ void for_each_window(const scalar_t* x, const scalar_t* w, const scalar_t* b, co
 
 // The pooled outputs of channels [c0, c0 + nb) at one position: max of the four sums, bias,
 // ReLU, and which window position won.
-template <typename scalar_t, bool Full>
-inline void forward_block(const scalar_t* patch, const scalar_t* ws, const scalar_t* __restrict__ bs,
+template <typename scalar_t, typename wide_t, bool Full>
+inline void forward_block(const scalar_t* patch, const wide_t* ws, const wide_t* __restrict__ bs,
                           scalar_t* __restrict__ out, uint8_t* __restrict__ idx, const Geometry& g, int64_t c0,
                           int64_t nb) {
-  scalar_t s0[kBlock], s1[kBlock], s2[kBlock], s3[kBlock], v[kBlock], k[kBlock];
-  window_sums<scalar_t, kBlock, Full>(patch, ws, g, c0, nb, s0, s1, s2, s3);
+  wide_t s0[kBlock], s1[kBlock], s2[kBlock], s3[kBlock], v[kBlock], k[kBlock];
+  window_sums<scalar_t, wide_t, kBlock, Full>(patch, ws, g, c0, nb, s0, s1, s2, s3);
 #pragma omp simd
   for (int64_t c = 0; c < kBlock; ++c) {
     // The first maximum in row-major window order, as max_pool2d picks it. Written without
     // branches (the winner is random: mispredicted branches cost more than the arithmetic).
-    scalar_t best = s0[c], kc = 0, u;
-    u = static_cast<scalar_t>(s1[c] > best);
+    wide_t best = s0[c], kc = 0, u;
+    u = static_cast<wide_t>(s1[c] > best);
     kc += u * (1 - kc);
     best = std::max(best, s1[c]);
-    u = static_cast<scalar_t>(s2[c] > best);
+    u = static_cast<wide_t>(s2[c] > best);
     kc += u * (2 - kc);
     best = std::max(best, s2[c]);
-    u = static_cast<scalar_t>(s3[c] > best);
+    u = static_cast<wide_t>(s3[c] > best);
     kc += u * (3 - kc);
     best = std::max(best, s3[c]);
-    const scalar_t y = best + (Full || c < nb ? bs[c0 + c] : scalar_t(0));
-    v[c] = std::max(y, scalar_t(0));
+    const wide_t y = best + (Full || c < nb ? bs[c0 + c] : wide_t(0));
+    v[c] = std::max(y, wide_t(0));
     k[c] = kc;
   }
   for (int64_t c = 0; c < (Full ? kBlock : nb); ++c) {
-    out[c0 + c] = v[c];
+    out[c0 + c] = static_cast<scalar_t>(v[c]);
     idx[c0 + c] = static_cast<uint8_t>(k[c]);
   }
 }
 
-template <typename scalar_t>
-void forward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_t* out, uint8_t* idx,
+template <typename scalar_t, typename wide_t>
+void forward_impl(const scalar_t* x, const wide_t* w, const wide_t* b, scalar_t* out, uint8_t* idx,
                   const Geometry& g) {
-  for_each_window(x, w, b, g, [&](const scalar_t* patch, const scalar_t* ws, const scalar_t* bs, int64_t o,
+  for_each_window(x, w, b, g, [&](const scalar_t* patch, const wide_t* ws, const wide_t* bs, int64_t o,
                                   int64_t c0, int64_t nb) {
     if (nb == kBlock)
-      forward_block<scalar_t, true>(patch, ws, bs, out + o, idx + o, g, c0, nb);
+      forward_block<scalar_t, wide_t, true>(patch, ws, bs, out + o, idx + o, g, c0, nb);
     else
-      forward_block<scalar_t, false>(patch, ws, bs, out + o, idx + o, g, c0, nb);
+      forward_block<scalar_t, wide_t, false>(patch, ws, bs, out + o, idx + o, g, c0, nb);
   });
 }
 
@@ -226,7 +232,7 @@ inline void masked_block(const scalar_t* patch, const scalar_t* ws, const scalar
                          const scalar_t* __restrict__ out, const uint8_t* __restrict__ idx,
                          scalar_t* __restrict__ res, const Geometry& g, int64_t c0, int64_t nb) {
   scalar_t s0[kBlock], s1[kBlock], s2[kBlock], s3[kBlock];
-  window_sums<scalar_t, kBlock, Full>(patch, ws, g, c0, nb, s0, s1, s2, s3);
+  window_sums<scalar_t, scalar_t, kBlock, Full>(patch, ws, g, c0, nb, s0, s1, s2, s3);
   for (int64_t c = 0; c < (Full ? kBlock : nb); ++c) {
     const uint8_t k = idx[c0 + c];
     const scalar_t v = k == 0 ? s0[c] : k == 1 ? s1[c] : k == 2 ? s2[c] : s3[c];
@@ -294,6 +300,57 @@ void forward_grey3x3(const float* x, const float* w, const float* b, float* out,
               const __m512 y = _mm512_max_ps(_mm512_add_ps(best, h == 0 ? b0 : b1), _mm512_setzero_ps());
               _mm512_storeu_ps(out + o + 16 * h, y);
               _mm_storeu_si128(reinterpret_cast<__m128i*>(idx + o + 16 * h), _mm512_cvtepi32_epi8(win));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// forward_grey3x3 for a wide pass: float images, a double kernel and bias, double sums (16-channel
+// slices: 18 kernel registers of 8 doubles), rounded once to the float output.
+void forward_grey3x3_wide(const float* x, const double* w, const double* b, float* out, uint8_t* idx,
+                          const Geometry& g) {
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
+  at::parallel_for(0, g.N * g.T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nt = begin; nt < end; ++nt) {
+      const int64_t n = nt / g.T, t = nt % g.T;
+      const float* xs = x + nt * Hp * Wp;
+      for (int64_t c0 = 0; c0 < g.C; c0 += 16) {
+        __m512d w0[9], w1[9];
+        for (int d = 0; d < 9; ++d) {
+          w0[d] = _mm512_loadu_pd(w + (t * 9 + d) * g.C + c0);
+          w1[d] = _mm512_loadu_pd(w + (t * 9 + d) * g.C + c0 + 8);
+        }
+        const __m512d b0 = _mm512_loadu_pd(b + t * g.C + c0), b1 = _mm512_loadu_pd(b + t * g.C + c0 + 8);
+        for (int64_t i = 0; i < g.Ho; ++i) {
+          for (int64_t j = 0; j < g.Wo; ++j) {
+            const float* r = xs + 2 * i * Wp + 2 * j;
+            __m512d a0[4], a1[4];
+            for (int k = 0; k < 4; ++k) a0[k] = a1[k] = _mm512_setzero_pd();
+            for (int ky = 0; ky < 3; ++ky)
+              for (int kx = 0; kx < 3; ++kx) {
+                const int d = ky * 3 + kx;
+                for (int k = 0; k < 4; ++k) {
+                  const __m512d v = _mm512_set1_pd(static_cast<double>(r[((k >> 1) + ky) * Wp + (k & 1) + kx]));
+                  a0[k] = _mm512_fmadd_pd(v, w0[d], a0[k]);
+                  a1[k] = _mm512_fmadd_pd(v, w1[d], a1[k]);
+                }
+              }
+            const int64_t o = (((n * g.Ho + i) * g.Wo + j) * g.T + t) * g.C + c0;
+            for (int h = 0; h < 2; ++h) {
+              const __m512d* a = h == 0 ? a0 : a1;
+              __m512d best = a[0];
+              __m512i win = _mm512_setzero_si512();
+              for (int k = 1; k < 4; ++k) {
+                const __mmask8 m = _mm512_cmp_pd_mask(a[k], best, _CMP_GT_OQ);
+                best = _mm512_mask_mov_pd(best, m, a[k]);
+                win = _mm512_mask_mov_epi64(win, m, _mm512_set1_epi64(k));
+              }
+              const __m512d y = _mm512_max_pd(_mm512_add_pd(best, h == 0 ? b0 : b1), _mm512_setzero_pd());
+              _mm256_storeu_ps(out + o + 8 * h, _mm512_cvtpd_ps(y));
+              _mm_storel_epi64(reinterpret_cast<__m128i*>(idx + o + 8 * h), _mm512_cvtepi64_epi8(win));
             }
           }
         }
@@ -439,8 +496,23 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w, const 
                                 int64_t kw, int64_t pad) {
   const Geometry g = geometry(x, w, kh, kw, pad);
   TORCH_CHECK(b.is_contiguous() && b.numel() == g.T * g.C, "b must be a contiguous [T, C] tensor");
+  TORCH_CHECK(b.scalar_type() == w.scalar_type(), "the kernel and the bias must have one dtype");
   auto out = at::empty({g.N, g.Ho, g.Wo, g.T, g.C}, x.options());
   auto idx = at::empty({g.N, g.Ho, g.Wo, g.T, g.C}, x.options().dtype(at::kByte));
+  if (w.scalar_type() != x.scalar_type()) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kDouble,
+                "a wide pass takes float images with a double kernel and bias");
+#if defined(__AVX512F__)
+    if (grey3x3(g)) {
+      forward_grey3x3_wide(x.data_ptr<float>(), w.data_ptr<double>(), b.data_ptr<double>(), out.data_ptr<float>(),
+                           idx.data_ptr<uint8_t>(), g);
+      return {out, idx};
+    }
+#endif
+    forward_impl<float, double>(x.data_ptr<float>(), w.data_ptr<double>(), b.data_ptr<double>(),
+                                out.data_ptr<float>(), idx.data_ptr<uint8_t>(), g);
+    return {out, idx};
+  }
 #if defined(__AVX512F__)
   if (x.scalar_type() == at::kFloat && grey3x3(g)) {
     forward_grey3x3(x.data_ptr<float>(), w.data_ptr<float>(), b.data_ptr<float>(), out.data_ptr<float>(),
@@ -449,7 +521,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w, const 
   }
 #endif
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_pool_relu_forward", [&] {
-    forward_impl<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+    forward_impl<scalar_t, scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
                            out.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(), g);
   });
   return {out, idx};

@@ -314,9 +314,11 @@ void forward_grey3x3_wide(const float* x, const double* w, const double* b, floa
                           const Geometry& g) {
   const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
   at::parallel_for(0, g.N * g.T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> image(Hp * Wp);     // the image in double once, so that broadcasts load directly
     for (int64_t nt = begin; nt < end; ++nt) {
       const int64_t n = nt / g.T, t = nt % g.T;
-      const float* xs = x + nt * Hp * Wp;
+      std::copy(x + nt * Hp * Wp, x + (nt + 1) * Hp * Wp, image.begin());
+      const double* xs = image.data();
       for (int64_t c0 = 0; c0 < g.C; c0 += 16) {
         __m512d w0[9], w1[9];
         for (int d = 0; d < 9; ++d) {
@@ -326,14 +328,14 @@ void forward_grey3x3_wide(const float* x, const double* w, const double* b, floa
         const __m512d b0 = _mm512_loadu_pd(b + t * g.C + c0), b1 = _mm512_loadu_pd(b + t * g.C + c0 + 8);
         for (int64_t i = 0; i < g.Ho; ++i) {
           for (int64_t j = 0; j < g.Wo; ++j) {
-            const float* r = xs + 2 * i * Wp + 2 * j;
+            const double* r = xs + 2 * i * Wp + 2 * j;
             __m512d a0[4], a1[4];
             for (int k = 0; k < 4; ++k) a0[k] = a1[k] = _mm512_setzero_pd();
             for (int ky = 0; ky < 3; ++ky)
               for (int kx = 0; kx < 3; ++kx) {
                 const int d = ky * 3 + kx;
                 for (int k = 0; k < 4; ++k) {
-                  const __m512d v = _mm512_set1_pd(static_cast<double>(r[((k >> 1) + ky) * Wp + (k & 1) + kx]));
+                  const __m512d v = _mm512_set1_pd(r[((k >> 1) + ky) * Wp + (k & 1) + kx]);
                   a0[k] = _mm512_fmadd_pd(v, w0[d], a0[k]);
                   a1[k] = _mm512_fmadd_pd(v, w1[d], a1[k]);
                 }

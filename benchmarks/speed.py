@@ -136,6 +136,8 @@ IMPLEMENTATIONS = {
         lambda m, s: with_metamap(m, s, chunk=8, fold_bn=False),
     "metamap, fold_bn=false, channels_last=false with the C++ batch-norm kernel":
         lambda m, s: with_metamap(m, s, chunk=8, fold_bn=False, channels_last=False),
+    "metamap, channels_last=false, fold_bn=false, cpp_kernels=false (grouped NCHW, PyTorch layers)":
+        lambda m, s: with_metamap(m, s, chunk=8, channels_last=False, fold_bn=False, cpp_kernels=False),
     "metamap, fuse_bn_pool=false": lambda m, s: with_metamap(m, s, chunk=2, fuse_bn_pool=False),
     "metamap, channels_last=false": lambda m, s: with_metamap(m, s, chunk=2, channels_last=False),
     "metamap, backend=reference (per-task loop)": lambda m, s: with_metamap(m, s, backend="reference"),

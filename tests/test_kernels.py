@@ -237,6 +237,26 @@ def test_bn_relu_pool_matches_pytorch_layers(n, k, size):
     assert torch.autograd.gradcheck(lambda *a: kernels.bn_relu_pool(*a, 1e-5)[0], (z, gamma, beta))
 
 
+
+@needs_compiler
+def test_bn_relu_pool_centres_before_it_scales():
+    """A float32 channel whose mean is far above its spread: the output is (z - mean) * scale + beta
+    computed in double, so it errs by the output's own rounding, not by the mean's (the form
+    scale * z + (beta - scale * mean) erred by 7.6e-5 here); its gradient stays within float32
+    rounding of float64's."""
+    assert kernels.bn_relu_pool_available()
+    g = torch.Generator().manual_seed(7)
+    z = (torch.randn(4, 16, 6, 6, generator=g) + 1000).contiguous(memory_format=torch.channels_last)
+    gamma, beta = torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g) * 0.1
+    y = kernels.bn_relu_pool(z, gamma, beta, 1e-5)[0]
+    exact = bn_relu_pool_reference(z.double(), gamma.double(), beta.double(), 1e-5)
+    torch.testing.assert_close(y.double(), exact, rtol=0, atol=2e-6)
+    gy = torch.randn(exact.shape, generator=g)
+    zz, z64 = z.clone().requires_grad_(), z.double().requires_grad_()
+    (got,) = torch.autograd.grad(kernels.bn_relu_pool(zz, gamma, beta, 1e-5)[0], zz, gy)
+    (want,) = torch.autograd.grad(bn_relu_pool_reference(z64, gamma.double(), beta.double(), 1e-5), z64, gy.double())
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+
 @needs_compiler
 def test_bn_relu_pool_second_derivatives_match_pytorch_layers():
     """Where a graph of its backward pass is built (MAML's inner steps) the kernel's gradients are

@@ -70,19 +70,26 @@ void forward_impl(const scalar_t* z, const scalar_t* gamma, const scalar_t* beta
     }
   });
   const double count = static_cast<double>(s.N * s.H * s.W);
-  std::vector<scalar_t> scale(K), shift(K), sign(K);
+  // The output is centred before it is scaled, in double: u = (z - mean) * scale + beta. Written as
+  // scale * z + (beta - scale * mean) in the working precision, a channel whose mean is large against
+  // its spread lost the ReLU's sign to the cancellation (a sign flipped against float64 changes a
+  // task's whole adaptation).
+  std::vector<double> centre(K), scale(K), offset(K);
+  std::vector<scalar_t> sign(K);
   for (int64_t k = 0; k < K; ++k) {
     const double mean = sums[k] / count;
     const double var = std::max(sums[K + k] / count - mean * mean, 0.0);
     const double rstd = 1.0 / std::sqrt(var + eps);
     mean_out[k] = static_cast<scalar_t>(mean);
     rstd_out[k] = static_cast<scalar_t>(rstd);
-    scale[k] = static_cast<scalar_t>(gamma[k] * rstd);                 // u = scale * z + shift
-    shift[k] = static_cast<scalar_t>(beta[k] - gamma[k] * rstd * mean);
+    centre[k] = mean;
+    scale[k] = static_cast<double>(gamma[k]) * rstd;
+    offset[k] = static_cast<double>(beta[k]);
     sign[k] = gamma[k] < 0 ? scalar_t(-1) : scalar_t(1);               // pool sign * z by its maximum
   }
-  const scalar_t* sc = scale.data();
-  const scalar_t* sh = shift.data();
+  const double* ce = centre.data();
+  const double* sc = scale.data();
+  const double* of = offset.data();
   const scalar_t* sg = sign.data();
   at::parallel_for(0, s.N * s.Ho, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ni = begin; ni < end; ++ni) {
@@ -107,7 +114,7 @@ void forward_impl(const scalar_t* z, const scalar_t* gamma, const scalar_t* beta
           t = sg[k] * p3[k];
           u = static_cast<scalar_t>(t > best);
           w += u * (3 - w), win += u * (p3[k] - win), best = std::max(best, t);
-          yo[k] = std::max(sc[k] * win + sh[k], scalar_t(0));
+          yo[k] = static_cast<scalar_t>(std::max((static_cast<double>(win) - ce[k]) * sc[k] + of[k], 0.0));
           io[k] = static_cast<uint8_t>(w);
         }
       }
@@ -135,22 +142,22 @@ __attribute__((noinline)) void window_sums(const scalar_t* __restrict__ y, const
 }
 
 // The input gradient at the four positions of one pooling window: a * gu at the winner, plus the
-// dense part b0 + b1 * z everywhere.
+// dense part b0 + b1 * (z - mean) everywhere (centred, as in the forward pass).
 template <typename scalar_t>
 __attribute__((noinline)) void window_grads(const scalar_t* __restrict__ y, const scalar_t* __restrict__ gy,
                          const uint8_t* __restrict__ idx, const scalar_t* __restrict__ a,
                          const scalar_t* __restrict__ b0, const scalar_t* __restrict__ b1,
-                         const scalar_t* __restrict__ z0, const scalar_t* __restrict__ z1,
+                         const scalar_t* __restrict__ mean, const scalar_t* __restrict__ z0, const scalar_t* __restrict__ z1,
                          const scalar_t* __restrict__ z2, const scalar_t* __restrict__ z3,
                          scalar_t* __restrict__ g0, scalar_t* __restrict__ g1, scalar_t* __restrict__ g2,
                          scalar_t* __restrict__ g3, int64_t K) {
   for (int64_t k = 0; k < K; ++k) {
     const scalar_t g = y[k] > scalar_t(0) ? a[k] * gy[k] : scalar_t(0);
     const int q = idx[k];
-    g0[k] = (q == 0 ? g : scalar_t(0)) + b0[k] + b1[k] * z0[k];
-    g1[k] = (q == 1 ? g : scalar_t(0)) + b0[k] + b1[k] * z1[k];
-    g2[k] = (q == 2 ? g : scalar_t(0)) + b0[k] + b1[k] * z2[k];
-    g3[k] = (q == 3 ? g : scalar_t(0)) + b0[k] + b1[k] * z3[k];
+    g0[k] = (q == 0 ? g : scalar_t(0)) + b0[k] + b1[k] * (z0[k] - mean[k]);
+    g1[k] = (q == 1 ? g : scalar_t(0)) + b0[k] + b1[k] * (z1[k] - mean[k]);
+    g2[k] = (q == 2 ? g : scalar_t(0)) + b0[k] + b1[k] * (z2[k] - mean[k]);
+    g3[k] = (q == 3 ? g : scalar_t(0)) + b0[k] + b1[k] * (z3[k] - mean[k]);
   }
 }
 
@@ -173,14 +180,14 @@ void backward_impl(const scalar_t* gy, const scalar_t* z, const scalar_t* y, con
   });
   const double count = static_cast<double>(s.N * s.H * s.W);
   // gz = gamma * rstd * (S - gbeta / n - xhat * ggamma / n), S the pooled gradient at the winners:
-  // gz = a * S + (b0 + b1 * z) per channel.
+  // gz = a * S + (b0 + b1 * (z - mean)) per channel.
   std::vector<scalar_t> a(K), b0(K), b1(K);
   for (int64_t k = 0; k < K; ++k) {
     gbeta[k] = static_cast<scalar_t>(sums[k]);
     ggamma[k] = static_cast<scalar_t>(sums[K + k]);
     const double ak = static_cast<double>(gamma[k]) * rstd[k], ck = sums[K + k] / count * rstd[k];
     a[k] = static_cast<scalar_t>(ak);
-    b0[k] = static_cast<scalar_t>(ak * (-sums[k] / count + mean[k] * ck));
+    b0[k] = static_cast<scalar_t>(-ak * sums[k] / count);
     b1[k] = static_cast<scalar_t>(-ak * ck);
   }
   const scalar_t* pa = a.data();
@@ -193,7 +200,7 @@ void backward_impl(const scalar_t* gy, const scalar_t* z, const scalar_t* y, con
       for (int64_t j = 0; j < s.Wo; ++j) {
         const int64_t o = ((n * s.Ho + i) * s.Wo + j) * K;
         const int64_t q0 = ((n * s.H + 2 * i) * s.W + 2 * j) * K, q1 = q0 + K, q2 = q0 + s.W * K, q3 = q2 + K;
-        window_grads(y + o, gy + o, idx + o, pa, pb0, pb1, z + q0, z + q1, z + q2, z + q3, gz + q0, gz + q1, gz + q2,
+        window_grads(y + o, gy + o, idx + o, pa, pb0, pb1, mean, z + q0, z + q1, z + q2, z + q3, gz + q0, gz + q1, gz + q2,
                      gz + q3, K);
       }
     }
@@ -201,7 +208,7 @@ void backward_impl(const scalar_t* gy, const scalar_t* z, const scalar_t* y, con
   auto dense = [&](int64_t n, int64_t r, int64_t col) {
     const int64_t p = ((n * s.H + r) * s.W + col) * K;
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) gz[p + k] = pb0[k] + pb1[k] * z[p + k];
+    for (int64_t k = 0; k < K; ++k) gz[p + k] = pb0[k] + pb1[k] * (z[p + k] - mean[k]);
   };
   for (int64_t n = 0; n < s.N; ++n) {
     for (int64_t r = 2 * s.Ho; r < s.H; ++r)

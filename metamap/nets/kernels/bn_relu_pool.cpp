@@ -70,26 +70,28 @@ void forward_impl(const scalar_t* z, const scalar_t* gamma, const scalar_t* beta
     }
   });
   const double count = static_cast<double>(s.N * s.H * s.W);
-  // The output is centred before it is scaled, in double: u = (z - mean) * scale + beta. Written as
-  // scale * z + (beta - scale * mean) in the working precision, a channel whose mean is large against
-  // its spread lost the ReLU's sign to the cancellation (a sign flipped against float64 changes a
-  // task's whole adaptation).
-  std::vector<double> centre(K), scale(K), offset(K);
-  std::vector<scalar_t> sign(K);
+  // The output is centred before it is scaled: u = ((z - mean_hi) - mean_lo) * scale + beta, the
+  // double mean split into two working-precision parts (z - mean_hi is exact near the mean). Written
+  // as scale * z + (beta - scale * mean), a channel whose mean is large against its spread lost the
+  // ReLU's sign to the cancellation (a sign flipped against float64 changes a task's whole
+  // adaptation). All in the working precision, so that the loop below stays vectorised.
+  std::vector<scalar_t> centre(K), centre_lo(K), scale(K), offset(K), sign(K);
   for (int64_t k = 0; k < K; ++k) {
     const double mean = sums[k] / count;
     const double var = std::max(sums[K + k] / count - mean * mean, 0.0);
     const double rstd = 1.0 / std::sqrt(var + eps);
     mean_out[k] = static_cast<scalar_t>(mean);
     rstd_out[k] = static_cast<scalar_t>(rstd);
-    centre[k] = mean;
-    scale[k] = static_cast<double>(gamma[k]) * rstd;
-    offset[k] = static_cast<double>(beta[k]);
+    centre[k] = static_cast<scalar_t>(mean);
+    centre_lo[k] = static_cast<scalar_t>(mean - static_cast<double>(centre[k]));
+    scale[k] = static_cast<scalar_t>(gamma[k] * rstd);
+    offset[k] = beta[k];
     sign[k] = gamma[k] < 0 ? scalar_t(-1) : scalar_t(1);               // pool sign * z by its maximum
   }
-  const double* ce = centre.data();
-  const double* sc = scale.data();
-  const double* of = offset.data();
+  const scalar_t* ce = centre.data();
+  const scalar_t* cl = centre_lo.data();
+  const scalar_t* sc = scale.data();
+  const scalar_t* of = offset.data();
   const scalar_t* sg = sign.data();
   at::parallel_for(0, s.N * s.Ho, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ni = begin; ni < end; ++ni) {
@@ -114,7 +116,7 @@ void forward_impl(const scalar_t* z, const scalar_t* gamma, const scalar_t* beta
           t = sg[k] * p3[k];
           u = static_cast<scalar_t>(t > best);
           w += u * (3 - w), win += u * (p3[k] - win), best = std::max(best, t);
-          yo[k] = static_cast<scalar_t>(std::max((static_cast<double>(win) - ce[k]) * sc[k] + of[k], 0.0));
+          yo[k] = std::max(((win - ce[k]) - cl[k]) * sc[k] + of[k], scalar_t(0));
           io[k] = static_cast<uint8_t>(w);
         }
       }

@@ -185,10 +185,11 @@ class CppFirstLayer(RewritePass):
     pass sums in double (its "wide" pass), rounding once to a float32 output: the layer's pooling
     winners and ReLU signs are then the double computation's. Float32 rounding flipped some of them
     -- the first layer has the largest maps and the most near-ties -- and a flipped winner changes a
-    task's whole adaptation. Over 31 meta-batches at one inner step the median meta-gradient error
-    against float64 went from 8.9e-5 to 4.8e-5 (the plain per-task loop: 3.2e-5; BENCHMARKS.md,
-    "The first layer's decisions in double precision"). Its backward passes stay in float32 (they
-    decide nothing)."""
+    task's whole adaptation. Over 31 meta-batches at one inner step, this pass alone took the
+    median meta-gradient error against float64 from 8.9e-5 to 4.8e-5 (the plain per-task loop:
+    3.2e-5); with the centred batch-norm kernel as well the default measured 6.9e-5, a difference
+    31 batches do not resolve (BENCHMARKS.md, "The first layer's decisions in double precision").
+    Its backward passes stay in float32 (they decide nothing)."""
 
     kind, lever = "conv_bn_relu_pool_cpp", "cpp_kernels"
     wide: ClassVar[bool] = True       # the wide pass on float32 data (benchmarks turn it off to measure it)
@@ -283,13 +284,13 @@ def fold_bn(conv: Op, bn: Op, run: Run, wide: bool = False) -> tuple[Tensor, Ten
     patches = patches.reshape(n, t, d, -1).permute(1, 2, 0, 3).reshape(t, d, -1)  # [T, D, N*L]
     # The moments in double precision: in float32 their rounding (sums over N*L patches) dominated
     # the meta-gradient's error against float64 (4.8e-5 vs 2.7e-5 without folding, 1 inner step).
-    wide_out, wide = wide, torch.promote_types(patches.dtype, torch.float64)
-    p64 = patches.to(wide)
+    double = torch.promote_types(patches.dtype, torch.float64)
+    p64 = patches.to(double)
     mu = p64.mean(2, keepdim=True)                                # [T, D, 1]
     centred = p64 - mu
     sigma = centred @ centred.transpose(1, 2) / centred.shape[2]  # [T, D, D], biased
-    wf = w.reshape(t, c, d).to(wide)
-    out = wide if wide_out else w.dtype
+    wf = w.reshape(t, c, d).to(double)
+    out = double if wide else w.dtype
     w_mu = (wf @ mu).squeeze(2).to(out)                           # [T, C]
     var = ((wf @ sigma) * wf).sum(2).to(out)                      # [T, C]: w^T Sigma w
     scale = torch.rsqrt(var + norm.eps)
